@@ -1,0 +1,22 @@
+"""Tile sizes and launch parameters: the one place kernels read them from.
+
+Change them for tuning (``fastattn.config.cpu_block_q = 64``); tests use
+small CUDA blocks so the simulator stays quick.  Values are read at each call.
+"""
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    """Kernel tiling.  CPU tiles are rows of q / keys per GEMM block."""
+
+    cpu_block_q: int = 128          #: query rows per forward task
+    cpu_block_k: int = 512          #: keys per forward GEMM tile
+    cpu_bwd_block_q: int = 128      #: query rows per backward GEMM tile
+    cpu_bwd_block_k: int = 256      #: keys per backward task tile
+    cuda_block_q: int = 64          #: threads (one query row each) per forward block
+    cuda_block_k: int = 16          #: keys staged in shared memory per step
+    cuda_max_head_dim: int = 256    #: the largest head dimension the CUDA kernels take
+
+
+config = Config()

@@ -1,0 +1,85 @@
+"""Attention math shared by every kernel, CPU and CUDA alike.
+
+The masks that fastattn supports (bottom-right causal and sliding windows)
+all leave each query row a *contiguous* interval of visible keys, so a mask is
+two integers per row and never a matrix.  The score of a visible key is
+``softcap(scale * q.k) - slope * |i + Sk - Sq - j|`` and the softmax is the
+online (running maximum) form.  Every kernel calls these helpers; they compile
+for both targets and run as Python in the CUDA simulator.
+"""
+import math
+
+from numba.extending import register_jitable
+
+
+@register_jitable
+def key_range(i, sq, sk, window_left, window_right):
+    """Visible keys ``[lo, hi)`` of query row ``i``; empty when ``lo >= hi``.
+
+    ``window_*`` of -1 mean unbounded; causal is ``window_right == 0``.  Rows
+    are aligned to the bottom right: row ``i`` sits at key ``i + sk - sq``.
+    """
+    diag = i + sk - sq
+    lo = 0
+    hi = sk
+    if window_left >= 0:
+        lo = max(lo, diag - window_left)
+    if window_right >= 0:
+        hi = min(hi, diag + window_right + 1)
+    if lo > hi:
+        lo = hi
+    return lo, hi
+
+
+@register_jitable
+def softcap_score(x, softcap):
+    """``softcap * tanh(x / softcap)``; identity when ``softcap == 0``."""
+    if softcap > 0.0:
+        return softcap * math.tanh(x / softcap)
+    return x
+
+
+@register_jitable
+def softcap_grad(capped, softcap):
+    """d softcap(x) / dx written in terms of the capped value."""
+    if softcap > 0.0:
+        t = capped / softcap
+        return 1.0 - t * t
+    return 1.0
+
+
+@register_jitable
+def alibi_bias(slope, i, j, sq, sk):
+    """ALiBi bias ``-slope * |i + sk - sq - j|`` (FlashAttention-2 convention)."""
+    return -slope * abs(i + sk - sq - j)
+
+
+@register_jitable
+def online_rescale(row_max, new_max):
+    """Factor that moves sums taken under ``row_max`` to ``new_max`` (0 from -inf)."""
+    if row_max == -math.inf:
+        return 0.0
+    return math.exp(row_max - new_max)
+
+
+@register_jitable
+def finish_lse(row_max, row_sum):
+    """Natural-log sum of exponentials of a row; -inf when the row saw no key."""
+    if row_sum == 0.0:
+        return -math.inf
+    return row_max + math.log(row_sum)
+
+
+@register_jitable
+def query_range(j0, j1, sq, sk, window_left, window_right):
+    """Query rows ``[lo, hi)`` that may see some key in ``[j0, j1)`` (a superset)."""
+    shift = sk - sq
+    lo = 0
+    hi = sq
+    if window_right >= 0:
+        lo = max(lo, j0 - shift - window_right)
+    if window_left >= 0:
+        hi = min(hi, j1 - shift + window_left)
+    if lo > hi:
+        lo = hi
+    return lo, hi

@@ -1,0 +1,149 @@
+"""CPU-only helpers that let LLVM vectorise the inner loops.
+
+Numba's ``np.exp`` is a scalar libm call here (no SVML); the exponential below
+is a degree-6 polynomial with the power of two built in the exponent bits, and
+half/bfloat16 decoding is a shift and a bit cast.  They compile to straight
+SIMD code inside the attention kernels.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+from .._dtypes import BF16, F16, decode_bits, encode_bits, format_of
+
+# fastmath without nnan/ninf: kernels rely on -inf and must see NaN.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+
+@intrinsic
+def _bits_to_f32(typingctx, x):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_to_bits(typingctx, x):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def exp_nonpos(x):
+    """exp(x) for float32 x <= 0 (and -inf -> 0), relative error ~2e-7."""
+    x = max(x, np.float32(-87.3))
+    t = x * np.float32(1.4426950408889634)
+    n = np.floor(t)
+    f = t - n
+    p = np.float32(1.535336188319500e-4)
+    p = p * f + np.float32(1.339887440266574e-3)
+    p = p * f + np.float32(9.618437357674640e-3)
+    p = p * f + np.float32(5.550332471162809e-2)
+    p = p * f + np.float32(2.402264791363012e-1)
+    p = p * f + np.float32(6.931472028550421e-1)
+    p = p * f + np.float32(1.0)
+    scale = _bits_to_f32(np.uint32((np.int32(n) + 127) << 23))
+    # below -87.3 the row weight is < 1e-38 of the maximum: flush it to an exact 0
+    return p * scale if x > np.float32(-87.0) else np.float32(0.0)
+
+
+def exp_shifted(x, shift):
+    """exp(x - shift) in the precision of x (fast path for float32)."""
+
+
+@overload(exp_shifted, inline="always", fastmath=FASTMATH)
+def _exp_shifted(x, shift):
+    if x == types.float32:
+        return lambda x, shift: exp_nonpos(x - shift)
+    return lambda x, shift: np.exp(x - shift)
+
+
+def decode_rows(src, dst, codec):
+    """Copy a 2-D block of q/k/v rows into an accumulation-precision buffer."""
+
+
+@overload(decode_rows, fastmath=FASTMATH)
+def _decode_rows(src, dst, codec):
+    if isinstance(src.dtype, types.Float):
+        def copy(src, dst, codec):
+            for r in range(src.shape[0]):
+                for c in range(src.shape[1]):
+                    dst[r, c] = src[r, c]
+        return copy
+
+    if src.dtype == types.uint16:
+        def unpack16(src, dst, codec):
+            for r in range(src.shape[0]):
+                if codec == BF16:
+                    for c in range(src.shape[1]):
+                        dst[r, c] = _bits_to_f32(np.uint32(src[r, c]) << 16)
+                else:
+                    for c in range(src.shape[1]):
+                        dst[r, c] = _f16_to_f32(src[r, c])
+        return unpack16
+
+    def unpack8(src, dst, codec):
+        ebits, mbits, has_inf = format_of_codec(codec)
+        for r in range(src.shape[0]):
+            for c in range(src.shape[1]):
+                dst[r, c] = decode_bits(src[r, c], ebits, mbits, has_inf)
+    return unpack8
+
+
+@njit(inline="always")
+def format_of_codec(codec):
+    if codec == 3:
+        return 4, 3, False
+    return 5, 2, True
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _f16_to_f32(h):
+    """IEEE half bits -> float32, exact, branch-free for normals and subnormals."""
+    h = np.uint32(h)
+    sign = (h & np.uint32(0x8000)) << 16
+    rest = h & np.uint32(0x7FFF)
+    # move exponent+mantissa into float32 position, rebias by 2**112
+    mag = _bits_to_f32(rest << 13) * np.float32(5.192296858534828e33)
+    if rest >= np.uint32(0x7C00):  # inf / NaN
+        mag = _bits_to_f32((rest << 13) | np.uint32(0x7F800000))
+    return _bits_to_f32(_f32_to_bits(mag) | sign)
+
+
+def encode_row(src, dst, codec):
+    """Store one accumulation-precision row into the output's dtype."""
+
+
+@overload(encode_row, fastmath=FASTMATH)
+def _encode_row(src, dst, codec):
+    if isinstance(dst.dtype, types.Float):
+        def store(src, dst, codec):
+            for c in range(src.shape[0]):
+                dst[c] = src[c]
+        return store
+
+    def pack16(src, dst, codec):
+        if codec == BF16:
+            for c in range(src.shape[0]):
+                dst[c] = _f32_to_bf16(np.float32(src[c]))
+        else:
+            for c in range(src.shape[0]):
+                dst[c] = encode_bits(src[c], 5, 10, True, False)
+    return pack16
+
+
+@njit(inline="always")
+def _f32_to_bf16(x):
+    u = _f32_to_bits(x)
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays quiet NaN
+        return np.uint16((u >> 16) | np.uint32(0x40))
+    u = u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))
+    return np.uint16(u >> 16)

@@ -1,0 +1,277 @@
+"""CPU kernels of the dense attention family.
+
+Forward: one task per (batch, query head, tile of ``block_q`` query rows); the
+two GEMMs per key tile run through BLAS (``np.dot``) on contiguous tiles and
+the online softmax runs in between with a vectorised exponential.
+
+Backward (FlashAttention-2 style): probabilities are recomputed from ``lse``,
+``delta = rowsum(dout * out)`` is computed once, and each task owns a tile of
+keys of one KV head, so dk/dv are written by exactly one task (no races, the
+same bits every run).  dq is summed per task into its own slice of a partial
+buffer (one slice per key split) and reduced in a fixed order afterwards.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .._config import config
+from .._dtypes import bits_view
+from .._tile import finish_lse, key_range, online_rescale, query_range, softcap_grad, softcap_score, alibi_bias
+from ._blas import single_threaded_blas
+from ._fastmath import FASTMATH, decode_rows, encode_row, exp_shifted
+
+_JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _softmax_tile(s, i0, j0, sq, sk, wl, wr, softcap, slope, has_alibi, row_max, row_sum, acc):
+    """Turn a tile of raw scores into exp(score - running max), updating the running state."""
+    m, n = s.shape
+    for r in range(m):
+        i = i0 + r
+        lo, hi = key_range(i, sq, sk, wl, wr)
+        c0 = max(lo - j0, 0)
+        c1 = min(hi - j0, n)
+        row = s[r]
+        if c0 >= c1:
+            row[:] = 0
+            continue
+        if softcap > 0 or has_alibi:
+            for c in range(c0, c1):
+                x = softcap_score(row[c], softcap)
+                if has_alibi:
+                    x += alibi_bias(slope, i, j0 + c, sq, sk)
+                row[c] = x
+        tile_max = row[c0]
+        for c in range(c0 + 1, c1):
+            tile_max = max(tile_max, row[c])
+        new_max = max(row_max[r], tile_max)
+        alpha = online_rescale(row_max[r], new_max)
+        total = row[c0] * 0
+        for c in range(c0):
+            row[c] = 0
+        for c in range(c0, c1):
+            e = exp_shifted(row[c], new_max)
+            row[c] = e
+            total += e
+        for c in range(c1, n):
+            row[c] = 0
+        row_sum[r] = row_sum[r] * alpha + total
+        row_max[r] = new_max
+        if alpha != 1.0:
+            for d in range(acc.shape[1]):
+                acc[r, d] *= alpha
+
+
+@njit(**_JIT)
+def _forward(q, k, v, codec, scale, wl, wr, softcap, slopes, has_alibi, out, lse, block_q, block_k):
+    batch, heads_q, sq, dim = q.shape
+    heads_kv, sk = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    n_tiles = (sq + block_q - 1) // block_q
+    acc_t = lse.dtype
+    for task in prange(batch * heads_q * n_tiles):
+        tile = task % n_tiles
+        h = (task // n_tiles) % heads_q
+        b = task // (n_tiles * heads_q)
+        hk = h // group
+        i0 = tile * block_q
+        m = min(block_q, sq - i0)
+        qt = np.empty((m, dim), acc_t)
+        decode_rows(q[b, h, i0:i0 + m], qt, codec)
+        qt *= scale
+        acc = np.zeros((m, dim), acc_t)
+        row_max = np.full(m, -np.inf, acc_t)
+        row_sum = np.zeros(m, acc_t)
+        j_lo = key_range(i0, sq, sk, wl, wr)[0]
+        j_hi = key_range(i0 + m - 1, sq, sk, wl, wr)[1]
+        for j0 in range(j_lo, j_hi, block_k):
+            n = min(block_k, j_hi - j0)
+            kt = np.empty((n, dim), acc_t)
+            vt = np.empty((n, dim), acc_t)
+            decode_rows(k[b, hk, j0:j0 + n], kt, codec)
+            decode_rows(v[b, hk, j0:j0 + n], vt, codec)
+            s = np.dot(qt, kt.T)
+            _softmax_tile(s, i0, j0, sq, sk, wl, wr, softcap, slopes[b, h], has_alibi,
+                          row_max, row_sum, acc)
+            acc += np.dot(s, vt)
+        for r in range(m):
+            if row_sum[r] > 0:
+                acc[r] *= 1.0 / row_sum[r]
+            encode_row(acc[r], out[b, h, i0 + r], codec)
+            lse[b, h, i0 + r] = finish_lse(row_max[r], row_sum[r])
+
+
+@njit(**_JIT)
+def _delta(dout, out, codec, delta, block):
+    """delta[b, h, i] = sum_d dout * out, in accumulation precision."""
+    batch, heads, sq, dim = dout.shape
+    for bh in prange(batch * heads):
+        b, h = bh // heads, bh % heads
+        for i0 in range(0, sq, block):
+            m = min(block, sq - i0)
+            dt = np.empty((m, dim), delta.dtype)
+            ot = np.empty((m, dim), delta.dtype)
+            decode_rows(dout[b, h, i0:i0 + m], dt, codec)
+            decode_rows(out[b, h, i0:i0 + m], ot, codec)
+            for r in range(m):
+                total = dt[r, 0] * 0
+                for d in range(dim):
+                    total += dt[r, d] * ot[r, d]
+                delta[b, h, i0 + r] = total
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _grad_tile(s, dp, i0, j0, sq, sk, wl, wr, softcap, slope, has_alibi, lse, delta):
+    """Scores -> probabilities in s and dP -> dS (pre-scale) in dp, in place."""
+    m, n = s.shape
+    for r in range(m):
+        i = i0 + r
+        lo, hi = key_range(i, sq, sk, wl, wr)
+        c0 = max(lo - j0, 0)
+        c1 = min(hi - j0, n)
+        row_lse = lse[i]
+        if c0 >= c1 or row_lse == -np.inf:
+            s[r] = 0
+            dp[r] = 0
+            continue
+        row_delta = delta[i]
+        for c in range(c0):
+            s[r, c] = 0
+            dp[r, c] = 0
+        for c in range(c1, n):
+            s[r, c] = 0
+            dp[r, c] = 0
+        if softcap > 0 or has_alibi:
+            for c in range(c0, c1):
+                capped = softcap_score(s[r, c], softcap)
+                x = capped
+                if has_alibi:
+                    x += alibi_bias(slope, i, j0 + c, sq, sk)
+                p = math.exp(x - row_lse)
+                s[r, c] = p
+                dp[r, c] = p * (dp[r, c] - row_delta) * softcap_grad(capped, softcap)
+        else:
+            for c in range(c0, c1):
+                p = exp_shifted(s[r, c], row_lse)
+                s[r, c] = p
+                dp[r, c] = p * (dp[r, c] - row_delta)
+
+
+@njit(**_JIT)
+def _backward(dout, q, k, v, lse, delta, codec, scale, wl, wr, softcap, slopes, has_alibi,
+              dq_part, dk, dv, block_q, block_k):
+    batch, heads_q, sq, dim = q.shape
+    heads_kv, sk = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    n_split = dq_part.shape[0]
+    n_tiles = (sk + block_k - 1) // block_k
+    per_split = (n_tiles + n_split - 1) // n_split
+    acc_t = lse.dtype
+    for task in prange(batch * heads_kv * n_split):
+        split = task % n_split
+        hk = (task // n_split) % heads_kv
+        b = task // (n_split * heads_kv)
+        for tile in range(split * per_split, min(n_tiles, (split + 1) * per_split)):
+            j0 = tile * block_k
+            n = min(block_k, sk - j0)
+            kt = np.empty((n, dim), acc_t)
+            vt = np.empty((n, dim), acc_t)
+            decode_rows(k[b, hk, j0:j0 + n], kt, codec)
+            decode_rows(v[b, hk, j0:j0 + n], vt, codec)
+            dk_acc = np.zeros((n, dim), acc_t)
+            dv_acc = np.zeros((n, dim), acc_t)
+            i_lo, i_hi = query_range(j0, j0 + n, sq, sk, wl, wr)
+            for h in range(hk * group, (hk + 1) * group):
+                for i0 in range(i_lo, i_hi, block_q):
+                    m = min(block_q, i_hi - i0)
+                    qt = np.empty((m, dim), acc_t)
+                    dt = np.empty((m, dim), acc_t)
+                    decode_rows(q[b, h, i0:i0 + m], qt, codec)
+                    decode_rows(dout[b, h, i0:i0 + m], dt, codec)
+                    qt *= scale
+                    s = np.dot(qt, kt.T)
+                    dp = np.dot(dt, vt.T)
+                    _grad_tile(s, dp, i0, j0, sq, sk, wl, wr, softcap, slopes[b, h], has_alibi,
+                               lse[b, h], delta[b, h])
+                    dv_acc += np.dot(s.T, dt)
+                    dk_acc += np.dot(dp.T, qt)
+                    dq_part[split, b, h, i0:i0 + m] += np.dot(dp, kt)
+            for r in range(n):
+                encode_row(dk_acc[r], dk[b, hk, j0 + r], codec)
+                encode_row(dv_acc[r], dv[b, hk, j0 + r], codec)
+
+
+@njit(**_JIT)
+def _reduce_dq(dq_part, scale, codec, dq):
+    n_split, batch, heads, sq, dim = dq_part.shape
+    for bh in prange(batch * heads):
+        b, h = bh // heads, bh % heads
+        row = np.empty(dim, dq_part.dtype)
+        for i in range(sq):
+            row[:] = dq_part[0, b, h, i]
+            for s in range(1, n_split):
+                row += dq_part[s, b, h, i]
+            row *= scale
+            encode_row(row, dq[b, h, i], codec)
+
+
+def _slopes(slopes, spec):
+    acc = spec.accum_dtype
+    if slopes is None:
+        return np.zeros((spec.batch, spec.heads_q), acc), False
+    return np.ascontiguousarray(np.broadcast_to(slopes, (spec.batch, spec.heads_q)), dtype=acc), True
+
+
+def _inputs(*arrays):
+    return [bits_view(np.ascontiguousarray(a)) for a in arrays]
+
+
+def forward(q, k, v, slopes, spec):
+    """Run the forward kernel; return (out, lse) as NumPy arrays."""
+    out = np.empty(q.shape, spec.dtype)
+    lse = np.empty(q.shape[:3], spec.accum_dtype)
+    if out.size == 0:
+        lse.fill(-np.inf)
+        return out, lse
+    slopes, has_alibi = _slopes(slopes, spec)
+    qb, kb, vb = _inputs(q, k, v)
+    with single_threaded_blas():
+        _forward(qb, kb, vb, spec.codec, spec.scale, spec.window_left, spec.window_right,
+                 spec.softcap, slopes, has_alibi, bits_view(out), lse,
+                 config.cpu_block_q, config.cpu_block_k)
+    return out, lse
+
+
+def _num_splits(spec):
+    """Key splits per KV head so that there are a few tasks per core."""
+    from numba import get_num_threads
+
+    tasks = spec.batch * spec.heads_kv
+    n_tiles = -(-spec.seq_k // config.cpu_bwd_block_k)
+    want = -(-4 * get_num_threads() // max(tasks, 1))
+    return max(1, min(want, n_tiles))
+
+
+def backward(dout, q, k, v, out, lse, slopes, spec):
+    """Run the backward kernels; return (dq, dk, dv) as NumPy arrays."""
+    dq = np.empty(q.shape, spec.dtype)
+    dk = np.zeros(k.shape, spec.dtype)
+    dv = np.zeros(v.shape, spec.dtype)
+    if dq.size == 0 or dk.size == 0:
+        dq.fill(0)
+        return dq, dk, dv
+    acc = spec.accum_dtype
+    slopes, has_alibi = _slopes(slopes, spec)
+    db, qb, kb, vb, ob = _inputs(dout, q, k, v, out)
+    lse = np.ascontiguousarray(lse)
+    delta = np.empty(q.shape[:3], acc)
+    dq_part = np.zeros((_num_splits(spec),) + q.shape, acc)
+    with single_threaded_blas():
+        _delta(db, ob, spec.codec, delta, config.cpu_bwd_block_q)
+        _backward(db, qb, kb, vb, lse, delta, spec.codec, spec.scale, spec.window_left,
+                  spec.window_right, spec.softcap, slopes, has_alibi, dq_part,
+                  bits_view(dk), bits_view(dv), config.cpu_bwd_block_q, config.cpu_bwd_block_k)
+        _reduce_dq(dq_part, spec.scale, spec.codec, bits_view(dq))
+    return dq, dk, dv
