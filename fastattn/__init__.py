@@ -1,0 +1,14 @@
+"""fastattn: FlashAttention-class attention kernels for NumPy and CUDA device arrays.
+
+>>> import numpy as np, fastattn
+>>> q = np.ones((1, 2, 3, 8), np.float32); k = v = np.ones((1, 1, 5, 8), np.float32)
+>>> fastattn.attention(q, k, v, causal=True).shape
+(1, 2, 3, 8)
+"""
+from . import reference
+from ._config import config
+from .attention import attention, attention_backward
+
+__version__ = "0.1.0"
+
+__all__ = ["attention", "attention_backward", "config", "reference", "__version__"]

@@ -55,6 +55,23 @@ def exp_nonpos(x):
     return p * scale if x > np.float32(-87.0) else np.float32(0.0)
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def max_of(row):
+    """Largest element of a non-empty 1-d array, in 16 SIMD-friendly lanes."""
+    lanes = np.full(16, row[0])
+    n = row.size
+    for c0 in range(0, n - 15, 16):
+        for lane in range(16):
+            x = row[c0 + lane]
+            lanes[lane] = x if x > lanes[lane] else lanes[lane]
+    best = lanes[0]
+    for lane in range(16):
+        best = max(best, lanes[lane])
+    for c in range(n - n % 16, n):
+        best = max(best, row[c])
+    return best
+
+
 def exp_shifted(x, shift):
     """exp(x - shift) in the precision of x (fast path for float32)."""
 

@@ -19,49 +19,56 @@ from .._config import config
 from .._dtypes import bits_view
 from .._tile import finish_lse, key_range, online_rescale, query_range, softcap_grad, softcap_score, alibi_bias
 from ._blas import single_threaded_blas
-from ._fastmath import FASTMATH, decode_rows, encode_row, exp_shifted
+from ._fastmath import FASTMATH, decode_rows, encode_row, exp_shifted, max_of
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 
 
 @njit(fastmath=FASTMATH, cache=True)
 def _softmax_tile(s, i0, j0, sq, sk, wl, wr, softcap, slope, has_alibi, row_max, row_sum, acc):
-    """Turn a tile of raw scores into exp(score - running max), updating the running state."""
+    """Turn a tile of raw scores into exp(score - running max), updating the running state.
+
+    Loops run over slices from index 0 so that LLVM can prove the indices
+    non-negative and vectorise (a loop from a computed start keeps numba's
+    negative-index wraparound and stays scalar).
+    """
     m, n = s.shape
     for r in range(m):
         i = i0 + r
         lo, hi = key_range(i, sq, sk, wl, wr)
         c0 = max(lo - j0, 0)
-        c1 = min(hi - j0, n)
+        c1 = max(min(hi - j0, n), c0)
         row = s[r]
-        if c0 >= c1:
-            row[:] = 0
+        row[:c0] = 0
+        row[c1:] = 0
+        seen = row[c0:c1]
+        if seen.size == 0:
             continue
         if softcap > 0 or has_alibi:
-            for c in range(c0, c1):
-                x = softcap_score(row[c], softcap)
-                if has_alibi:
-                    x += alibi_bias(slope, i, j0 + c, sq, sk)
-                row[c] = x
-        tile_max = row[c0]
-        for c in range(c0 + 1, c1):
-            tile_max = max(tile_max, row[c])
-        new_max = max(row_max[r], tile_max)
+            _transform_scores(seen, i, j0 + c0, sq, sk, softcap, slope, has_alibi)
+        new_max = max(row_max[r], max_of(seen))
         alpha = online_rescale(row_max[r], new_max)
-        total = row[c0] * 0
-        for c in range(c0):
-            row[c] = 0
-        for c in range(c0, c1):
-            e = exp_shifted(row[c], new_max)
-            row[c] = e
+        total = seen[0] * 0
+        for c in range(seen.size):
+            e = exp_shifted(seen[c], new_max)
+            seen[c] = e
             total += e
-        for c in range(c1, n):
-            row[c] = 0
         row_sum[r] = row_sum[r] * alpha + total
         row_max[r] = new_max
         if alpha != 1.0:
-            for d in range(acc.shape[1]):
-                acc[r, d] *= alpha
+            acc_row = acc[r]
+            for d in range(acc_row.size):
+                acc_row[d] *= alpha
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _transform_scores(seen, i, j, sq, sk, softcap, slope, has_alibi):
+    """softcap then ALiBi on the visible scores of row i, which start at key j."""
+    for c in range(seen.size):
+        x = softcap_score(seen[c], softcap)
+        if has_alibi:
+            x += alibi_bias(slope, i, j + c, sq, sk)
+        seen[c] = x
 
 
 @njit(**_JIT)
