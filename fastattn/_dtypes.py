@@ -143,3 +143,31 @@ def encode_array(x, codec, saturate=True):
     flat = np.asarray(x, dtype=np.float64).ravel()
     raw = np.array([encode_bits(v, ebits, mbits, has_inf, saturate) for v in flat])
     return raw.astype(np.uint16 if ebits + mbits > 7 else np.uint8).reshape(np.shape(x))
+
+
+@register_jitable
+def widen(x, codec):
+    """Read one stored element as a float: native floats as they are, else decode the bits."""
+    if codec == NATIVE:
+        return float(x)
+    if codec == F16:
+        return decode_bits(x, 5, 10, True)
+    if codec == BF16:
+        return decode_bits(x, 8, 7, True)
+    if codec == E4M3:
+        return decode_bits(x, 4, 3, False)
+    return decode_bits(x, 5, 2, True)
+
+
+@register_jitable
+def narrow(x, codec):
+    """Value to store for a float: itself for native floats, else the encoded bits."""
+    if codec == NATIVE:
+        return x
+    if codec == F16:
+        return float(encode_bits(x, 5, 10, True, False))
+    if codec == BF16:
+        return float(encode_bits(x, 8, 7, True, False))
+    if codec == E4M3:
+        return float(encode_bits(x, 4, 3, False, True))
+    return float(encode_bits(x, 5, 2, True, True))

@@ -1,0 +1,34 @@
+"""Device-array plumbing shared by the CUDA kernels: adoption, allocation, grids."""
+import numpy as np
+from numba import config as numba_config
+from numba import cuda
+
+from .._dtypes import bits_view, codec_of
+
+
+def adopt(x):
+    """A numba device array for anything with __cuda_array_interface__ (zero-copy)."""
+    if numba_config.ENABLE_CUDASIM or cuda.is_cuda_array(x) and hasattr(x, "copy_to_host"):
+        return x
+    return cuda.as_cuda_array(x)
+
+
+def kernel_view(x):
+    """What a kernel reads: float arrays as they are, f16/bf16 as their uint16 bits."""
+    return x if codec_of(x.dtype) == 0 else x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint8)
+
+
+def empty(shape, dtype):
+    """A device array of a supported dtype (bf16 allocated as uint16 and viewed)."""
+    dtype = np.dtype(dtype)
+    if codec_of(dtype) == 0:
+        return cuda.device_array(shape, dtype)
+    return cuda.device_array(shape, bits_view(np.empty(0, dtype)).dtype).view(dtype)
+
+
+def to_device(x):
+    return cuda.to_device(np.ascontiguousarray(x))
+
+
+def blocks(n, per_block):
+    return max(1, -(-n // per_block))
