@@ -1,9 +1,71 @@
-"""Dense (flash) attention: public functions."""
+"""Dense (flash) attention: public functions.
+
+Each function validates its arguments, picks the CPU or CUDA backend from
+the arrays' device, and calls the kernel; see ``docs/attention.md``.
+"""
 from . import _dispatch, _validate
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
               alibi_slopes=None, return_lse=False):
+    """Scaled dot-product attention with an online softmax (FlashAttention-2 semantics).
+
+    Parameters
+    ----------
+    q : array, shape [B, Hq, Sq, D]
+        Queries: float32, float64, float16 or ``ml_dtypes.bfloat16``; a NumPy
+        array (CPU kernel) or a CUDA device array (CUDA kernel).
+    k, v : array, shape [B, Hkv, Sk, D]
+        Keys and values, same dtype and device as ``q``.  ``Hq`` must be a
+        multiple of ``Hkv``: query head ``h`` reads KV head ``h // (Hq // Hkv)``
+        (grouped-query / multi-query attention, nothing is repeated).
+    causal : bool
+        Bottom-right aligned causal mask: row ``i`` sees key ``j`` iff
+        ``j <= i + Sk - Sq``.  Same as ``window=(left, 0)``.
+    scale : float, optional
+        Multiplies ``q . k``; defaults to ``1 / sqrt(D)``.
+    window : (int, int)
+        Sliding window ``(left, right)``: row ``i`` sees keys
+        ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``; -1 means unbounded.
+    softcap : float
+        If positive, scores become ``softcap * tanh(score / softcap)``.
+    alibi_slopes : array, shape [Hq] or [B, Hq], optional
+        Adds ``-slope * |i + Sk - Sq - j|`` to the (softcapped) scores.
+    return_lse : bool
+        Also return the natural-log sum of exponentials of each row's scores.
+
+    Returns
+    -------
+    out : array, shape [B, Hq, Sq, D]
+        In the dtype of ``q``, on the device of ``q``.
+    lse : array, shape [B, Hq, Sq]
+        Only with ``return_lse=True``; float32 (float64 for float64 inputs).
+
+    Raises
+    ------
+    ValueError
+        Bad shapes or values (the message names the argument).
+    TypeError
+        Bad dtypes, or arrays on different devices.
+
+    Notes
+    -----
+    Accumulation is float32 (float64 for float64 inputs); no ``Sq x Sk`` matrix
+    is allocated.  A row that sees no key gets ``out = 0`` and ``lse = -inf``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((1, 8, 5, 64), dtype=np.float32)
+    >>> k = rng.standard_normal((1, 2, 7, 64), dtype=np.float32)
+    >>> v = rng.standard_normal((1, 2, 7, 64), dtype=np.float32)
+    >>> out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True)
+    >>> out.shape, lse.dtype
+    ((1, 8, 5, 64), dtype('float32'))
+    >>> bool(np.allclose(out, fastattn.reference.attention(q, k, v, causal=True), atol=1e-5))
+    True
+    """
     q, k, v, slopes, spec = _validate.attention_args(
         q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes)
@@ -14,6 +76,45 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window=(-1, -1),
                        softcap=0.0, alibi_slopes=None):
+    """Gradients of :func:`attention` with respect to q, k and v.
+
+    Probabilities are recomputed from ``lse`` (FlashAttention-2 style).  With
+    grouped-query attention, ``dk`` and ``dv`` sum over the query heads of each
+    KV head.  On the CPU the result is bitwise identical from run to run.
+
+    Parameters
+    ----------
+    dout : array, shape [B, Hq, Sq, D]
+        Gradient of the loss with respect to ``out``, dtype of ``q``.
+    q, k, v : arrays
+        The forward inputs.
+    out, lse : arrays
+        The forward outputs (``attention(..., return_lse=True)``).
+    causal, scale, window, softcap, alibi_slopes
+        The forward options, unchanged.
+
+    Returns
+    -------
+    dq : array, shape [B, Hq, Sq, D]
+    dk, dv : arrays, shape [B, Hkv, Sk, D]
+        In the dtype of ``q``, on the device of ``q``; zero for keys no query sees.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`attention`, and for ``dout``/``out``/``lse`` that do not match.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 2, 6, 16), dtype=np.float32) for _ in range(3))
+    >>> out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True)
+    >>> dq, dk, dv = fastattn.attention_backward(np.ones_like(out), q, k, v, out, lse, causal=True)
+    >>> ref = fastattn.reference.attention_backward(np.ones_like(out), q, k, v, causal=True)
+    >>> bool(np.allclose(dv, ref[2], atol=1e-5))
+    True
+    """
     dout, q, k, v, out, lse, slopes, spec = _validate.attention_backward_args(
         dout, q, k, v, out, lse, causal=causal, scale=scale, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes)
