@@ -10,9 +10,9 @@ from dataclasses import dataclass
 class Config:
     """Kernel tiling.  CPU tiles are rows of q / keys per GEMM block."""
 
-    cpu_block_q: int = 128          #: query rows per forward task
+    cpu_block_q: int = 256          #: query rows per forward task
     cpu_block_k: int = 512          #: keys per forward GEMM tile
-    cpu_bwd_block_q: int = 128      #: query rows per backward GEMM tile
+    cpu_bwd_block_q: int = 256      #: query rows per backward GEMM tile
     cpu_bwd_block_k: int = 256      #: keys per backward task tile
     cuda_block_q: int = 64          #: threads (one query row each) per forward block
     cuda_block_k: int = 16          #: keys staged in shared memory per step

@@ -137,33 +137,33 @@ def _grad_tile(s, dp, i0, j0, sq, sk, wl, wr, softcap, slope, has_alibi, lse, de
         i = i0 + r
         lo, hi = key_range(i, sq, sk, wl, wr)
         c0 = max(lo - j0, 0)
-        c1 = min(hi - j0, n)
+        c1 = max(min(hi - j0, n), c0)
         row_lse = lse[i]
-        if c0 >= c1 or row_lse == -np.inf:
-            s[r] = 0
-            dp[r] = 0
-            continue
+        if row_lse == -np.inf:
+            c1 = c0
+        p_row = s[r]
+        ds_row = dp[r]
+        p_row[:c0] = 0
+        p_row[c1:] = 0
+        ds_row[:c0] = 0
+        ds_row[c1:] = 0
+        p = p_row[c0:c1]
+        ds = ds_row[c0:c1]
         row_delta = delta[i]
-        for c in range(c0):
-            s[r, c] = 0
-            dp[r, c] = 0
-        for c in range(c1, n):
-            s[r, c] = 0
-            dp[r, c] = 0
         if softcap > 0 or has_alibi:
-            for c in range(c0, c1):
-                capped = softcap_score(s[r, c], softcap)
+            for c in range(p.size):
+                capped = softcap_score(p[c], softcap)
                 x = capped
                 if has_alibi:
-                    x += alibi_bias(slope, i, j0 + c, sq, sk)
-                p = math.exp(x - row_lse)
-                s[r, c] = p
-                dp[r, c] = p * (dp[r, c] - row_delta) * softcap_grad(capped, softcap)
+                    x += alibi_bias(slope, i, j0 + c0 + c, sq, sk)
+                e = math.exp(x - row_lse)
+                p[c] = e
+                ds[c] = e * (ds[c] - row_delta) * softcap_grad(capped, softcap)
         else:
-            for c in range(c0, c1):
-                p = exp_shifted(s[r, c], row_lse)
-                s[r, c] = p
-                dp[r, c] = p * (dp[r, c] - row_delta)
+            for c in range(p.size):
+                e = exp_shifted(p[c], row_lse)
+                p[c] = e
+                ds[c] = e * (ds[c] - row_delta)
 
 
 @njit(**_JIT)
