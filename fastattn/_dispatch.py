@@ -43,9 +43,18 @@ def backend_of(**arrays):
 
 
 def as_array(name, x):
-    """Accept NumPy / CUDA arrays as they are; convert lists and scalars with np.asarray."""
-    if isinstance(x, np.ndarray) or is_cuda_array(x):
+    """NumPy and numba device arrays as they are; other CUDA arrays adopted zero-copy.
+
+    Objects exposing ``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors)
+    become numba device arrays sharing their memory, so validation sees NumPy
+    dtypes.  Lists and scalars go through ``np.asarray``.
+    """
+    if isinstance(x, np.ndarray) or hasattr(x, "copy_to_host"):
         return x
+    if is_cuda_array(x):
+        from numba import cuda
+
+        return cuda.as_cuda_array(x)
     if isinstance(x, (list, tuple, int, float, np.generic)):
         return np.asarray(x)
     raise TypeError(f"{name}: expected a NumPy array or a CUDA device array, got {type(x).__name__}")

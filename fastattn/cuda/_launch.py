@@ -1,16 +1,8 @@
 """Device-array plumbing shared by the CUDA kernels: adoption, allocation, grids."""
 import numpy as np
-from numba import config as numba_config
 from numba import cuda
 
 from .._dtypes import bits_view, codec_of
-
-
-def adopt(x):
-    """A numba device array for anything with __cuda_array_interface__ (zero-copy)."""
-    if numba_config.ENABLE_CUDASIM or cuda.is_cuda_array(x) and hasattr(x, "copy_to_host"):
-        return x
-    return cuda.as_cuda_array(x)
 
 
 def kernel_view(x):

@@ -272,7 +272,6 @@ def _options(spec, slopes):
 def forward(q, k, v, slopes, spec):
     """Launch the forward kernel; return (out, lse) as numba device arrays."""
     _check_head_dim(spec)
-    q, k, v = (_launch.adopt(x) for x in (q, k, v))
     out = _launch.empty(q.shape, spec.dtype)
     lse = _launch.empty(q.shape[:3], spec.accum_dtype)
     if spec.batch * spec.heads_q * spec.seq_q == 0:
@@ -288,7 +287,6 @@ def forward(q, k, v, slopes, spec):
 def backward(dout, q, k, v, out, lse, slopes, spec):
     """Launch the delta, dq and dk/dv kernels; return (dq, dk, dv) as device arrays."""
     _check_head_dim(spec)
-    dout, q, k, v, out, lse = (_launch.adopt(x) for x in (dout, q, k, v, out, lse))
     dq = _launch.empty(q.shape, spec.dtype)
     dk = _launch.empty(k.shape, spec.dtype)
     dv = _launch.empty(v.shape, spec.dtype)
