@@ -10,16 +10,14 @@ keys of one KV head, so dk/dv are written by exactly one task (no races, the
 same bits every run).  dq is summed per task into its own slice of a partial
 buffer (one slice per key split) and reduced in a fixed order afterwards.
 """
-import math
-
 import numpy as np
 from numba import njit, prange
 
 from .._config import config
 from .._dtypes import bits_view
-from .._tile import finish_lse, key_range, online_rescale, query_range, softcap_grad, softcap_score, alibi_bias
+from .._tile import alibi_bias, finish_lse, key_range, online_rescale, query_range, softcap_grad
 from ._blas import single_threaded_blas
-from ._fastmath import FASTMATH, decode_rows, encode_row, exp_shifted, max_of
+from ._fastmath import FASTMATH, decode_rows, encode_row, exp_shifted, max_of, softcap_fast
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 
@@ -65,7 +63,7 @@ def _softmax_tile(s, i0, j0, sq, sk, wl, wr, softcap, slope, has_alibi, row_max,
 def _transform_scores(seen, i, j, sq, sk, softcap, slope, has_alibi):
     """softcap then ALiBi on the visible scores of row i, which start at key j."""
     for c in range(seen.size):
-        x = softcap_score(seen[c], softcap)
+        x = softcap_fast(seen[c], softcap)
         if has_alibi:
             x += alibi_bias(slope, i, j + c, sq, sk)
         seen[c] = x
@@ -152,11 +150,11 @@ def _grad_tile(s, dp, i0, j0, sq, sk, wl, wr, softcap, slope, has_alibi, lse, de
         row_delta = delta[i]
         if softcap > 0 or has_alibi:
             for c in range(p.size):
-                capped = softcap_score(p[c], softcap)
+                capped = softcap_fast(p[c], softcap)
                 x = capped
                 if has_alibi:
                     x += alibi_bias(slope, i, j0 + c0 + c, sq, sk)
-                e = math.exp(x - row_lse)
+                e = exp_shifted(x, row_lse)
                 p[c] = e
                 ds[c] = e * (ds[c] - row_delta) * softcap_grad(capped, softcap)
         else:
