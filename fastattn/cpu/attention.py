@@ -22,6 +22,18 @@ from ._fastmath import FASTMATH, decode_rows, encode_row, exp_shifted, max_of, s
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 
 
+@njit(inline="always")
+def _visible_part(row, i, j0, sq, sk, wl, wr):
+    """Zero the masked columns of a tile row (keys from j0); return the visible slice and its start."""
+    lo, hi = key_range(i, sq, sk, wl, wr)
+    n = row.size
+    c0 = min(max(lo - j0, 0), n)
+    c1 = max(min(hi - j0, n), c0)
+    row[:c0] = 0
+    row[c1:] = 0
+    return row[c0:c1], c0
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def _softmax_tile(s, i0, j0, sq, sk, wl, wr, softcap, slope, has_alibi, row_max, row_sum, acc):
     """Turn a tile of raw scores into exp(score - running max), updating the running state.
@@ -33,13 +45,7 @@ def _softmax_tile(s, i0, j0, sq, sk, wl, wr, softcap, slope, has_alibi, row_max,
     m, n = s.shape
     for r in range(m):
         i = i0 + r
-        lo, hi = key_range(i, sq, sk, wl, wr)
-        c0 = max(lo - j0, 0)
-        c1 = max(min(hi - j0, n), c0)
-        row = s[r]
-        row[:c0] = 0
-        row[c1:] = 0
-        seen = row[c0:c1]
+        seen, c0 = _visible_part(s[r], i, j0, sq, sk, wl, wr)
         if seen.size == 0:
             continue
         if softcap > 0 or has_alibi:
@@ -133,20 +139,13 @@ def _grad_tile(s, dp, i0, j0, sq, sk, wl, wr, softcap, slope, has_alibi, lse, de
     m, n = s.shape
     for r in range(m):
         i = i0 + r
-        lo, hi = key_range(i, sq, sk, wl, wr)
-        c0 = max(lo - j0, 0)
-        c1 = max(min(hi - j0, n), c0)
         row_lse = lse[i]
         if row_lse == -np.inf:
-            c1 = c0
-        p_row = s[r]
-        ds_row = dp[r]
-        p_row[:c0] = 0
-        p_row[c1:] = 0
-        ds_row[:c0] = 0
-        ds_row[c1:] = 0
-        p = p_row[c0:c1]
-        ds = ds_row[c0:c1]
+            s[r] = 0
+            dp[r] = 0
+            continue
+        p, c0 = _visible_part(s[r], i, j0, sq, sk, wl, wr)
+        ds = _visible_part(dp[r], i, j0, sq, sk, wl, wr)[0]
         row_delta = delta[i]
         if softcap > 0 or has_alibi:
             for c in range(p.size):

@@ -46,6 +46,16 @@ def _score(q_row, keys, r, dim, i, j, sq, sk, softcap, slope, has_alibi):
 
 
 @cuda.jit(device=True)
+def _query_rows(heads_q, heads_kv, sq):
+    """This block's (batch, head, KV head, first row, last row) and this thread's row."""
+    b = cuda.blockIdx.y // heads_q
+    h = cuda.blockIdx.y % heads_q
+    first = cuda.blockIdx.x * cuda.blockDim.x
+    last = min(sq, first + cuda.blockDim.x) - 1
+    return b, h, h // (heads_q // heads_kv), first, last, first + cuda.threadIdx.x
+
+
+@cuda.jit(device=True)
 def _stage(src, b, h, j0, n, dim, codec, dst, scale):
     """Cooperatively copy rows j0..j0+n of src[b, h] into shared memory, times scale."""
     for e in range(cuda.threadIdx.x, n * dim, cuda.blockDim.x):
@@ -59,12 +69,7 @@ def _make_forward(acc, tile, max_dim):
     def forward(q, k, v, codec, scale, wl, wr, softcap, slopes, has_alibi, out, lse):
         batch, heads_q, sq, dim = q.shape
         heads_kv, sk = k.shape[1], k.shape[2]
-        b = cuda.blockIdx.y // heads_q
-        h = cuda.blockIdx.y % heads_q
-        hk = h // (heads_q // heads_kv)
-        first = cuda.blockIdx.x * cuda.blockDim.x
-        last = min(sq, first + cuda.blockDim.x) - 1
-        i = first + cuda.threadIdx.x
+        b, h, hk, first, last, i = _query_rows(heads_q, heads_kv, sq)
         keys = cuda.shared.array((tile, max_dim), acc)
         vals = cuda.shared.array((tile, max_dim), acc)
         q_row = cuda.local.array(max_dim, acc)
@@ -132,12 +137,7 @@ def _make_dq(acc, tile, max_dim):
     def dq_kernel(dout, q, k, v, lse, delta, codec, scale, wl, wr, softcap, slopes, has_alibi, dq):
         batch, heads_q, sq, dim = q.shape
         heads_kv, sk = k.shape[1], k.shape[2]
-        b = cuda.blockIdx.y // heads_q
-        h = cuda.blockIdx.y % heads_q
-        hk = h // (heads_q // heads_kv)
-        first = cuda.blockIdx.x * cuda.blockDim.x
-        last = min(sq, first + cuda.blockDim.x) - 1
-        i = first + cuda.threadIdx.x
+        b, h, hk, first, last, i = _query_rows(heads_q, heads_kv, sq)
         keys = cuda.shared.array((tile, max_dim), acc)
         vals = cuda.shared.array((tile, max_dim), acc)
         q_row = cuda.local.array(max_dim, acc)
