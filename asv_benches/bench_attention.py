@@ -1,0 +1,179 @@
+"""airspeed velocity benchmarks of the dense attention kernels.
+
+The cases, inputs, kernels and NumPy peer come from :mod:`fastattn._bench`,
+the module behind ``python -m fastattn bench``, so both measure the same
+thing.  Inputs and a warm-up call live in ``setup``; compile time is measured
+on its own by the ``time_compile_*`` benchmarks.  CUDA classes raise
+``NotImplementedError`` in ``setup`` (asv reports them as skipped) unless a
+real GPU is present.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+from fastattn import _bench
+
+_SEQ = list(_bench.ASV_SEQ_LENS)
+
+
+class _Runs:
+    """Set-up shared by the timing classes: one prepared callable per named operation."""
+
+    backend = "cpu"
+
+    def _prepare(self, cases):
+        sync = _bench.cuda_sync if self.backend == "cuda" else (lambda: None)
+        self.sync = sync
+        self.runs, self.inputs = {}, {}
+        for name, case in cases.items():
+            self.inputs[name] = _bench.make_inputs(case, self.backend)
+            self.runs[name] = _bench.kernel(case, self.inputs[name])
+            self.runs[name]()  # compile (or load from the cache) and warm up
+            sync()
+
+    def _time(self, name):
+        self.runs[name]()
+        self.sync()
+
+
+class TimeAttention(_Runs):
+    """Forward, causal forward and causal backward, B=1, H=8, D=64, over dtype x N."""
+
+    params = (list(_bench.DTYPES), _SEQ)
+    param_names = ["dtype", "seq"]
+    timeout = 300  # the float16 NumPy peer has no BLAS: ~20 s per call at N=2048 on 2 cores
+
+    def setup(self, dtype, seq):
+        self._prepare({
+            "forward": _bench.Case("forward", dtype=dtype, seq=seq),
+            "forward_causal": _bench.Case("forward", dtype=dtype, seq=seq, causal=True),
+            "backward": _bench.Case("backward", dtype=dtype, seq=seq, causal=True),
+        })
+        case = _bench.Case("forward", dtype=dtype, seq=seq)
+        self.peer = _bench.peer(case, self.inputs["forward"])
+
+    def time_forward(self, dtype, seq):
+        self._time("forward")
+
+    def time_forward_causal(self, dtype, seq):
+        self._time("forward_causal")
+
+    def time_backward(self, dtype, seq):
+        self._time("backward")
+
+    def time_numpy_peer(self, dtype, seq):
+        """fastattn.reference.naive_attention on the same inputs: time_forward / this = speed-up."""
+        self.peer()
+
+
+class TimeAttentionGQA(_Runs):
+    """Causal float32 forward and backward with Hq=8 over Hkv KV heads (MHA, GQA, MQA)."""
+
+    params = ([8, 2, 1],)
+    param_names = ["heads_kv"]
+
+    def setup(self, heads_kv):
+        seq = _bench.ASV_SEQ_LENS[-1]
+        self._prepare({op: _bench.Case(op, seq=seq, causal=True, heads_kv=heads_kv)
+                       for op in ("forward", "backward")})
+
+    def time_forward(self, heads_kv):
+        self._time("forward")
+
+    def time_backward(self, heads_kv):
+        self._time("backward")
+
+
+class MemForwardLong:
+    """Peak memory of a one-head forward at N=16384, D=64: must stay linear in N.
+
+    q, k, v and out are 4 MiB each; a materialised score matrix would be 1 GiB.
+    The number is the whole process's peak (interpreter, NumPy, numba included).
+    """
+
+    timeout = 300
+
+    def setup(self):
+        case = _bench.Case("forward", seq=_bench.LONG_SEQ, heads_q=1, heads_kv=1)
+        small = _bench.Case("forward", seq=256, heads_q=1, heads_kv=1)
+        _bench.kernel(small, _bench.make_inputs(small))()  # compile on small inputs
+        self.run = _bench.kernel(case, _bench.make_inputs(case))
+
+    def peakmem_forward_long(self):
+        self.run()
+
+
+_COMPILE_SCRIPT = """
+from fastattn import _bench
+case = _bench.Case({op!r}, dtype={dtype!r}, seq=64, heads_q=2, heads_kv=2, head_dim=32)
+_bench.kernel(case, _bench.make_inputs(case, {backend!r}))()
+"""
+
+
+class TimeCompile:
+    """First call of each kernel in a fresh interpreter with an empty NUMBA_CACHE_DIR.
+
+    Each sample includes interpreter start-up and ``import fastattn``:
+    subtract ``time_import``.  ``backward`` compiles the forward too (its
+    inputs come from the forward).
+    """
+
+    backend = "cpu"
+    number = 1
+    repeat = (1, 3, 120.0)
+    rounds = 1
+    warmup_time = 0
+    timeout = 600
+
+    def setup(self):
+        if self.backend == "cuda":
+            usable, reason = _bench.cuda_status()
+            if not usable:
+                raise NotImplementedError(reason)
+
+    def _fresh(self, code):
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+            subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+    def _compile(self, op, dtype="float32"):
+        self._fresh(_COMPILE_SCRIPT.format(op=op, dtype=dtype, backend=self.backend))
+
+    def time_import(self):
+        self._fresh("import fastattn, fastattn.cpu, fastattn.cuda")
+
+    def time_compile_forward(self):
+        self._compile("forward")
+
+    def time_compile_forward_float16(self):
+        self._compile("forward", "float16")
+
+    def time_compile_backward(self):
+        self._compile("backward")
+
+
+class _CUDA:
+    """Mixin: skip (NotImplementedError in setup) unless a real GPU is present."""
+
+    backend = "cuda"
+
+    def setup(self, *params):
+        usable, reason = _bench.cuda_status()
+        if not usable:
+            raise NotImplementedError(reason)
+        super().setup(*params)
+
+
+class TimeAttentionCUDA(_CUDA, TimeAttention):
+    """TimeAttention on device arrays (synchronised after every call); peer on the host."""
+
+
+class TimeAttentionGQACUDA(_CUDA, TimeAttentionGQA):
+    """TimeAttentionGQA on device arrays."""
+
+
+class TimeCompileCUDA(TimeCompile):
+    """First launch of each CUDA kernel in a fresh process (numba.cuda does not cache them)."""
+
+    backend = "cuda"
