@@ -1,0 +1,94 @@
+"""``python -m fastattn info | bench`` run, and the benchmark module counts and compares correctly."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import _bench
+from fastattn.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, timeout=120):
+    """Run ``python -m fastattn ARGS`` on this checkout; return its stdout."""
+    env = dict(os.environ, PYTHONIOENCODING="utf-8",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "fastattn", *args], cwd=ROOT, env=env, timeout=timeout,
+                          capture_output=True, text=True, encoding="utf-8")
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def test_info_reports_versions_threads_cuda_and_cache():
+    out = run_cli("info")
+    for name in ("fastattn", "numba", "numba-cuda", "llvmlite", "numpy", "scipy", "ml_dtypes"):
+        assert f"\n{name} " in f"\n{out}", f"info: expected a {name} version line in\n{out}"
+    for label in ("python", "threading layer", "threads", "cuda", "numba cache", "cpu"):
+        assert f"\n{label} " in f"\n{out}", f"info: expected a {label!r} line in\n{out}"
+    layer = next(line for line in out.splitlines() if line.startswith("threading layer")).split()[-1]
+    assert layer in ("tbb", "omp", "workqueue"), f"info: unexpected threading layer {layer!r}"
+
+
+def test_bench_tiny_prints_the_table_and_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    out = run_cli("bench", "--tiny", "--json", str(path))
+    assert "GFLOP/s" in out and "% sgemm" in out and "vs NumPy" in out, out
+    report = json.loads(path.read_text(encoding="utf-8"))
+    cases = _bench.table(**{k: _bench.SIZES["tiny"][k] for k in ("seq", "heads", "head_dim")})
+    cpu_rows = [r for r in report["rows"] if r["backend"] == "cpu"]
+    assert [(r["op"], r["causal"], r["dtype"], r["shape"]) for r in cpu_rows] == [
+        (c.op, c.causal, c.dtype, c.shape) for c in cases]
+    for row in report["rows"]:
+        assert row["time_ms"] > 0 and row["gflops"] > 0 and row["speedup"] > 0, row
+        assert row["peer_ms"] > 0, row
+    assert report["sgemm_gflops"] > 0
+    assert "versions" in report["machine"] and "cuda" in report["machine"]
+    # without a real GPU the CUDA rows are skipped with a note, never faked
+    if not any(r["backend"] == "cuda" for r in report["rows"]):
+        assert any("CUDA rows skipped" in note for note in report["notes"]), report["notes"]
+
+
+def test_bench_rejects_an_unknown_backend(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--backend", "tpu"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, flops", [
+    (_bench.Case("forward", seq=2048), 4 * 8 * 2048 * 2048 * 64),
+    (_bench.Case("forward", seq=2048, causal=True), 2 * 8 * 2048 * 2048 * 64),
+    (_bench.Case("backward", seq=2048, causal=True), 2.5 * 2 * 8 * 2048 * 2048 * 64),
+    (_bench.Case("forward+backward", seq=1024, causal=True, heads_kv=2), 3.5 * 2 * 8 * 1024 * 1024 * 64),
+], ids=["forward", "causal", "backward-causal", "fwd-bwd-causal-gqa"])
+def test_flop_counts_follow_flashattention(case, flops):
+    assert case.flops == flops
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_numpy_backward_peer_matches_the_reference(causal):
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 4, 7, 8))
+    k, v = rng.standard_normal((2, 2, 7, 8)), rng.standard_normal((2, 2, 7, 8))
+    dout = rng.standard_normal(q.shape)
+    out = fastattn.reference.attention(q, k, v, causal=causal)
+    ref = fastattn.reference.attention_backward(dout, q, k, v, causal=causal)
+    for got in (_bench.naive_attention_backward(dout, q, k, v, out, causal=causal),
+                _bench.naive_forward_backward(dout, q, k, v, causal=causal)):
+        for name, g, r in zip(("dq", "dk", "dv"), got, ref):
+            np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_table_formats_one_line_per_row():
+    row = dict(name="forward causal", backend="cpu", dtype="float32", shape="1×8×8×64×64", time_ms=1.5,
+               gflops=12.25, pct_sgemm=10.0, speedup=3.0)
+    lines = _bench.format_table([row, dict(row, backend="cuda", pct_sgemm=None)]).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("op") and set(lines[1]) <= {"-", " "}
+    assert lines[2].split()[-4:] == ["1.50", "12.2", "10%", "3.0×"]
+    assert lines[3].split()[-2] == "—"
