@@ -100,8 +100,9 @@ class Device:
         if self.name == "cpu" or x is None:
             return x
         x = np.asarray(x)
-        if x.dtype == BF16:  # numba knows no bfloat16: move the bits, then view them
-            return cuda.to_device(x.view(np.uint16)).view(BF16)
+        if x.dtype.kind == "V":  # numba knows no ml_dtypes (bfloat16, fp8): move the bits, then view them
+            bits = np.dtype(f"uint{8 * x.dtype.itemsize}")
+            return cuda.to_device(np.ascontiguousarray(x).view(bits)).view(x.dtype)
         return cuda.to_device(x)
 
     def get(self, x):
