@@ -26,7 +26,8 @@ def _bench(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastattn", description="fastattn: what this machine runs, and how fast.")
     commands = parser.add_subparsers(dest="command", metavar="{info,bench}")
     commands.required = True
     info = commands.add_parser("info", help="versions, threads, CUDA devices, cache dir, CPU")
@@ -35,7 +36,7 @@ def main(argv=None):
         "bench", help="time the kernels against sgemm and a NumPy peer",
         description="Time forward/backward kernels (B=1, H=8, N=2048, D=64; N=1024 with --quick). "
                     "Kernels compile on their first call (a few seconds each, cached afterwards).")
-    bench.add_argument("--quick", action="store_true", help="N=1024 and fewer repeats (about a minute)")
+    bench.add_argument("--quick", action="store_true", help="N=1024 and fewer repeats (well under a minute once compiled)")
     bench.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke test size
     bench.add_argument("--json", metavar="FILE", help="also write the rows and machine info as JSON")
     bench.add_argument("--backend", choices=("cpu", "cuda", "all"), default="all",

@@ -271,9 +271,11 @@ def format_table(rows):
     return "\n".join([line(head), rule, *map(line, body)])
 
 
-def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=sys.stdout):
+def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
     """Measure sgemm, then every case of the table on each backend; print and return the rows."""
     from . import _info
+
+    stream = sys.stdout if stream is None else stream
 
     settings = SIZES[size]
     threads = _info.threading()
@@ -300,11 +302,12 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=sys.stdout
         for case in cases:
             rows.append(measure(case, backend, settings, warm, peer_ms, sgemm, stream))
 
-    _say(stream, "", end="\n")
-    _say(stream, format_table(rows), end="\n")
-    _say(stream, f"% sgemm: of the {sgemm:.1f} GFLOP/s measured above; vs NumPy: time of "
-                 "fastattn.reference.naive_attention (or the NumPy backward peer) / time of fastattn",
-         end="\n")
+    if rows:
+        _say(stream, "", end="\n")
+        _say(stream, format_table(rows), end="\n")
+        _say(stream, f"% sgemm: of the {sgemm:.1f} GFLOP/s measured above; vs NumPy: time of "
+                     "fastattn.reference.naive_attention (or the NumPy backward peer) / time of fastattn",
+             end="\n")
     for note in notes:
         _say(stream, note, end="\n")
     if json_path:
