@@ -22,16 +22,17 @@ DTYPE_IDS = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64", np.dtype(
              BF16: "bf16"}
 
 #: Largest allowed ``max|got - ref| / max|ref|`` per array, by input dtype.
-#: float16/bfloat16 are a few units of their rounding error (2**-11, 2**-8): the
+#: float16/bfloat16 are 4 and 3 units of their rounding error (2**-11, 2**-8): the
 #: kernels accumulate in float32, so the output rounding and the rounded ``out``
-#: that enters ``delta`` in the backward dominate.  The errors seen on the test
-#: grid are 5 to 10 times below these; ``test_tolerances_catch_bugs`` checks that
-#: a wrong scale, a dropped key or a wrong mask stays far outside every entry.
+#: that enters ``delta`` in the backward dominate.  float32 and float64 are a few
+#: hundred units, for sums over a few thousand keys.  The errors seen on the test
+#: grid stay 3 or more times below these; ``test_tolerances_catch_bugs`` checks
+#: that a wrong scale, a dropped key or a wrong mask stays outside every entry.
 TOLERANCE = {
     np.dtype(np.float64): 1e-12,
     np.dtype(np.float32): 2e-5,
-    np.dtype(np.float16): 3e-3,
-    BF16: 2e-2,
+    np.dtype(np.float16): 2e-3,
+    BF16: 1.2e-2,
 }
 
 #: CUDA launch config for the simulator, which runs every GPU thread as a Python thread.
