@@ -26,8 +26,8 @@ def key_range(i, sq, sk, window_left, window_right):
         lo = max(lo, diag - window_left)
     if window_right >= 0:
         hi = min(hi, diag + window_right + 1)
-    if lo > hi:
-        lo = hi
+    if hi < lo:  # no visible key: an empty range inside [0, sk]
+        hi = lo
     return lo, hi
 
 
@@ -80,6 +80,7 @@ def query_range(j0, j1, sq, sk, window_left, window_right):
         lo = max(lo, j0 - shift - window_right)
     if window_left >= 0:
         hi = min(hi, j1 - shift + window_left)
-    if lo > hi:
-        lo = hi
+    lo = min(lo, sq)
+    if hi < lo:  # no row sees these keys: an empty range inside [0, sq]
+        hi = lo
     return lo, hi

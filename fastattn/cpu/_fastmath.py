@@ -41,8 +41,8 @@ def exp_nonpos(x):
     """exp(x) for float32 x <= 0 (and -inf -> 0), relative error ~2e-7."""
     x = max(x, np.float32(-87.3))
     t = x * np.float32(1.4426950408889634)
-    n = np.floor(t)
-    f = t - n
+    n = np.floor(t + np.float32(0.5))
+    f = t - n  # in [-0.5, 0.5], where the polynomial below is fitted
     p = np.float32(1.535336188319500e-4)
     p = p * f + np.float32(1.339887440266574e-3)
     p = p * f + np.float32(9.618437357674640e-3)
@@ -83,6 +83,19 @@ def _exp_shifted(x, shift):
     return lambda x, shift: np.exp(x - shift)
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _tanh_series(z):
+    """tanh(y) / y for z = y*y < 0.25, relative error < 1e-7."""
+    p = np.float32(-929569.0 / 638512875.0)
+    p = p * z + np.float32(21844.0 / 6081075.0)
+    p = p * z + np.float32(-1382.0 / 155925.0)
+    p = p * z + np.float32(62.0 / 2835.0)
+    p = p * z + np.float32(-17.0 / 315.0)
+    p = p * z + np.float32(2.0 / 15.0)
+    p = p * z + np.float32(-1.0 / 3.0)
+    return p * z + np.float32(1.0)
+
+
 def softcap_fast(x, softcap):
     """``softcap * tanh(x / softcap)`` (identity for 0), vectorisable for float32."""
 
@@ -94,8 +107,11 @@ def _softcap_fast(x, softcap):
             if softcap <= 0:
                 return x
             y = x / np.float32(softcap)
-            e = exp_nonpos(np.float32(-2.0) * abs(y))
+            a = abs(y)
+            e = exp_nonpos(np.float32(-2.0) * a)
             t = (np.float32(1.0) - e) / (np.float32(1.0) + e)
+            if a < np.float32(0.5):  # 1 - e cancels here: Taylor series to y**15 instead
+                t = a * _tanh_series(a * a)
             return np.float32(softcap) * (t if y >= 0 else -t)
         return capped32
     return lambda x, softcap: softcap * np.tanh(x / softcap) if softcap > 0 else x
