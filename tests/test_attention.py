@@ -60,12 +60,17 @@ def test_backward_matches_reference(device, case, rng):
     assert_grads_close([device.get(g) for g in grads], dout, q, k, v, options, case.dtype)
 
 
-@pytest.mark.parametrize("device, case", on_devices(
-    [Case(Shape(2, 8, 2, 113, 203, 40), option, F32) for option in ("plain", "causal", "window-32-8", "all")]
-    + [Case(Shape(2, 8, 2, 113, 203, 40), "all", dtype) for dtype in DTYPES if dtype != F32],
-    []), indirect=["device"])
-def test_small_cpu_tiles_match_reference(device, case, rng, monkeypatch):
-    """Many query and key tiles per row: the online softmax rescales across tiles."""
+SMALL_TILE_CASES = ([Case(Shape(2, 8, 2, 113, 203, 40), option, F32)
+                     for option in ("plain", "causal", "window-32-8", "all")]
+                    + [Case(Shape(2, 8, 2, 113, 203, 40), "all", dtype) for dtype in DTYPES if dtype != F32])
+
+
+@pytest.mark.parametrize("case", SMALL_TILE_CASES, ids=lambda c: c.id)
+def test_small_cpu_tiles_match_reference(case, rng, monkeypatch):
+    """Many query and key tiles per row: the online softmax rescales across tiles.
+
+    (The CUDA grid already runs with tiles of 8 queries and 4 keys.)
+    """
     for name, value in dict(cpu_block_q=16, cpu_block_k=24, cpu_bwd_block_q=8, cpu_bwd_block_k=32).items():
         monkeypatch.setattr(fastattn.config, name, value)
     q, k, v, options = inputs(case, rng)
@@ -169,7 +174,7 @@ def test_empty_sequences(device, q_shape, kv_shape, dtype, rng):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_inputs_are_not_modified(device, dtype, rng):
-    case = Case(Shape(2, 4, 2, 11, 13, 16), "all", dtype)
+    case = Case(Shape(2, 4, 2, 9, 11, 8), "all", dtype)
     q, k, v, options = inputs(case, rng)
     dout = random(q.shape, dtype, rng)
     out, lse = fastattn.attention(q, k, v, return_lse=True, **options)
