@@ -242,8 +242,8 @@ def test_concurrent_calls_from_threads_are_correct():
     thread of its own) and close to the reference.
     """
     rng = np.random.default_rng(7)
-    cases = [Case(Shape(2, 8, 2, 113, 203, 40), "causal", F32), Case(Shape(1, 4, 4, 127, 256, 64), "all", BF16),
-             Case(Shape(2, 6, 1, 200, 100, 16), "alibi-h", F64), Case(Shape(1, 8, 2, 239, 150, 40), "softcap", F32)]
+    cases = [Case(Shape(1, 8, 2, 113, 203, 40), "causal", F32), Case(Shape(1, 4, 4, 127, 156, 64), "all", BF16),
+             Case(Shape(1, 6, 1, 200, 100, 16), "alibi-h", F64), Case(Shape(1, 4, 2, 239, 150, 40), "softcap", F32)]
     work = []
     for case in cases:
         q, k, v, options = inputs(case, rng)
@@ -256,7 +256,7 @@ def test_concurrent_calls_from_threads_are_correct():
     def worker(n):
         try:
             barrier.wait()
-            results[n] = [_forward_backward(*work[n]) for _ in range(3)]
+            results[n] = [_forward_backward(*work[n]) for _ in range(2)]
         except BaseException as e:  # reported below, in the test's thread
             errors.append(e)
 
