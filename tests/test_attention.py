@@ -274,7 +274,7 @@ def test_concurrent_calls_from_threads_are_correct():
         assert_grads_close(single[2:], dout, q, k, v, options, case.dtype, f"{case.id} ")
 
 
-def test_results_do_not_depend_on_the_calling_thread(rng):
+def test_results_in_another_thread_are_repeatable_and_correct(rng):
     """Another Python thread gets correct results, and the same bits on every repeat there.
 
     Bits may differ from the main thread's by float32 rounding: OpenBLAS, limited
