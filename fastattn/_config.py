@@ -14,9 +14,12 @@ class Config:
     cpu_block_k: int = 512          #: keys per forward GEMM tile
     cpu_bwd_block_q: int = 256      #: query rows per backward GEMM tile
     cpu_bwd_block_k: int = 256      #: keys per backward task tile
+    cpu_paged_block_k: int = 256    #: keys gathered from the paged cache per GEMM tile
+    cpu_split_min_keys: int = 1024  #: shortest key range worth a split of its own (split-KV decode)
     cuda_block_q: int = 64          #: threads (one query row each) per forward block
     cuda_block_k: int = 16          #: keys staged in shared memory per step
     cuda_max_head_dim: int = 256    #: the largest head dimension the CUDA kernels take
+    cuda_split_min_keys: int = 256  #: shortest key range per CUDA split (split-KV decode)
 
 
 config = Config()

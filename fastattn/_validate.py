@@ -153,3 +153,244 @@ def attention_backward_args(dout, q, k, v, out, lse, **options):
         raise TypeError(f"lse: expected dtype {spec.accum_dtype} (as returned with return_lse=True), "
                         f"got {np.dtype(lse.dtype)}")
     return dout, q, k, v, out, lse, slopes, spec
+
+
+# --- paged attention -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PagedSpec:
+    """Resolved sizes and options of one paged attention call."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_q: int
+    head_dim: int
+    num_blocks: int
+    block_size: int
+    dtype: np.dtype         #: of q (and of out, unless fp8 output)
+    cache_dtype: np.dtype
+    scale: float
+    window_left: int
+    window_right: int
+    softcap: float
+    max_seq_len: int
+
+    @property
+    def group(self):
+        return self.heads_q // self.heads_kv
+
+    @property
+    def accum_dtype(self):
+        return _dtypes.accum_dtype(self.dtype)
+
+
+def host_array(x):
+    """A NumPy copy of a (small) index array that may live on the GPU."""
+    return x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
+
+
+def _integer_array(name, x, expected):
+    host = host_array(x)
+    if host.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected an integer array {expected}, got dtype {host.dtype}")
+    return host
+
+
+def cache_shapes(k_cache, v_cache, heads_kv=None, head_dim=None):
+    """Check [num_blocks, block_size, Hkv, D] caches; return their shape."""
+    shape = _shape("k_cache", k_cache, 4, "[num_blocks, block_size, Hkv, D]")
+    if (head_dim is not None and shape[3] != head_dim) or (heads_kv is not None and shape[2] != heads_kv):
+        want = ", ".join(f"{n}={v}" for n, v in (("Hkv", heads_kv), ("D", head_dim)) if v is not None)
+        raise ValueError(f"k_cache: expected shape [num_blocks, block_size, Hkv, D] with {want}, got {shape}")
+    vshape = _shape("v_cache", v_cache, 4, "[num_blocks, block_size, Hkv, D]")
+    if vshape != shape:
+        raise ValueError(f"v_cache: expected the shape of k_cache {shape}, got {vshape}")
+    if shape[1] < 1 or shape[2] < 1:
+        raise ValueError(f"k_cache: expected block_size >= 1 and Hkv >= 1, got shape {shape}")
+    if np.dtype(v_cache.dtype) != np.dtype(k_cache.dtype):
+        raise TypeError(f"v_cache: expected the dtype of k_cache ({np.dtype(k_cache.dtype)}), "
+                        f"got {np.dtype(v_cache.dtype)}")
+    return shape
+
+
+def cache_dtype(k_cache, fp8):
+    """The caches' dtype: fp8 formats for the fp8 functions, float formats otherwise."""
+    dtype = np.dtype(k_cache.dtype)
+    if fp8 and dtype not in _dtypes.FP8_DTYPES:
+        raise TypeError(f"k_cache: expected float8_e4m3fn or float8_e5m2 (ml_dtypes), got {dtype}")
+    if not fp8 and dtype not in _dtypes.FLOAT_DTYPES:
+        extra = " (use paged_attention_fp8 for fp8 caches)" if dtype in _dtypes.FP8_DTYPES else ""
+        raise TypeError(f"k_cache: expected float32, float64, float16 or bfloat16{extra}, got {dtype}")
+    return dtype
+
+
+def seq_len_values(seq_lens, batch, seq_q, capacity):
+    """Lengths [B] as int32: an int for all, or an integer array; 0 or in [Sq, capacity]."""
+    if isinstance(seq_lens, (int, np.integer)) and not isinstance(seq_lens, bool):
+        lens = np.full(batch, int(seq_lens), np.int64)
+    else:
+        lens = _integer_array("seq_lens", seq_lens, "[B] or an int")
+        if lens.shape != (batch,):
+            raise ValueError(f"seq_lens: expected shape [B] = ({batch},) or an int, got {lens.shape}")
+    checks = ((lens < 0, "lengths >= 0"),
+              (lens > capacity, f"lengths <= {capacity} (block_table columns x block_size)"),
+              ((lens > 0) & (lens < seq_q),
+               f"lengths of 0 or >= Sq={seq_q} (the queries are each sequence's last Sq tokens)"))
+    for bad, expected in checks:
+        if bad.any():
+            b = int(np.argmax(bad))
+            raise ValueError(f"seq_lens: expected {expected}, got {int(lens[b])} for sequence {b}")
+    return lens.astype(np.int32)
+
+
+def block_table_values(block_table, batch, num_blocks, block_size, seq_lens=None):
+    """The table [B, max_blocks] as int32, its read entries checked against the cache."""
+    table = _integer_array("block_table", block_table, "[B, max_blocks]")
+    if table.ndim != 2 or table.shape[0] != batch:
+        raise ValueError(f"block_table: expected shape [B, max_blocks] with B={batch}, got {table.shape}")
+    if seq_lens is not None:
+        used = -(-seq_lens.astype(np.int64) // block_size)
+        read = np.arange(table.shape[1])[None, :] < used[:, None]
+        bad = read & ((table < 0) | (table >= num_blocks))
+        if bad.any():
+            b, j = (int(x) for x in np.argwhere(bad)[0])
+            raise ValueError(f"block_table: expected entries in [0, {num_blocks}) (num_blocks) for the "
+                             f"blocks that are read, got {int(table[b, j])} at [{b}, {j}]")
+    return np.ascontiguousarray(table, dtype=np.int32)
+
+
+def paged_args(q, k_cache, v_cache, block_table, seq_lens, *, causal, scale, window, softcap,
+               alibi_slopes, fp8=False):
+    """Check paged attention arguments; return (q, k_cache, v_cache, table, lens, slopes, spec).
+
+    ``table`` and ``lens`` are checked host (NumPy int32) copies.
+    """
+    q, k_cache, v_cache = as_array("q", q), as_array("k_cache", k_cache), as_array("v_cache", v_cache)
+    block_table = as_array("block_table", block_table)
+    b, hq, sq, d = _shape("q", q, 4, "[B, Hq, Sq, D]")
+    num_blocks, block_size, hkv, _ = cache_shapes(k_cache, v_cache, head_dim=d)
+    if hq % hkv:
+        raise ValueError(f"k_cache: expected a number of KV heads that divides Hq={hq}, got Hkv={hkv}")
+    if d == 0:
+        raise ValueError(f"q: expected head dimension D >= 1, got shape {(b, hq, sq, d)}")
+    kv_dtype = cache_dtype(k_cache, fp8)
+    if fp8:
+        dtype = np.dtype(q.dtype)
+        if dtype not in (*_dtypes.FP8_DTYPES, *_dtypes.FLOAT_DTYPES) or dtype == np.float64:
+            raise TypeError(f"q: expected float32, float16, bfloat16 or fp8, got {dtype}")
+    else:
+        dtype = float_dtype("q", q)
+        if kv_dtype != dtype:
+            raise TypeError(f"k_cache: expected dtype {dtype} (the dtype of q), got {kv_dtype}")
+    lens = seq_len_values(seq_lens, b, sq, _shape("block_table", block_table, 2, "[B, max_blocks]")[1]
+                          * block_size)
+    table = block_table_values(block_table, b, num_blocks, block_size, lens)
+    slopes = alibi_values(alibi_slopes, b, hq)
+    spec = PagedSpec(b, hq, hkv, sq, d, num_blocks, block_size, dtype, kv_dtype, scale_value(scale, d),
+                     *window_values(window, causal), softcap_value(softcap), int(lens.max(initial=0)))
+    return q, k_cache, v_cache, table, lens, slopes, spec
+
+
+def positive_scale(name, value, heads=None):
+    """A float > 0, or (with ``heads``) a float or per-KV-head array [Hkv]; returns float32 [Hkv]."""
+    if heads is not None and not np.isscalar(value) and np.ndim(host_array(value)) == 1:
+        values = host_array(value)
+        if values.shape != (heads,):
+            raise ValueError(f"{name}: expected a float or shape [Hkv] = ({heads},), got {values.shape}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a float{' or [Hkv] array' if heads else ''}, "
+                        f"got {type(value).__name__}")
+    else:
+        values = np.full(heads or 1, value, np.float64)
+    if values.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected float values, got dtype {values.dtype}")
+    bad = ~(values > 0) | ~np.isfinite(values)
+    if bad.any():
+        raise ValueError(f"{name}: expected finite scales > 0, got {values[bad][0]}")
+    return values.astype(np.float32) if heads else float(values[0])
+
+
+def paged_backward_args(dout, q, k_cache, v_cache, out, lse, block_table, seq_lens, *, causal, scale):
+    """Check paged backward arguments; return (dout, q, k_cache, v_cache, out, lse, table, lens, spec)."""
+    q, k_cache, v_cache, table, lens, _, spec = paged_args(
+        q, k_cache, v_cache, block_table, seq_lens, causal=causal, scale=scale, window=(-1, -1),
+        softcap=0.0, alibi_slopes=None)
+    dout, out, lse = as_array("dout", dout), as_array("out", out), as_array("lse", lse)
+    qshape = (spec.batch, spec.heads_q, spec.seq_q, spec.head_dim)
+    for name, x in (("dout", dout), ("out", out)):
+        if tuple(x.shape) != qshape:
+            raise ValueError(f"{name}: expected the shape of q {qshape}, got {tuple(x.shape)}")
+    same_dtype(spec.dtype, dout=dout, out=out)
+    if tuple(lse.shape) != qshape[:3]:
+        raise ValueError(f"lse: expected shape [B, Hq, Sq] = {qshape[:3]}, got {tuple(lse.shape)}")
+    if np.dtype(lse.dtype) != spec.accum_dtype:
+        raise TypeError(f"lse: expected dtype {spec.accum_dtype} (as returned with return_lse=True), "
+                        f"got {np.dtype(lse.dtype)}")
+    return dout, q, k_cache, v_cache, out, lse, table, lens, spec
+
+
+def write_kv_args(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    """Check write_kv_cache arguments; return (k, v, slots, k_scale[Hkv], v_scale[Hkv])."""
+    k, v = as_array("k", k), as_array("v", v)
+    num_blocks, block_size, hkv, d = cache_shapes(k_cache, v_cache)
+    t = _shape("k", k, 3, "[T, Hkv, D]")[0]
+    if tuple(k.shape) != (t, hkv, d):
+        raise ValueError(f"k: expected shape [T, Hkv, D] with Hkv={hkv} and D={d}, got {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    dtype = float_dtype("k", k)
+    float_dtype("v", v)
+    kv_dtype = np.dtype(k_cache.dtype)
+    if kv_dtype not in (*_dtypes.FLOAT_DTYPES, *_dtypes.FP8_DTYPES):
+        raise TypeError(f"k_cache: expected a float or fp8 dtype, got {kv_dtype}")
+    cache_dtype(v_cache, kv_dtype in _dtypes.FP8_DTYPES)
+    if np.dtype(v.dtype) != dtype:
+        raise TypeError(f"v: expected dtype {dtype} (the dtype of k), got {np.dtype(v.dtype)}")
+    slots = _integer_array("slot_mapping", slot_mapping, "[T]")
+    if slots.shape != (t,):
+        raise ValueError(f"slot_mapping: expected shape [T] = ({t},), got {slots.shape}")
+    capacity = num_blocks * block_size
+    if (slots >= capacity).any():
+        raise ValueError(f"slot_mapping: expected slots < {capacity} (num_blocks x block_size) or "
+                         f"negative (skipped), got {int(slots.max())}")
+    written = slots[slots >= 0]
+    if np.unique(written).size != written.size:
+        values, counts = np.unique(written, return_counts=True)
+        raise ValueError(f"slot_mapping: expected each slot at most once, got slot {int(values[counts > 1][0])} "
+                         f"{int(counts.max())} times")
+    scales = [positive_scale(n, s, hkv) for n, s in (("k_scale", k_scale), ("v_scale", v_scale))]
+    if kv_dtype not in _dtypes.FP8_DTYPES:
+        for name, s in zip(("k_scale", "v_scale"), scales):
+            if (s != 1).any():
+                raise ValueError(f"{name}: expected 1.0 for a {kv_dtype} cache (scales apply to fp8 "
+                                 f"caches), got {s[s != 1][0]}")
+    return k, v, np.ascontiguousarray(slots, dtype=np.int64), *scales
+
+
+def merge_args(outs, lses):
+    """Check :func:`fastattn.merge_attention_states` arguments; return (outs, lses, dtype).
+
+    ``outs`` and ``lses`` are sequences of arrays (or stacked arrays with the
+    parts on axis 0) of the same device.
+    """
+    outs = [as_array(f"outs[{i}]", o) for i, o in enumerate(outs)]
+    lses = [as_array(f"lses[{i}]", x) for i, x in enumerate(lses)]
+    if not outs:
+        raise ValueError("outs: expected at least one partial output, got none")
+    if len(lses) != len(outs):
+        raise ValueError(f"lses: expected {len(outs)} arrays (one per output), got {len(lses)}")
+    shape = tuple(outs[0].shape)
+    if len(shape) < 1:
+        raise ValueError("outs[0]: expected an array [..., D], got a scalar")
+    dtype = float_dtype("outs[0]", outs[0])
+    for i, (o, x) in enumerate(zip(outs, lses)):
+        if tuple(o.shape) != shape:
+            raise ValueError(f"outs[{i}]: expected the shape of outs[0] {shape}, got {tuple(o.shape)}")
+        if np.dtype(o.dtype) != dtype:
+            raise TypeError(f"outs[{i}]: expected dtype {dtype} (the dtype of outs[0]), got {np.dtype(o.dtype)}")
+        if tuple(x.shape) != shape[:-1]:
+            raise ValueError(f"lses[{i}]: expected shape {shape[:-1]} (outs without D), got {tuple(x.shape)}")
+        if np.dtype(x.dtype) not in (np.float32, np.float64):
+            raise TypeError(f"lses[{i}]: expected float32 or float64, got {np.dtype(x.dtype)}")
+    return outs, lses, dtype

@@ -120,3 +120,52 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
         alibi_slopes=alibi_slopes)
     backend = _dispatch.backend_of(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=slopes)
     return backend.attention.backward(dout, q, k, v, out, lse, slopes, spec)
+
+
+def merge_attention_states(outs, lses):
+    """Combine attention results computed over disjoint sets of keys.
+
+    If ``outs[i]`` and ``lses[i]`` are the output and log-sum-exp of attention
+    over key set ``K_i``, the result is the output and log-sum-exp over the
+    union of the ``K_i`` (FlashAttention's split-KV combine)::
+
+        lse = log(sum_i exp(lses[i]))
+        out = sum_i exp(lses[i] - lse) * outs[i]
+
+    Parameters
+    ----------
+    outs : sequence of arrays, shape [..., D] (or one array [N, ..., D])
+        Partial outputs: float32, float64, float16 or bfloat16, all alike.
+    lses : sequence of arrays, shape [...] (or one array [N, ...])
+        Their natural-log sums of exponentials, float32 or float64.  A part
+        with ``lse = -inf`` (it saw no key) has no weight; if every part has
+        ``-inf`` the output is 0 and the lse ``-inf``, never NaN.
+
+    Returns
+    -------
+    out : array, shape [..., D]
+        In the dtype of ``outs``, on their device.
+    lse : array, shape [...]
+        float32 (float64 for float64 outputs).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Parts of different shapes or dtypes, or mixed devices.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 2, 3, 8), dtype=np.float32) for _ in range(3))
+    >>> halves = [fastattn.attention(q, k[:, :, s], v[:, :, s], return_lse=True)
+    ...           for s in (slice(0, 1), slice(1, 3))]
+    >>> out, lse = fastattn.merge_attention_states([h[0] for h in halves], [h[1] for h in halves])
+    >>> bool(np.allclose(out, fastattn.attention(q, k, v), atol=1e-6))
+    True
+    """
+    outs, lses, dtype = _validate.merge_args(outs, lses)
+    named = {f"outs[{i}]": o for i, o in enumerate(outs)}
+    named.update({f"lses[{i}]": x for i, x in enumerate(lses)})
+    backend = _dispatch.backend_of(**named)
+    return backend.attention.merge_states(outs, lses, dtype)

@@ -105,3 +105,95 @@ def naive_attention(q, k, v, *, causal=False, scale=None):
     s = np.exp(s - s.max(axis=-1, keepdims=True))
     s /= s.sum(axis=-1, keepdims=True)
     return s @ v
+
+
+# --- partial states and paged caches ------------------------------------------
+
+def merge_attention_states(outs, lses):
+    """Float64 reference of :func:`fastattn.merge_attention_states`: (out, lse)."""
+    outs = np.stack([_f64(o) for o in outs])
+    lses = np.stack([_f64(x) for x in lses])
+    top = lses.max(axis=0, initial=-np.inf)
+    seen = np.isfinite(top)
+    w = np.where(seen, np.exp(lses - np.where(seen, top, 0.0)), 0.0)
+    total = w.sum(axis=0)
+    out = (w[..., None] * outs).sum(axis=0) / np.where(seen, total, 1.0)[..., None]
+    with np.errstate(divide="ignore"):
+        lse = np.where(seen, top + np.log(np.where(seen, total, 1.0)), -np.inf)
+    return out, lse
+
+
+def _per_head(scale, heads):
+    return np.broadcast_to(np.asarray(scale, dtype=np.float64), (heads,))
+
+
+def gather_kv(cache, block_table, seq_len, scale=1.0):
+    """Keys (or values) ``[Hkv, seq_len, D]`` of one sequence from a paged cache, as float64.
+
+    Token ``t`` lives in block ``block_table[t // block_size]``, row
+    ``t % block_size``; ``scale`` (a float or per-KV-head ``[Hkv]``) multiplies
+    the stored values, as fp8 caches are decoded.
+    """
+    cache = _f64(cache)
+    block_size, heads = cache.shape[1], cache.shape[2]
+    t = np.arange(int(seq_len))
+    rows = cache[np.asarray(block_table)[t // block_size], t % block_size]  # [L, Hkv, D]
+    return rows.transpose(1, 0, 2) * _per_head(scale, heads)[:, None, None]
+
+
+def _seq_lens(seq_lens, batch):
+    return np.broadcast_to(np.asarray(seq_lens, dtype=np.int64), (batch,))
+
+
+def _sequence_options(options, b):
+    slopes = options.get("alibi_slopes")
+    if slopes is not None and np.ndim(slopes) == 2:
+        options = dict(options, alibi_slopes=np.asarray(slopes)[b])
+    return options
+
+
+def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, q_scale=1.0, k_scale=1.0,
+                    v_scale=1.0, return_lse=False, **options):
+    """Float64 reference of :func:`fastattn.paged_attention` (and of the fp8 variant).
+
+    Each sequence's keys are gathered into a dense array and passed to
+    :func:`attention`; a sequence of length 0 gets zeros and ``lse = -inf``.
+    """
+    q = _f64(q) * float(q_scale)
+    b_count, hq, sq, d = q.shape
+    out = np.zeros(q.shape)
+    lse = np.full(q.shape[:3], -np.inf)
+    for b, length in enumerate(_seq_lens(seq_lens, b_count)):
+        if length == 0:
+            continue
+        k = gather_kv(k_cache, block_table[b], length, k_scale)[None]
+        v = gather_kv(v_cache, block_table[b], length, v_scale)[None]
+        out[b], lse[b] = (x[0] for x in attention(q[b:b + 1], k, v, return_lse=True,
+                                                  **_sequence_options(options, b)))
+    return (out, lse) if return_lse else out
+
+
+def paged_attention_backward(dout, q, k_cache, v_cache, out=None, lse=None, block_table=None,
+                             seq_lens=None, **options):
+    """Float64 reference of :func:`fastattn.paged_attention_backward`: (dq, dk_cache, dv_cache).
+
+    A dense backward per sequence on its gathered keys, with the key gradients
+    scattered back into whole-cache arrays by ``np.add.at`` (so a block that
+    several sequences read gets the sum of their contributions).
+    """
+    dout, q = _f64(dout), _f64(q)
+    dq = np.zeros(q.shape)
+    dk_cache, dv_cache = np.zeros(np.shape(k_cache)), np.zeros(np.shape(v_cache))
+    block_size = dk_cache.shape[1]
+    for b, length in enumerate(_seq_lens(seq_lens, q.shape[0])):
+        if length == 0:
+            continue
+        k = gather_kv(k_cache, block_table[b], length)[None]
+        v = gather_kv(v_cache, block_table[b], length)[None]
+        dq[b:b + 1], dk, dv = attention_backward(dout[b:b + 1], q[b:b + 1], k, v,
+                                                 **_sequence_options(options, b))
+        t = np.arange(length)
+        blocks, rows = np.asarray(block_table[b])[t // block_size], t % block_size
+        np.add.at(dk_cache, (blocks, rows), dk[0].transpose(1, 0, 2))
+        np.add.at(dv_cache, (blocks, rows), dv[0].transpose(1, 0, 2))
+    return dq, dk_cache, dv_cache

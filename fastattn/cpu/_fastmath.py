@@ -10,7 +10,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from .._dtypes import BF16, F16, decode_bits, encode_bits, format_of
+from .._dtypes import BF16, E4M3, F16, FP8_TABLE, encode_bits
 
 # fastmath without nnan/ninf: kernels rely on -inf and must see NaN.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -142,18 +142,11 @@ def _decode_rows(src, dst, codec):
         return unpack16
 
     def unpack8(src, dst, codec):
-        ebits, mbits, has_inf = format_of_codec(codec)
+        table = FP8_TABLE[codec - E4M3]
         for r in range(src.shape[0]):
             for c in range(src.shape[1]):
-                dst[r, c] = decode_bits(src[r, c], ebits, mbits, has_inf)
+                dst[r, c] = table[src[r, c]]
     return unpack8
-
-
-@njit(inline="always")
-def format_of_codec(codec):
-    if codec == 3:
-        return 4, 3, False
-    return 5, 2, True
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -180,6 +173,13 @@ def _encode_row(src, dst, codec):
             for c in range(src.shape[0]):
                 dst[c] = src[c]
         return store
+
+    if dst.dtype == types.uint8:
+        def pack8(src, dst, codec):  # fp8 stores saturate, as the fp8 contract asks
+            ebits, mbits, has_inf = (4, 3, False) if codec == E4M3 else (5, 2, True)
+            for c in range(src.shape[0]):
+                dst[c] = encode_bits(src[c], ebits, mbits, has_inf, True)
+        return pack8
 
     def pack16(src, dst, codec):
         if codec == BF16:

@@ -14,65 +14,13 @@ import numpy as np
 from numba import njit, prange
 
 from .._config import config
-from .._dtypes import bits_view
-from .._tile import alibi_bias, finish_lse, key_range, online_rescale, query_range, softcap_grad
+from .._dtypes import accum_dtype as _accum_dtype, bits_view, codec_of
+from .._tile import finish_lse, key_range, query_range
 from ._blas import single_threaded_blas
-from ._fastmath import FASTMATH, decode_rows, encode_row, exp_shifted, max_of, softcap_fast
+from ._fastmath import FASTMATH, decode_rows, encode_row
+from ._tiles import grad_tile, softmax_tile
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
-
-
-@njit(inline="always")
-def _visible_part(row, i, j0, sq, sk, wl, wr):
-    """Zero the masked columns of a tile row (keys from j0); return the visible slice and its start."""
-    lo, hi = key_range(i, sq, sk, wl, wr)
-    n = row.size
-    c0 = min(max(lo - j0, 0), n)
-    c1 = max(min(hi - j0, n), c0)
-    row[:c0] = 0
-    row[c1:] = 0
-    return row[c0:c1], c0
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _softmax_tile(s, i0, j0, sq, sk, wl, wr, softcap, slope, has_alibi, row_max, row_sum, acc):
-    """Turn a tile of raw scores into exp(score - running max), updating the running state.
-
-    Loops run over slices from index 0 so that LLVM can prove the indices
-    non-negative and vectorise (a loop from a computed start keeps numba's
-    negative-index wraparound and stays scalar).
-    """
-    m, n = s.shape
-    for r in range(m):
-        i = i0 + r
-        seen, c0 = _visible_part(s[r], i, j0, sq, sk, wl, wr)
-        if seen.size == 0:
-            continue
-        if softcap > 0 or has_alibi:
-            _transform_scores(seen, i, j0 + c0, sq, sk, softcap, slope, has_alibi)
-        new_max = max(row_max[r], max_of(seen))
-        alpha = online_rescale(row_max[r], new_max)
-        total = seen[0] * 0
-        for c in range(seen.size):
-            e = exp_shifted(seen[c], new_max)
-            seen[c] = e
-            total += e
-        row_sum[r] = row_sum[r] * alpha + total
-        row_max[r] = new_max
-        if alpha != 1.0:
-            acc_row = acc[r]
-            for d in range(acc_row.size):
-                acc_row[d] *= alpha
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _transform_scores(seen, i, j, sq, sk, softcap, slope, has_alibi):
-    """softcap then ALiBi on the visible scores of row i, which start at key j."""
-    for c in range(seen.size):
-        x = softcap_fast(seen[c], softcap)
-        if has_alibi:
-            x += alibi_bias(slope, i, j + c, sq, sk)
-        seen[c] = x
 
 
 @njit(**_JIT)
@@ -104,8 +52,8 @@ def _forward(q, k, v, codec, scale, wl, wr, softcap, slopes, has_alibi, out, lse
             decode_rows(k[b, hk, j0:j0 + n], kt, codec)
             decode_rows(v[b, hk, j0:j0 + n], vt, codec)
             s = np.dot(qt, kt.T)
-            _softmax_tile(s, i0, j0, sq, sk, wl, wr, softcap, slopes[b, h], has_alibi,
-                          row_max, row_sum, acc)
+            softmax_tile(s, i0, m, j0, sq, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi,
+                         row_max, row_sum, acc)
             acc += np.dot(s, vt)
         for r in range(m):
             if row_sum[r] > 0:
@@ -131,36 +79,6 @@ def _delta(dout, out, codec, delta, block):
                 for d in range(dim):
                     total += dt[r, d] * ot[r, d]
                 delta[b, h, i0 + r] = total
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _grad_tile(s, dp, i0, j0, sq, sk, wl, wr, softcap, slope, has_alibi, lse, delta):
-    """Scores -> probabilities in s and dP -> dS (pre-scale) in dp, in place."""
-    m, n = s.shape
-    for r in range(m):
-        i = i0 + r
-        row_lse = lse[i]
-        if row_lse == -np.inf:
-            s[r] = 0
-            dp[r] = 0
-            continue
-        p, c0 = _visible_part(s[r], i, j0, sq, sk, wl, wr)
-        ds = _visible_part(dp[r], i, j0, sq, sk, wl, wr)[0]
-        row_delta = delta[i]
-        if softcap > 0 or has_alibi:
-            for c in range(p.size):
-                capped = softcap_fast(p[c], softcap)
-                x = capped
-                if has_alibi:
-                    x += alibi_bias(slope, i, j0 + c0 + c, sq, sk)
-                e = exp_shifted(x, row_lse)
-                p[c] = e
-                ds[c] = e * (ds[c] - row_delta) * softcap_grad(capped, softcap)
-        else:
-            for c in range(p.size):
-                e = exp_shifted(p[c], row_lse)
-                p[c] = e
-                ds[c] = e * (ds[c] - row_delta)
 
 
 @njit(**_JIT)
@@ -197,8 +115,8 @@ def _backward(dout, q, k, v, lse, delta, codec, scale, wl, wr, softcap, slopes, 
                     qt *= scale
                     s = np.dot(qt, kt.T)
                     dp = np.dot(dt, vt.T)
-                    _grad_tile(s, dp, i0, j0, sq, sk, wl, wr, softcap, slopes[b, h], has_alibi,
-                               lse[b, h], delta[b, h])
+                    grad_tile(s, dp, i0, m, j0, sq, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi,
+                              lse[b, h, i0:i0 + m], delta[b, h, i0:i0 + m])
                     dv_acc += np.dot(s.T, dt)
                     dk_acc += np.dot(dp.T, qt)
                     dq_part[split, b, h, i0:i0 + m] += np.dot(dp, kt)
@@ -279,3 +197,49 @@ def backward(dout, q, k, v, out, lse, slopes, spec):
                   bits_view(dk), bits_view(dv), config.cpu_bwd_block_q, config.cpu_bwd_block_k)
         _reduce_dq(dq_part, spec.scale, spec.codec, bits_view(dq))
     return dq, dk, dv
+
+
+@njit(**_JIT)
+def _merge(outs, lses, codec, out_mult, out, lse):
+    """Combine partial states: outs [N, R, D] and lses [N, R] into out [R, D] (encoded) and lse [R]."""
+    n_parts, rows, dim = outs.shape
+    for r in prange(rows):
+        top = -np.inf
+        for p in range(n_parts):
+            top = max(top, lses[p, r])
+        row = np.zeros(dim, outs.dtype)
+        if top == -np.inf:  # no part saw a key (NaN lses fall through and stay NaN)
+            lse[r] = top
+        else:
+            total = lses[0, r] * 0
+            for p in range(n_parts):
+                w = np.exp(lses[p, r] - top)
+                total += w
+                if w != 0:
+                    row += w * outs[p, r]
+            row *= out_mult / total
+            lse[r] = top + np.log(total)
+        encode_row(row, out[r], codec)
+
+
+def merge(outs, lses, dtype, out_mult=1.0):
+    """Merge partial states ``outs [N, ..., D]``, ``lses [N, ...]`` (accumulation dtype).
+
+    Returns ``(out, lse)`` with ``out`` in ``dtype`` times ``out_mult``.
+    """
+    n_parts, dim = outs.shape[0], outs.shape[-1]
+    out = np.empty(outs.shape[1:], dtype)
+    lse = np.empty(lses.shape[1:], lses.dtype)
+    if out.size:
+        _merge(np.ascontiguousarray(outs).reshape(n_parts, -1, dim),
+               np.ascontiguousarray(lses).reshape(n_parts, -1), codec_of(dtype), out_mult,
+               bits_view(out).reshape(-1, dim), lse.reshape(-1))
+    elif lse.size:
+        lse.fill(-np.inf)
+    return out, lse
+
+
+def merge_states(outs, lses, dtype):
+    """:func:`fastattn.merge_attention_states` on NumPy arrays."""
+    acc = _accum_dtype(dtype)
+    return merge(np.stack([o.astype(acc) for o in outs]), np.stack([x.astype(acc) for x in lses]), dtype)

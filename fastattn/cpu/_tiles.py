@@ -1,0 +1,104 @@
+"""The online-softmax tile steps every CPU attention kernel runs between its GEMMs.
+
+A tile is a block of scores ``s [m, n]``: ``m`` query rows against ``n``
+consecutive keys starting at key ``j0``.  Row ``r`` is query row
+``i0 + r % period`` of head ``r // period`` of the tile: a dense kernel passes
+one head (``period = m``), a paged decode kernel stacks the query heads of one
+KV group (``period`` = rows per head) so the keys are read once per group.
+``slopes[r // period]`` is that head's ALiBi slope.
+
+Loops run over slices from index 0 so that LLVM can prove the indices
+non-negative and vectorise (a loop from a computed start keeps numba's
+negative-index wraparound and stays scalar).
+"""
+import numpy as np
+from numba import njit
+
+from .._tile import alibi_bias, key_range, online_rescale, softcap_grad
+from ._fastmath import FASTMATH, exp_shifted, max_of, softcap_fast
+
+
+@njit(inline="always")
+def _visible_part(row, i, j0, sq, sk, wl, wr):
+    """Zero the masked columns of a tile row (keys from j0); return the visible slice and its start."""
+    lo, hi = key_range(i, sq, sk, wl, wr)
+    n = row.size
+    c0 = min(max(lo - j0, 0), n)
+    c1 = max(min(hi - j0, n), c0)
+    row[:c0] = 0
+    row[c1:] = 0
+    return row[c0:c1], c0
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def softmax_tile(s, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, row_max, row_sum, acc):
+    """Turn a tile of raw scores into exp(score - running max), updating the running state.
+
+    ``row_max``, ``row_sum`` and the rows of the output accumulator ``acc`` are
+    rescaled when a row's maximum grows; the caller then adds ``s @ v``.
+    """
+    m = s.shape[0]
+    for r in range(m):
+        i = i0 + r % period
+        seen, c0 = _visible_part(s[r], i, j0, sq, sk, wl, wr)
+        if seen.size == 0:
+            continue
+        if softcap > 0 or has_alibi:
+            _transform_scores(seen, i, j0 + c0, sq, sk, softcap, slopes[r // period], has_alibi)
+        new_max = max(row_max[r], max_of(seen))
+        alpha = online_rescale(row_max[r], new_max)
+        total = seen[0] * 0
+        for c in range(seen.size):
+            e = exp_shifted(seen[c], new_max)
+            seen[c] = e
+            total += e
+        row_sum[r] = row_sum[r] * alpha + total
+        row_max[r] = new_max
+        if alpha != 1.0:
+            acc_row = acc[r]
+            for d in range(acc_row.size):
+                acc_row[d] *= alpha
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _transform_scores(seen, i, j, sq, sk, softcap, slope, has_alibi):
+    """softcap then ALiBi on the visible scores of row i, which start at key j."""
+    for c in range(seen.size):
+        x = softcap_fast(seen[c], softcap)
+        if has_alibi:
+            x += alibi_bias(slope, i, j + c, sq, sk)
+        seen[c] = x
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def grad_tile(s, dp, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, lse, delta):
+    """Scores -> probabilities in s and dP -> dS (pre-scale) in dp, in place.
+
+    ``lse[r]`` and ``delta[r]`` belong to tile row ``r``.
+    """
+    m = s.shape[0]
+    for r in range(m):
+        i = i0 + r % period
+        row_lse = lse[r]
+        if row_lse == -np.inf:
+            s[r] = 0
+            dp[r] = 0
+            continue
+        p, c0 = _visible_part(s[r], i, j0, sq, sk, wl, wr)
+        ds = _visible_part(dp[r], i, j0, sq, sk, wl, wr)[0]
+        row_delta = delta[r]
+        if softcap > 0 or has_alibi:
+            slope = slopes[r // period]
+            for c in range(p.size):
+                capped = softcap_fast(p[c], softcap)
+                x = capped
+                if has_alibi:
+                    x += alibi_bias(slope, i, j0 + c0 + c, sq, sk)
+                e = exp_shifted(x, row_lse)
+                p[c] = e
+                ds[c] = e * (ds[c] - row_delta) * softcap_grad(capped, softcap)
+        else:
+            for c in range(p.size):
+                e = exp_shifted(p[c], row_lse)
+                p[c] = e
+                ds[c] = e * (ds[c] - row_delta)

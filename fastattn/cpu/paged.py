@@ -1,0 +1,298 @@
+"""CPU kernels of the paged attention family.
+
+Forward: one task per (sequence, KV head, tile of query positions, key
+split).  The query heads of a KV group are stacked into one tile, so each key
+and value row is read from the cache once per group; keys are gathered through
+the block table into a contiguous tile, decoded (f16/bf16 bit tricks, fp8 by
+table lookup) and multiplied through BLAS, with the shared online-softmax tile
+step in between.  Splits of a long sequence's keys ("flash decoding") keep
+every core busy when there are few sequences and heads; their partial states
+are combined by the same merge kernel as :func:`fastattn.merge_attention_states`.
+fp8 scales cost nothing: ``k_scale`` is folded into the query, ``v_scale`` into
+the output.
+
+Backward: dq per (sequence, KV head, query tile), like the forward; dk/dv per
+(physical block, KV head) over the inverted block table, so a block shared by
+several sequences is summed by exactly one task in a fixed order (no races,
+the same bits every run).
+
+Cache writes: one task per token, fp8 stored as round-to-nearest-even
+``saturate(x / scale)``.
+"""
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from .._config import config
+from .._dtypes import bits_view, codec_of
+from .._tile import finish_lse, key_range, query_range
+from ._blas import single_threaded_blas
+from ._fastmath import FASTMATH, decode_rows, encode_row
+from ._tiles import grad_tile, softmax_tile
+from .attention import _delta, merge
+
+_JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _gather(cache, table_row, hk, j0, dst, codec):
+    """Decode tokens j0 .. j0+len(dst) of KV head hk of one sequence into dst [n, D]."""
+    bs = cache.shape[1]
+    n = dst.shape[0]
+    t = j0
+    while t < j0 + n:
+        row = t % bs
+        count = min(bs - row, j0 + n - t)
+        decode_rows(cache[table_row[t // bs], row:row + count, hk], dst[t - j0:t - j0 + count], codec)
+        t += count
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _group_rows(src, b, hk, group, i0, mq, dst, codec):
+    """Stack rows i0 .. i0+mq of the query heads of KV head hk: dst[g * mq + r] = src[b, hk*group+g, i0+r]."""
+    for g in range(group):
+        decode_rows(src[b, hk * group + g, i0:i0 + mq], dst[g * mq:(g + 1) * mq], codec)
+
+
+@njit(**_JIT)
+def _forward(q, k_cache, v_cache, table, lens, q_codec, kv_codec, q_mult, k_mult, v_mult, wl, wr,
+             softcap, slopes, has_alibi, out_part, lse_part, rows_q, block_k):
+    batch, heads_q, sq, dim = q.shape
+    heads_kv = k_cache.shape[2]
+    group = heads_q // heads_kv
+    n_split = out_part.shape[0]
+    n_tiles = (sq + rows_q - 1) // rows_q
+    acc_t = lse_part.dtype
+    for task in prange(batch * heads_kv * n_tiles * n_split):
+        split = task % n_split
+        tile = (task // n_split) % n_tiles
+        hk = (task // (n_split * n_tiles)) % heads_kv
+        b = task // (n_split * n_tiles * heads_kv)
+        sk = lens[b]
+        i0 = tile * rows_q
+        mq = min(rows_q, sq - i0)
+        m = group * mq
+        acc = np.zeros((m, dim), acc_t)
+        row_max = np.full(m, -np.inf, acc_t)
+        row_sum = np.zeros(m, acc_t)
+        chunk = (sk + n_split - 1) // n_split
+        j_lo = max(key_range(i0, sq, sk, wl, wr)[0], split * chunk)
+        j_hi = min(key_range(i0 + mq - 1, sq, sk, wl, wr)[1], (split + 1) * chunk)
+        if j_lo < j_hi:
+            qt = np.empty((m, dim), acc_t)
+            _group_rows(q, b, hk, group, i0, mq, qt, q_codec)
+            qt *= q_mult * k_mult[hk]
+            kt = np.empty((block_k, dim), acc_t)
+            vt = np.empty((block_k, dim), acc_t)
+            for j0 in range(j_lo, j_hi, block_k):
+                n = min(block_k, j_hi - j0)
+                _gather(k_cache, table[b], hk, j0, kt[:n], kv_codec)
+                _gather(v_cache, table[b], hk, j0, vt[:n], kv_codec)
+                s = np.dot(qt, kt[:n].T)
+                softmax_tile(s, i0, mq, j0, sq, sk, wl, wr, softcap,
+                             slopes[b, hk * group:(hk + 1) * group], has_alibi, row_max, row_sum, acc)
+                acc += np.dot(s, vt[:n])
+        for r in range(m):
+            h = hk * group + r // mq
+            i = i0 + r % mq
+            inv = v_mult[hk] / row_sum[r] if row_sum[r] > 0 else 0.0
+            for d in range(dim):
+                out_part[split, b, h, i, d] = acc[r, d] * inv
+            lse_part[split, b, h, i] = finish_lse(row_max[r], row_sum[r])
+
+
+@njit(**_JIT)
+def _backward_dq(dout, q, k_cache, v_cache, table, lens, lse, delta, codec, scale, wl, wr, dq, rows_q, block_k):
+    batch, heads_q, sq, dim = q.shape
+    heads_kv = k_cache.shape[2]
+    group = heads_q // heads_kv
+    n_tiles = (sq + rows_q - 1) // rows_q
+    acc_t = lse.dtype
+    no_slopes = np.zeros(group, acc_t)
+    for task in prange(batch * heads_kv * n_tiles):
+        tile = task % n_tiles
+        hk = (task // n_tiles) % heads_kv
+        b = task // (n_tiles * heads_kv)
+        sk = lens[b]
+        i0 = tile * rows_q
+        mq = min(rows_q, sq - i0)
+        m = group * mq
+        qt = np.empty((m, dim), acc_t)
+        dt = np.empty((m, dim), acc_t)
+        lse_t = np.empty(m, acc_t)
+        delta_t = np.empty(m, acc_t)
+        _group_rows(q, b, hk, group, i0, mq, qt, codec)
+        _group_rows(dout, b, hk, group, i0, mq, dt, codec)
+        for r in range(m):
+            lse_t[r] = lse[b, hk * group + r // mq, i0 + r % mq]
+            delta_t[r] = delta[b, hk * group + r // mq, i0 + r % mq]
+        qt *= scale
+        dq_acc = np.zeros((m, dim), acc_t)
+        j_lo = key_range(i0, sq, sk, wl, wr)[0]
+        j_hi = key_range(i0 + mq - 1, sq, sk, wl, wr)[1]
+        kt = np.empty((block_k, dim), acc_t)
+        vt = np.empty((block_k, dim), acc_t)
+        for j0 in range(j_lo, j_hi, block_k):
+            n = min(block_k, j_hi - j0)
+            _gather(k_cache, table[b], hk, j0, kt[:n], codec)
+            _gather(v_cache, table[b], hk, j0, vt[:n], codec)
+            s = np.dot(qt, kt[:n].T)
+            dp = np.dot(dt, vt[:n].T)
+            grad_tile(s, dp, i0, mq, j0, sq, sk, wl, wr, 0.0, no_slopes, False, lse_t, delta_t)
+            dq_acc += np.dot(dp, kt[:n])
+        for r in range(m):
+            dq_acc[r] *= scale
+            encode_row(dq_acc[r], dq[b, hk * group + r // mq, i0 + r % mq], codec)
+
+
+@njit(**_JIT)
+def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_seq, ref_block, codec,
+                   scale, wl, wr, dk_cache, dv_cache, block_q):
+    """One task per (physical block, KV head): sum the contributions of every sequence reading it."""
+    batch, heads_q, sq, dim = q.shape
+    bs, heads_kv = k_cache.shape[1], k_cache.shape[2]
+    group = heads_q // heads_kv
+    n_used = ref_start.size - 1
+    acc_t = lse.dtype
+    no_slopes = np.zeros(1, acc_t)
+    for task in prange(n_used * heads_kv):
+        hk = task % heads_kv
+        u = task // heads_kv
+        blk = ref_block[u]
+        dk_acc = np.zeros((bs, dim), acc_t)
+        dv_acc = np.zeros((bs, dim), acc_t)
+        for ref in range(ref_start[u], ref_start[u + 1]):
+            b = ref_seq[ref, 0]
+            j0 = ref_seq[ref, 1] * bs
+            sk = lens[b]
+            n = min(bs, sk - j0)
+            kt = np.empty((n, dim), acc_t)
+            vt = np.empty((n, dim), acc_t)
+            decode_rows(k_cache[blk, :n, hk], kt, codec)
+            decode_rows(v_cache[blk, :n, hk], vt, codec)
+            i_lo, i_hi = query_range(j0, j0 + n, sq, sk, wl, wr)
+            for h in range(hk * group, (hk + 1) * group):
+                for i0 in range(i_lo, i_hi, block_q):
+                    m = min(block_q, i_hi - i0)
+                    qt = np.empty((m, dim), acc_t)
+                    dt = np.empty((m, dim), acc_t)
+                    decode_rows(q[b, h, i0:i0 + m], qt, codec)
+                    decode_rows(dout[b, h, i0:i0 + m], dt, codec)
+                    qt *= scale
+                    s = np.dot(qt, kt.T)
+                    dp = np.dot(dt, vt.T)
+                    grad_tile(s, dp, i0, m, j0, sq, sk, wl, wr, 0.0, no_slopes, False,
+                              lse[b, h, i0:i0 + m], delta[b, h, i0:i0 + m])
+                    dv_acc[:n] += np.dot(s.T, dt)
+                    dk_acc[:n] += np.dot(dp.T, qt)
+        for r in range(bs):
+            encode_row(dk_acc[r], dk_cache[blk, r, hk], codec)
+            encode_row(dv_acc[r], dv_cache[blk, r, hk], codec)
+
+
+@njit(**_JIT)
+def _write(k, v, k_cache, v_cache, slots, in_codec, cache_codec, k_inv, v_inv):
+    tokens, heads, dim = k.shape
+    bs = k_cache.shape[1]
+    for t in prange(tokens):
+        slot = slots[t]
+        if slot < 0:
+            continue
+        blk, row = slot // bs, slot % bs
+        buf = np.empty((heads, dim), k_inv.dtype)
+        for src, inv, dst in ((k, k_inv, k_cache), (v, v_inv, v_cache)):
+            decode_rows(src[t], buf, in_codec)
+            for h in range(heads):
+                buf[h] *= inv[h]
+                encode_row(buf[h], dst[blk, row, h], cache_codec)
+
+
+# --- host side ---------------------------------------------------------------------
+
+def _slopes(slopes, spec):
+    acc = spec.accum_dtype
+    if slopes is None:
+        return np.zeros((spec.batch, spec.heads_q), acc), False
+    return np.ascontiguousarray(np.broadcast_to(slopes, (spec.batch, spec.heads_q)), dtype=acc), True
+
+
+def _rows_per_task(spec):
+    """Query positions per task: about ``config.cpu_block_q`` stacked rows of the KV group."""
+    return max(1, min(spec.seq_q, config.cpu_block_q // spec.group))
+
+
+def num_splits(spec, rows_q):
+    """Key splits per task so that there are a few tasks per core (1 when there are enough)."""
+    tasks = spec.batch * spec.heads_kv * -(-spec.seq_q // rows_q)
+    want = -(-4 * get_num_threads() // max(tasks, 1))
+    by_length = -(-spec.max_seq_len // config.cpu_split_min_keys)
+    return max(1, min(want, by_length))
+
+
+def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale=None, v_scale=None,
+            out_dtype=None, out_scale=1.0):
+    """Run the paged forward kernel and merge its splits; return (out, lse) as NumPy arrays."""
+    acc = spec.accum_dtype
+    ones = np.ones(spec.heads_kv, acc)
+    k_mult = ones if k_scale is None else k_scale.astype(acc)
+    v_mult = ones if v_scale is None else v_scale.astype(acc)
+    slopes, has_alibi = _slopes(slopes, spec)
+    rows_q = _rows_per_task(spec)
+    n_split = num_splits(spec, rows_q)
+    out_part = np.empty((n_split,) + q.shape, acc)
+    lse_part = np.empty((n_split,) + q.shape[:3], acc)
+    if q.size:
+        with single_threaded_blas():
+            _forward(bits_view(np.ascontiguousarray(q)), bits_view(k_cache), bits_view(v_cache), table, lens,
+                     codec_of(q.dtype), codec_of(k_cache.dtype), spec.scale * q_scale, k_mult, v_mult,
+                     spec.window_left, spec.window_right, spec.softcap, slopes, has_alibi,
+                     out_part, lse_part, rows_q, config.cpu_paged_block_k)
+    return merge(out_part, lse_part, spec.dtype if out_dtype is None else out_dtype, 1.0 / out_scale)
+
+
+def _inverted_table(table, lens, block_size):
+    """For each physical block read by some sequence: the (sequence, logical block) pairs reading it.
+
+    Returns CSR arrays ``(start [U+1], refs [R, 2], blocks [U])`` sorted by block,
+    then sequence, then logical block: the fixed order of the backward sums.
+    """
+    used = -(-lens.astype(np.int64) // block_size)
+    seq, logical = np.nonzero(np.arange(table.shape[1])[None, :] < used[:, None])
+    physical = table[seq, logical].astype(np.int64)
+    order = np.lexsort((logical, seq, physical))
+    physical, refs = physical[order], np.stack([seq[order], logical[order]], axis=1)
+    blocks, counts = np.unique(physical, return_counts=True)
+    start = np.concatenate([[0], np.cumsum(counts)])
+    return start.astype(np.int64), np.ascontiguousarray(refs, dtype=np.int64), blocks.astype(np.int64)
+
+
+def backward(dout, q, k_cache, v_cache, out, lse, table, lens, spec):
+    """Run the paged backward kernels; return (dq, dk_cache, dv_cache) as NumPy arrays."""
+    dq = np.zeros(q.shape, spec.dtype)
+    dk_cache = np.zeros(k_cache.shape, spec.dtype)
+    dv_cache = np.zeros(v_cache.shape, spec.dtype)
+    if q.size == 0 or spec.max_seq_len == 0:
+        return dq, dk_cache, dv_cache
+    codec = codec_of(spec.dtype)
+    db, qb, ob = (bits_view(np.ascontiguousarray(x)) for x in (dout, q, out))
+    kb, vb = bits_view(k_cache), bits_view(v_cache)
+    lse = np.ascontiguousarray(lse)
+    delta = np.empty(q.shape[:3], spec.accum_dtype)
+    start, refs, blocks = _inverted_table(table, lens, spec.block_size)
+    options = (codec, spec.scale, spec.window_left, spec.window_right)
+    with single_threaded_blas():
+        _delta(db, ob, codec, delta, config.cpu_bwd_block_q)
+        _backward_dq(db, qb, kb, vb, table, lens, lse, delta, *options, bits_view(dq),
+                     _rows_per_task(spec), config.cpu_paged_block_k)
+        _backward_dkdv(db, qb, kb, vb, lens, lse, delta, start, refs, blocks, *options,
+                       bits_view(dk_cache), bits_view(dv_cache), config.cpu_bwd_block_q)
+    return dq, dk_cache, dv_cache
+
+
+def write(k, v, k_cache, v_cache, slots, k_scale, v_scale):
+    """Write k, v [T, Hkv, D] into the caches at ``slots`` (negative: skipped), in place."""
+    if k.shape[0] == 0:
+        return
+    acc = np.float64 if k.dtype == np.float64 and k_cache.dtype == np.float64 else np.float32
+    _write(bits_view(np.ascontiguousarray(k)), bits_view(np.ascontiguousarray(v)), bits_view(k_cache),
+           bits_view(v_cache), slots, codec_of(k.dtype), codec_of(k_cache.dtype),
+           (1.0 / k_scale).astype(acc), (1.0 / v_scale).astype(acc))
