@@ -7,8 +7,12 @@
 """
 from . import reference
 from ._config import config
-from .attention import attention, attention_backward
+from .attention import attention, attention_backward, merge_attention_states
+from .kv_cache import OutOfBlocksError, PagedKVCache
+from .paged import paged_attention, paged_attention_backward, paged_attention_fp8, write_kv_cache
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "attention_backward", "config", "reference", "__version__"]
+__all__ = ["attention", "attention_backward", "merge_attention_states", "paged_attention",
+           "paged_attention_fp8", "paged_attention_backward", "write_kv_cache", "PagedKVCache",
+           "OutOfBlocksError", "config", "reference", "__version__"]
