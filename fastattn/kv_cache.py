@@ -442,7 +442,8 @@ class PagedKVCache:
         cow, fresh = self._plan(seq_id, count)
         if cow + fresh > len(self._free):
             raise OutOfBlocksError(
-                f"sequence {seq_id}: appending {count} tokens needs {cow + fresh} free blocks "
+                f"sequence {seq_id}: appending {count} tokens needs {cow + fresh} free "
+                f"block{'s' if cow + fresh != 1 else ''} "
                 f"({fresh} new" + (", 1 copy-on-write" if cow else "") +
                 f"), but only {len(self._free)} of {self.num_blocks} are free")
 
