@@ -19,6 +19,9 @@ class Config:
     cuda_block_q: int = 64          #: threads (one query row each) per forward block
     cuda_block_k: int = 16          #: keys staged in shared memory per step
     cuda_max_head_dim: int = 256    #: the largest head dimension the CUDA kernels take
+    cuda_paged_rows: int = 16       #: stacked query rows (heads x positions) per paged block
+    cuda_paged_block_k: int = 32    #: keys staged per step by the paged kernels
+    cuda_paged_threads: int = 128   #: threads per paged block
     cuda_split_min_keys: int = 256  #: shortest key range per CUDA split (split-KV decode)
 
 

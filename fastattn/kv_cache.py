@@ -32,18 +32,13 @@ class OutOfBlocksError(RuntimeError):
     """
 
 
-def _positive_int(name, value):
+def _int(name, value, minimum=None):
+    """``value`` as an int (NumPy integers too, bools not), at least ``minimum``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return int(value)
-
-
-def _seq_id_value(name, seq_id):
-    if isinstance(seq_id, (bool, np.bool_)) or not isinstance(seq_id, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int sequence id, got {type(seq_id).__name__}")
-    return int(seq_id)
 
 
 def _cache_dtype(dtype):
@@ -57,31 +52,26 @@ def _cache_dtype(dtype):
 
 
 def _scale_value(name, scale, dtype, num_kv_heads):
-    """A float or a read-only float32 array [Hkv] of positive, finite scales."""
-    if isinstance(scale, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected a float or an array [Hkv], got bool")
-    if isinstance(scale, (int, float, np.integer, np.floating)):
-        value = float(scale)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name}: expected a finite float > 0, got {value}")
-        if dtype not in _dtypes.FP8_DTYPES and value != 1.0:
-            raise ValueError(f"{name}: only fp8 caches are scaled; expected 1.0 for a {dtype} cache, "
-                             f"got {value}")
-        return value
+    """A float or a read-only float32 array [Hkv]: finite, > 0, and 1 unless the cache is fp8."""
     if hasattr(scale, "copy_to_host"):
         scale = scale.copy_to_host()
     try:
-        values = np.array(scale, dtype=np.float32)
+        if isinstance(scale, (bool, np.bool_, str, bytes)):
+            raise TypeError
+        values = np.array(scale, dtype=np.float64)
     except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a float or an array [Hkv], got {type(scale).__name__}") from None
-    if values.shape != (num_kv_heads,):
+    if values.shape not in ((), (num_kv_heads,)):
         raise ValueError(f"{name}: expected a float or an array [Hkv] = ({num_kv_heads},), "
                          f"got shape {values.shape}")
     if not (np.isfinite(values).all() and (values > 0).all()):
-        raise ValueError(f"{name}: expected finite scales > 0, got {values}")
-    if dtype not in _dtypes.FP8_DTYPES and not (values == 1.0).all():
+        raise ValueError(f"{name}: expected a finite float > 0 (or an array [Hkv] of them), got {scale}")
+    if dtype not in _dtypes.FP8_DTYPES and (values != 1.0).any():
         raise ValueError(f"{name}: only fp8 caches are scaled; expected 1.0 for a {dtype} cache, "
-                         f"got {values}")
+                         f"got {scale}")
+    if values.ndim == 0:
+        return float(values)
+    values = values.astype(np.float32)
     values.flags.writeable = False
     return values
 
@@ -181,10 +171,10 @@ class PagedKVCache:
 
     def __init__(self, num_blocks, block_size, num_kv_heads, head_dim, dtype=np.float16,
                  device="cpu", *, k_scale=1.0, v_scale=1.0):
-        self.num_blocks = _positive_int("num_blocks", num_blocks)
-        self.block_size = _positive_int("block_size", block_size)
-        self.num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
-        self.head_dim = _positive_int("head_dim", head_dim)
+        self.num_blocks = _int("num_blocks", num_blocks, 1)
+        self.block_size = _int("block_size", block_size, 1)
+        self.num_kv_heads = _int("num_kv_heads", num_kv_heads, 1)
+        self.head_dim = _int("head_dim", head_dim, 1)
         self.dtype = _cache_dtype(dtype)
         if not isinstance(device, str) or device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
@@ -273,8 +263,7 @@ class PagedKVCache:
         >>> cache.ref_count(0), cache.ref_count(1)
         (2, 0)
         """
-        if isinstance(block, (bool, np.bool_)) or not isinstance(block, (int, np.integer)):
-            raise TypeError(f"block: expected an int, got {type(block).__name__}")
+        block = _int("block", block)
         if not 0 <= block < self.num_blocks:
             raise ValueError(f"block: expected 0 <= block < {self.num_blocks}, got {block}")
         return self._refcount[block]
@@ -301,11 +290,7 @@ class PagedKVCache:
         1
         """
         seq_id = self._known("seq_id", seq_id)
-        if isinstance(num_tokens, (bool, np.bool_)) or not isinstance(num_tokens, (int, np.integer)):
-            raise TypeError(f"num_tokens: expected an int, got {type(num_tokens).__name__}")
-        if num_tokens < 0:
-            raise ValueError(f"num_tokens: expected an int >= 0, got {num_tokens}")
-        return sum(self._plan(seq_id, int(num_tokens)))
+        return sum(self._plan(seq_id, _int("num_tokens", num_tokens, 0)))
 
     def block_table(self, seq_ids=None):
         """The block table of ``seq_ids``: int32 ``[len(seq_ids), max_blocks]``.
@@ -462,7 +447,7 @@ class PagedKVCache:
             # write_kv_cache checks everything before it writes, so a rejected call leaves the
             # caches as they were; the copied rows and the new rows are disjoint, so copy after
             write_kv_cache(k, v, self.k_cache, self.v_cache, self._on_device(slots),
-                           k_scale=self._scale_arg(self.k_scale), v_scale=self._scale_arg(self.v_scale))
+                           k_scale=self.k_scale, v_scale=self.v_scale)
             if cow:
                 self._copy_rows(old[-1], taken[0], length % self.block_size)
         except BaseException:
@@ -538,7 +523,7 @@ class PagedKVCache:
     # ------------------------------------------------------------------ helpers
 
     def _known(self, name, seq_id):
-        seq_id = _seq_id_value(name, seq_id)
+        seq_id = _int(name, seq_id)
         if seq_id not in self._blocks:
             raise KeyError(f"{name}: expected a live sequence id, got {seq_id}")
         return seq_id
@@ -550,7 +535,7 @@ class PagedKVCache:
             seq_id = self._next_id
             self._next_id += 1
             return seq_id
-        seq_id = _seq_id_value(name, seq_id)
+        seq_id = _int(name, seq_id)
         if seq_id in self._blocks:
             raise ValueError(f"{name}: expected an id that is not in use, got {seq_id} (a live sequence)")
         return seq_id
@@ -602,6 +587,3 @@ class PagedKVCache:
         from numba import cuda
 
         return cuda.to_device(array)
-
-    def _scale_arg(self, scale):
-        return scale if isinstance(scale, float) else self._on_device(scale)

@@ -14,7 +14,8 @@ import numpy as np
 from numba import cuda, float32, float64
 
 from .._config import config
-from .._dtypes import narrow, widen
+from .. import _dtypes
+from .._dtypes import codec_of, narrow, widen
 from .._tile import alibi_bias, finish_lse, key_range, online_rescale, query_range, softcap_grad, softcap_score
 from . import _launch
 
@@ -304,3 +305,68 @@ def backward(dout, q, k, v, out, lse, slopes, spec):
         _compiled("dkdv", acc, tile, max_dim)[(_launch.blocks(spec.seq_k, rows), spec.batch * spec.heads_kv), rows](
             *inputs, lse, delta, *options, _launch.kernel_view(dk), _launch.kernel_view(dv))
     return dq, dk, dv
+
+
+def _make_merge(acc, tile, max_dim):
+    @cuda.jit
+    def merge_kernel(outs, lses, in_codec, out_codec, out_mult, out, lse):
+        n_parts, rows, dim = outs.shape
+        r = cuda.grid(1)
+        if r < rows:
+            top = -math.inf
+            for p in range(n_parts):
+                top = max(top, lses[p, r])
+            if top == -math.inf:
+                for d in range(dim):
+                    out[r, d] = narrow(0.0, out_codec)
+                lse[r] = top
+            else:
+                total = 0.0
+                for p in range(n_parts):
+                    total += math.exp(lses[p, r] - top)
+                for d in range(dim):
+                    x = 0.0
+                    for p in range(n_parts):
+                        w = math.exp(lses[p, r] - top)
+                        if w != 0.0:
+                            x += w * widen(outs[p, r, d], in_codec)
+                    out[r, d] = narrow(x * out_mult / total, out_codec)
+                lse[r] = top + math.log(total)
+
+    return merge_kernel
+
+
+_MAKERS["merge"] = _make_merge
+
+
+def merge(outs, lses, dtype, out_mult=1.0):
+    """Merge stacked partial states ``outs [N, ..., D]``, ``lses [N, ...]`` on the device.
+
+    Returns ``(out, lse)`` with ``out`` in ``dtype`` times ``out_mult``, lse in the dtype of ``lses``.
+    """
+    shape = tuple(outs.shape)  # the simulator's shapes take no negative indices
+    n_parts, dim = shape[0], shape[-1]
+    out = _launch.empty(shape[1:], dtype)
+    lse = _launch.empty(tuple(lses.shape)[1:], lses.dtype)
+    rows = lse.size
+    if rows:
+        acc = float64 if lses.dtype == np.float64 else float32
+        kernel = _compiled("merge", acc, config.cuda_block_k, config.cuda_max_head_dim)
+        kernel[_launch.blocks(rows, config.cuda_block_q), config.cuda_block_q](
+            _launch.kernel_view(outs).reshape(n_parts, rows, dim), lses.reshape(n_parts, rows),
+            codec_of(outs.dtype), codec_of(dtype), out_mult,
+            _launch.kernel_view(out).reshape(rows, dim), lse.reshape(rows))
+    return out, lse
+
+
+def merge_states(outs, lses, dtype):
+    """:func:`fastattn.merge_attention_states` on device arrays: stack the parts, then merge."""
+    stacked_out = _launch.empty((len(outs),) + tuple(outs[0].shape), dtype)
+    stacked_lse = _launch.empty((len(lses),) + tuple(lses[0].shape), _dtypes.accum_dtype(dtype))
+    for i, (o, x) in enumerate(zip(outs, lses)):
+        _launch.kernel_view(stacked_out)[i].copy_to_device(_launch.kernel_view(o))
+        if x.dtype == stacked_lse.dtype:
+            stacked_lse[i].copy_to_device(x)
+        else:
+            stacked_lse[i].copy_to_device(x.copy_to_host().astype(stacked_lse.dtype))
+    return merge(stacked_out, stacked_lse, dtype)
