@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import BF16, CUDA, Device, assert_close, cuda_unavailable_reason, host
-from fastattn import reference
+from fastattn import kv_cache, reference
 from fastattn.kv_cache import OutOfBlocksError, PagedKVCache
 
 F32, F64, F16 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)
@@ -36,7 +36,7 @@ def gathered(cache, seq_id):
     rows = np.arange(cache.seq_len(seq_id))
     blocks = np.array(cache.seq_blocks(seq_id), np.int64)
     k_cache, v_cache = host(cache.k_cache), host(cache.v_cache)
-    where = (blocks[rows // cache.block_size], rows % cache.block_size) if rows.size else (rows, rows)
+    where = (blocks[rows // cache.block_size], rows % cache.block_size)
     return k_cache[where], v_cache[where]
 
 
@@ -50,7 +50,8 @@ def state(cache):
 # ------------------------------------------------------------------ construction
 
 @pytest.mark.parametrize("dtype", list(DTYPE_ID), ids=DTYPE_ID.get)
-def test_caches_start_as_zeros(device, dtype):
+def test_caches_start_as_zeros(device, dtype, monkeypatch):
+    monkeypatch.setattr(kv_cache, "_ZERO_CHUNK", 40)  # a CUDA cache is cleared in several chunks
     cache = make_cache(device, dtype, num_blocks=3, block_size=2, heads=2, dim=4)
     for name in ("k_cache", "v_cache"):
         array = getattr(cache, name)
@@ -62,11 +63,11 @@ def test_caches_start_as_zeros(device, dtype):
 
 
 BAD_ARGS = [
-    (dict(num_blocks=0), ValueError, "^num_blocks: expected a positive int, got 0"),
-    (dict(block_size=-1), ValueError, "^block_size: expected a positive int"),
+    (dict(num_blocks=0), ValueError, "^num_blocks: expected an int >= 1, got 0"),
+    (dict(block_size=-1), ValueError, "^block_size: expected an int >= 1, got -1"),
     (dict(num_kv_heads=0), ValueError, "^num_kv_heads: "),
     (dict(head_dim=0), ValueError, "^head_dim: "),
-    (dict(num_blocks=2.0), TypeError, "^num_blocks: expected a positive int, got float"),
+    (dict(num_blocks=2.0), TypeError, "^num_blocks: expected an int, got float"),
     (dict(block_size=True), TypeError, "^block_size: "),
     (dict(dtype=np.int32), TypeError, "^dtype: expected float32, .*, got int32"),
     (dict(dtype="not a dtype"), TypeError, "^dtype: "),
