@@ -368,14 +368,23 @@ def write_kv_args(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
     return k, v, np.ascontiguousarray(slots, dtype=np.int64), *scales
 
 
+def _parts(x):
+    """A list of the parts: the items of a sequence, or the slices of a stacked array along axis 0."""
+    if hasattr(x, "shape"):
+        if len(x.shape) == 0:
+            raise ValueError("outs, lses: expected sequences of arrays or stacked arrays, got a scalar")
+        return [x[i] for i in range(x.shape[0])]
+    return list(x)
+
+
 def merge_args(outs, lses):
     """Check :func:`fastattn.merge_attention_states` arguments; return (outs, lses, dtype).
 
     ``outs`` and ``lses`` are sequences of arrays (or stacked arrays with the
     parts on axis 0) of the same device.
     """
-    outs = [as_array(f"outs[{i}]", o) for i, o in enumerate(outs)]
-    lses = [as_array(f"lses[{i}]", x) for i, x in enumerate(lses)]
+    outs = [as_array(f"outs[{i}]", o) for i, o in enumerate(_parts(outs))]
+    lses = [as_array(f"lses[{i}]", x) for i, x in enumerate(_parts(lses))]
     if not outs:
         raise ValueError("outs: expected at least one partial output, got none")
     if len(lses) != len(outs):
