@@ -190,7 +190,7 @@ def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_s
 
 
 @njit(**_JIT)
-def _write(k, v, k_cache, v_cache, slots, in_codec, cache_codec, k_inv, v_inv):
+def _write(k, v, k_cache, v_cache, slots, in_codec, cache_codec, k_scale, v_scale):
     tokens, heads, dim = k.shape
     bs = k_cache.shape[1]
     for t in prange(tokens):
@@ -198,11 +198,11 @@ def _write(k, v, k_cache, v_cache, slots, in_codec, cache_codec, k_inv, v_inv):
         if slot < 0:
             continue
         blk, row = slot // bs, slot % bs
-        buf = np.empty((heads, dim), k_inv.dtype)
-        for src, inv, dst in ((k, k_inv, k_cache), (v, v_inv, v_cache)):
+        buf = np.empty((heads, dim), k_scale.dtype)
+        for src, scale, dst in ((k, k_scale, k_cache), (v, v_scale, v_cache)):
             decode_rows(src[t], buf, in_codec)
             for h in range(heads):
-                buf[h] *= inv[h]
+                buf[h] /= scale[h]
                 encode_row(buf[h], dst[blk, row, h], cache_codec)
 
 
@@ -295,4 +295,4 @@ def write(k, v, k_cache, v_cache, slots, k_scale, v_scale):
     acc = np.float64 if k.dtype == np.float64 and k_cache.dtype == np.float64 else np.float32
     _write(bits_view(np.ascontiguousarray(k)), bits_view(np.ascontiguousarray(v)), bits_view(k_cache),
            bits_view(v_cache), slots, codec_of(k.dtype), codec_of(k_cache.dtype),
-           (1.0 / k_scale).astype(acc), (1.0 / v_scale).astype(acc))
+           k_scale.astype(acc), v_scale.astype(acc))

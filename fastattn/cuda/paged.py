@@ -257,7 +257,7 @@ def _make_backward(acc, rows, tile, max_dim):
 
 def _make_write(acc, rows, tile, max_dim):
     @cuda.jit
-    def write(k, v, k_cache, v_cache, slots, in_codec, cache_codec, k_inv, v_inv):
+    def write(k, v, k_cache, v_cache, slots, in_codec, cache_codec, k_scale, v_scale):
         tokens, heads, dim = k.shape
         bs = k_cache.shape[1]
         e = cuda.grid(1)
@@ -269,8 +269,8 @@ def _make_write(acc, rows, tile, max_dim):
             if slot >= 0:
                 blk = slot // bs
                 row = slot - blk * bs
-                k_cache[blk, row, h, d] = narrow(widen_fp8(k[t, h, d], in_codec) * k_inv[h], cache_codec)
-                v_cache[blk, row, h, d] = narrow(widen_fp8(v[t, h, d], in_codec) * v_inv[h], cache_codec)
+                k_cache[blk, row, h, d] = narrow(widen_fp8(k[t, h, d], in_codec) / k_scale[h], cache_codec)
+                v_cache[blk, row, h, d] = narrow(widen_fp8(v[t, h, d], in_codec) / v_scale[h], cache_codec)
 
     return write
 
@@ -373,4 +373,4 @@ def write(k, v, k_cache, v_cache, slots, k_scale, v_scale):
     kernel[_launch.blocks(k.size, 256), 256](
         _launch.kernel_view(k), _launch.kernel_view(v), _launch.kernel_view(k_cache),
         _launch.kernel_view(v_cache), _to_device(slots, np.int64), codec_of(k.dtype),
-        codec_of(k_cache.dtype), _to_device(1.0 / k_scale, acc_np), _to_device(1.0 / v_scale, acc_np))
+        codec_of(k_cache.dtype), _to_device(k_scale, acc_np), _to_device(v_scale, acc_np))
