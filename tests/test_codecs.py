@@ -12,7 +12,7 @@ from numba import njit
 
 from fastattn._dtypes import BF16, E4M3, E5M2, F16, decode_array, decode_bits, encode_array, encode_bits, format_of
 from fastattn._dtypes import narrow, widen
-from fastattn.cpu._fastmath import _f16_to_f32, _f32_to_bf16, decode_rows, encode_row
+from fastattn.cpu._fastmath import _f16_to_f32, _f32_to_bf16, decode_rows, decode_token, encode_row
 
 #: codec -> (NumPy dtype, bits dtype, number of bit patterns)
 FORMATS = {
@@ -277,3 +277,20 @@ def test_narrow_encodes_like_encode_bits(codec, saturate):
     got = _narrow_all(x.astype(np.float64), codec)
     assert np.array_equal(got, np.round(got)), "narrow must return whole numbers (the bits)"
     assert_same_bits(got.astype(np.int64), expected_encode(x, codec, saturate), codec, "narrow", x)
+
+
+@njit
+def _decode_tokens(src, dst, codec):
+    for c in range(dst.shape[1]):
+        decode_token(src, c * dst.shape[0], dst, c, codec)
+
+
+@ALL_CODECS
+def test_cpu_decode_token_matches_ml_dtypes_for_every_pattern(codec):
+    """The paged gather's decode: one token's KV-head rows into a [heads, tokens, D] tile."""
+    raw = all_patterns(codec)
+    heads, dim = 2, 16
+    src = raw.reshape(-1, dim)                              # rows (token, head) of the cache
+    dst = np.full((heads, src.shape[0] // heads, dim), np.nan, np.float32)
+    _decode_tokens(src, dst, codec)
+    assert_same_floats(dst.transpose(1, 0, 2).ravel(), expected_decode(codec), "decode_token")

@@ -5,6 +5,7 @@ is a degree-6 polynomial with the power of two built in the exponent bits, and
 half/bfloat16 decoding is a shift and a bit cast.  They compile to straight
 SIMD code inside the attention kernels.
 """
+import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -142,15 +143,105 @@ def _decode_rows(src, dst, codec):
         return unpack16
 
     def unpack8(src, dst, codec):
-        table = FP8_TABLE[codec - E4M3]
         for r in range(src.shape[0]):
-            for c in range(src.shape[1]):
-                dst[r, c] = table[src[r, c]]
+            if codec == E4M3:
+                for c in range(src.shape[1]):
+                    dst[r, c] = _e4m3_to_f32(src[r, c])
+            else:
+                for c in range(src.shape[1]):
+                    dst[r, c] = _e5m2_to_f32(src[r, c])
     return unpack8
 
 
-@njit(inline="always", fastmath=FASTMATH)
+#: The CPU converts half precision in hardware (x86 F16C, or any AArch64).
+HARDWARE_F16 = bool(llvm.get_host_cpu_features().get("f16c")) or llvm.get_process_triple().startswith("aarch64")
+
+
+@intrinsic
+def _f16_bits_to_f32(typingctx, x):
+    """IEEE half bits -> float32 with LLVM's ``fpext half``: one ``vcvtph2ps`` per vector."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
 def _f16_to_f32(h):
+    """IEEE half bits -> float32, exact for every bit pattern."""
+
+
+@overload(_f16_to_f32, inline="always", fastmath=FASTMATH)
+def _f16_to_f32_impl(h):
+    return (lambda h: _f16_bits_to_f32(np.uint16(h))) if HARDWARE_F16 else _f16_to_f32_soft
+
+
+def decode_token(src, r0, dst, c, codec):
+    """Decode rows ``src[r0 : r0 + h]`` (one token's KV heads) into ``dst[:h, c]`` of a [h, n, D] buffer.
+
+    Indices, not slices: a slice per row costs more than decoding it.
+    """
+
+
+@overload(decode_token, fastmath=FASTMATH)
+def _decode_token(src, r0, dst, c, codec):
+    if isinstance(src.dtype, types.Float):
+        def copy(src, r0, dst, c, codec):
+            for u in range(dst.shape[0]):
+                for d in range(dst.shape[2]):
+                    dst[u, c, d] = src[r0 + u, d]
+        return copy
+
+    if src.dtype == types.uint16:
+        def unpack16(src, r0, dst, c, codec):
+            if codec == BF16:
+                for u in range(dst.shape[0]):
+                    for d in range(dst.shape[2]):
+                        dst[u, c, d] = _bits_to_f32(np.uint32(src[r0 + u, d]) << 16)
+            else:
+                for u in range(dst.shape[0]):
+                    for d in range(dst.shape[2]):
+                        dst[u, c, d] = _f16_to_f32(src[r0 + u, d])
+        return unpack16
+
+    def unpack8(src, r0, dst, c, codec):
+        if codec == E4M3:
+            for u in range(dst.shape[0]):
+                for d in range(dst.shape[2]):
+                    dst[u, c, d] = _e4m3_to_f32(src[r0 + u, d])
+        else:
+            for u in range(dst.shape[0]):
+                for d in range(dst.shape[2]):
+                    dst[u, c, d] = _e5m2_to_f32(src[r0 + u, d])
+    return unpack8
+
+
+# fp8 through the half-precision converter: e5m2 is the top byte of a float16;
+# e4m3fn's 7 low bits, placed as a float16's exponent and mantissa, read as the
+# value times 2**-8 (normals and subnormals alike), and its one NaN pattern
+# (S.1111.111) is patched.  Without hardware half conversion: a lookup table.
+
+@njit(inline="always", fastmath=FASTMATH)
+def _e5m2_to_f32(x):
+    if HARDWARE_F16:
+        return _f16_to_f32(np.uint16(x) << 8)
+    return FP8_TABLE[1, x]
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _e4m3_to_f32(x):
+    if HARDWARE_F16:
+        bits = np.uint16(x)
+        mag = _f16_to_f32((bits & np.uint16(0x7F)) << 7) * np.float32(256.0)
+        if bits & np.uint16(0x7F) == np.uint16(0x7F):
+            mag = np.float32(np.nan)
+        return -mag if bits & np.uint16(0x80) else mag
+    return FP8_TABLE[0, x]
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _f16_to_f32_soft(h):
     """IEEE half bits -> float32, exact, branch-free for normals and subnormals."""
     h = np.uint32(h)
     sign = (h & np.uint32(0x8000)) << 16
@@ -198,3 +289,4 @@ def _f32_to_bf16(x):
         return np.uint16((u >> 16) | np.uint32(0x40))
     u = u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))
     return np.uint16(u >> 16)
+

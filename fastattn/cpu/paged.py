@@ -26,24 +26,52 @@ from .._config import config
 from .._dtypes import bits_view, codec_of
 from .._tile import finish_lse, key_range, query_range
 from ._blas import single_threaded_blas
-from ._fastmath import FASTMATH, decode_rows, encode_row
+from ._fastmath import FASTMATH, decode_rows, decode_token, encode_row
 from ._tiles import grad_tile, softmax_tile
 from .attention import _delta, merge
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
+_SMALL_M = 16  # tiles with at most this many rows skip BLAS (its call overhead dominates)
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _gather(cache, table_row, hk, j0, dst, codec):
-    """Decode tokens j0 .. j0+len(dst) of KV head hk of one sequence into dst [n, D]."""
-    bs = cache.shape[1]
-    n = dst.shape[0]
-    t = j0
-    while t < j0 + n:
-        row = t % bs
-        count = min(bs - row, j0 + n - t)
-        decode_rows(cache[table_row[t // bs], row:row + count, hk], dst[t - j0:t - j0 + count], codec)
-        t += count
+def _gather(rows, table_row, hk0, heads_kv, bs, j0, n, dst, codec):
+    """Decode tokens j0 .. j0+n of KV heads hk0 .. hk0+h of one sequence into dst[:h, :n].
+
+    ``rows`` is the cache seen as ``[num_blocks * block_size * Hkv, D]``.  The
+    heads of a token are neighbours in memory, so a task that owns several KV
+    heads streams through each block instead of striding over it.  ``dst`` is
+    a whole C-contiguous buffer (a slice of it would hide the unit stride).
+    """
+    for c in range(n):
+        t = j0 + c
+        decode_token(rows, (table_row[t // bs] * bs + t % bs) * heads_kv + hk0, dst, c, codec)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _accumulate(p, vt, acc):
+    """acc += p @ vt: BLAS for tall tiles; for the few rows of a decode step, loops that
+    take four keys per pass over a row of acc (BLAS's call overhead dominates there)."""
+    if p.shape[0] > _SMALL_M:
+        acc += np.dot(p, vt)
+        return
+    n = vt.shape[0]
+    c = 0
+    while c + 4 <= n:
+        v0, v1, v2, v3 = vt[c], vt[c + 1], vt[c + 2], vt[c + 3]
+        for r in range(p.shape[0]):
+            w0, w1, w2, w3 = p[r, c], p[r, c + 1], p[r, c + 2], p[r, c + 3]
+            row = acc[r]
+            for d in range(row.size):
+                row[d] += w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d]
+        c += 4
+    for c in range(c, n):
+        v0 = vt[c]
+        for r in range(p.shape[0]):
+            w0 = p[r, c]
+            row = acc[r]
+            for d in range(row.size):
+                row[d] += w0 * v0[d]
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -54,56 +82,62 @@ def _group_rows(src, b, hk, group, i0, mq, dst, codec):
 
 
 @njit(**_JIT)
-def _forward(q, k_cache, v_cache, table, lens, q_codec, kv_codec, q_mult, k_mult, v_mult, wl, wr,
-             softcap, slopes, has_alibi, out_part, lse_part, rows_q, block_k):
+def _forward(q, k_rows, v_rows, table, lens, bs, heads_kv, kv_per_task, q_codec, kv_codec, q_mult, k_mult,
+             v_mult, wl, wr, softcap, slopes, has_alibi, out_part, lse_part, rows_q, block_k):
     batch, heads_q, sq, dim = q.shape
-    heads_kv = k_cache.shape[2]
     group = heads_q // heads_kv
     n_split = out_part.shape[0]
     n_tiles = (sq + rows_q - 1) // rows_q
+    n_chunks = (heads_kv + kv_per_task - 1) // kv_per_task
     acc_t = lse_part.dtype
-    for task in prange(batch * heads_kv * n_tiles * n_split):
+    for task in prange(batch * n_chunks * n_tiles * n_split):
         split = task % n_split
         tile = (task // n_split) % n_tiles
-        hk = (task // (n_split * n_tiles)) % heads_kv
-        b = task // (n_split * n_tiles * heads_kv)
+        hk0 = (task // (n_split * n_tiles)) % n_chunks * kv_per_task
+        b = task // (n_split * n_tiles * n_chunks)
+        nk = min(kv_per_task, heads_kv - hk0)
         sk = lens[b]
         i0 = tile * rows_q
         mq = min(rows_q, sq - i0)
         m = group * mq
-        acc = np.zeros((m, dim), acc_t)
-        row_max = np.full(m, -np.inf, acc_t)
-        row_sum = np.zeros(m, acc_t)
+        acc = np.zeros((nk, m, dim), acc_t)
+        row_max = np.full((nk, m), -np.inf, acc_t)
+        row_sum = np.zeros((nk, m), acc_t)
         chunk = (sk + n_split - 1) // n_split
         j_lo = max(key_range(i0, sq, sk, wl, wr)[0], split * chunk)
         j_hi = min(key_range(i0 + mq - 1, sq, sk, wl, wr)[1], (split + 1) * chunk)
         if j_lo < j_hi:
-            qt = np.empty((m, dim), acc_t)
-            _group_rows(q, b, hk, group, i0, mq, qt, q_codec)
-            qt *= q_mult * k_mult[hk]
-            kt = np.empty((block_k, dim), acc_t)
-            vt = np.empty((block_k, dim), acc_t)
+            qt = np.empty((nk, m, dim), acc_t)
+            for u in range(nk):
+                _group_rows(q, b, hk0 + u, group, i0, mq, qt[u], q_codec)
+                qt[u] *= q_mult * k_mult[hk0 + u]
+            kt = np.empty((nk, block_k, dim), acc_t)
+            vt = np.empty((nk, block_k, dim), acc_t)
             for j0 in range(j_lo, j_hi, block_k):
                 n = min(block_k, j_hi - j0)
-                _gather(k_cache, table[b], hk, j0, kt[:n], kv_codec)
-                _gather(v_cache, table[b], hk, j0, vt[:n], kv_codec)
-                s = np.dot(qt, kt[:n].T)
-                softmax_tile(s, i0, mq, j0, sq, sk, wl, wr, softcap,
-                             slopes[b, hk * group:(hk + 1) * group], has_alibi, row_max, row_sum, acc)
-                acc += np.dot(s, vt[:n])
-        for r in range(m):
-            h = hk * group + r // mq
-            i = i0 + r % mq
-            inv = v_mult[hk] / row_sum[r] if row_sum[r] > 0 else 0.0
-            for d in range(dim):
-                out_part[split, b, h, i, d] = acc[r, d] * inv
-            lse_part[split, b, h, i] = finish_lse(row_max[r], row_sum[r])
+                _gather(k_rows, table[b], hk0, heads_kv, bs, j0, n, kt, kv_codec)
+                _gather(v_rows, table[b], hk0, heads_kv, bs, j0, n, vt, kv_codec)
+                for u in range(nk):
+                    hk = hk0 + u
+                    s = np.dot(qt[u], kt[u, :n].T)
+                    softmax_tile(s, i0, mq, j0, sq, sk, wl, wr, softcap, slopes[b, hk * group:(hk + 1) * group],
+                                 has_alibi, row_max[u], row_sum[u], acc[u])
+                    _accumulate(s, vt[u, :n], acc[u])
+        for u in range(nk):
+            hk = hk0 + u
+            for r in range(m):
+                h = hk * group + r // mq
+                i = i0 + r % mq
+                inv = v_mult[hk] / row_sum[u, r] if row_sum[u, r] > 0 else 0.0
+                for d in range(dim):
+                    out_part[split, b, h, i, d] = acc[u, r, d] * inv
+                lse_part[split, b, h, i] = finish_lse(row_max[u, r], row_sum[u, r])
 
 
 @njit(**_JIT)
-def _backward_dq(dout, q, k_cache, v_cache, table, lens, lse, delta, codec, scale, wl, wr, dq, rows_q, block_k):
+def _backward_dq(dout, q, k_rows, v_rows, table, lens, bs, heads_kv, lse, delta, codec, scale, wl, wr, dq,
+                 rows_q, block_k):
     batch, heads_q, sq, dim = q.shape
-    heads_kv = k_cache.shape[2]
     group = heads_q // heads_kv
     n_tiles = (sq + rows_q - 1) // rows_q
     acc_t = lse.dtype
@@ -129,16 +163,16 @@ def _backward_dq(dout, q, k_cache, v_cache, table, lens, lse, delta, codec, scal
         dq_acc = np.zeros((m, dim), acc_t)
         j_lo = key_range(i0, sq, sk, wl, wr)[0]
         j_hi = key_range(i0 + mq - 1, sq, sk, wl, wr)[1]
-        kt = np.empty((block_k, dim), acc_t)
-        vt = np.empty((block_k, dim), acc_t)
+        kt = np.empty((1, block_k, dim), acc_t)
+        vt = np.empty((1, block_k, dim), acc_t)
         for j0 in range(j_lo, j_hi, block_k):
             n = min(block_k, j_hi - j0)
-            _gather(k_cache, table[b], hk, j0, kt[:n], codec)
-            _gather(v_cache, table[b], hk, j0, vt[:n], codec)
-            s = np.dot(qt, kt[:n].T)
-            dp = np.dot(dt, vt[:n].T)
+            _gather(k_rows, table[b], hk, heads_kv, bs, j0, n, kt, codec)
+            _gather(v_rows, table[b], hk, heads_kv, bs, j0, n, vt, codec)
+            s = np.dot(qt, kt[0, :n].T)
+            dp = np.dot(dt, vt[0, :n].T)
             grad_tile(s, dp, i0, mq, j0, sq, sk, wl, wr, 0.0, no_slopes, False, lse_t, delta_t)
-            dq_acc += np.dot(dp, kt[:n])
+            dq_acc += np.dot(dp, kt[0, :n])
         for r in range(m):
             dq_acc[r] *= scale
             encode_row(dq_acc[r], dq[b, hk * group + r // mq, i0 + r % mq], codec)
@@ -215,14 +249,29 @@ def _slopes(slopes, spec):
     return np.ascontiguousarray(np.broadcast_to(slopes, (spec.batch, spec.heads_q)), dtype=acc), True
 
 
+def _token_rows(k_cache, v_cache):
+    """The caches as [num_blocks * block_size * Hkv, D] bit arrays: one contiguous row per token and head."""
+    return [bits_view(np.ascontiguousarray(c)).reshape(-1, c.shape[-1]) for c in (k_cache, v_cache)]
+
+
 def _rows_per_task(spec):
     """Query positions per task: about ``config.cpu_block_q`` stacked rows of the KV group."""
     return max(1, min(spec.seq_q, config.cpu_block_q // spec.group))
 
 
+def kv_heads_per_task(spec, rows_q):
+    """All KV heads in one task for decode-sized query tiles (streaming through the blocks), else one.
+
+    Decode is memory-bound: a task that owns every head of a token reads each
+    block front to back.  Prefill is compute-bound, with enough query rows per
+    head to fill the cores without that.
+    """
+    return spec.heads_kv if spec.group * rows_q <= 16 else 1
+
+
 def num_splits(spec, rows_q):
     """Key splits per task so that there are a few tasks per core (1 when there are enough)."""
-    tasks = spec.batch * spec.heads_kv * -(-spec.seq_q // rows_q)
+    tasks = spec.batch * -(-spec.heads_kv // kv_heads_per_task(spec, rows_q)) * -(-spec.seq_q // rows_q)
     want = -(-4 * get_num_threads() // max(tasks, 1))
     by_length = -(-spec.max_seq_len // config.cpu_split_min_keys)
     return max(1, min(want, by_length))
@@ -238,14 +287,15 @@ def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale
     slopes, has_alibi = _slopes(slopes, spec)
     rows_q = _rows_per_task(spec)
     n_split = num_splits(spec, rows_q)
+    per_task = kv_heads_per_task(spec, rows_q)
     out_part = np.empty((n_split,) + q.shape, acc)
     lse_part = np.empty((n_split,) + q.shape[:3], acc)
     if q.size:
         with single_threaded_blas():
-            _forward(bits_view(np.ascontiguousarray(q)), bits_view(k_cache), bits_view(v_cache), table, lens,
-                     codec_of(q.dtype), codec_of(k_cache.dtype), spec.scale * q_scale, k_mult, v_mult,
-                     spec.window_left, spec.window_right, spec.softcap, slopes, has_alibi,
-                     out_part, lse_part, rows_q, config.cpu_paged_block_k)
+            _forward(bits_view(np.ascontiguousarray(q)), *_token_rows(k_cache, v_cache), table, lens,
+                     spec.block_size, spec.heads_kv, per_task, codec_of(q.dtype), codec_of(k_cache.dtype),
+                     spec.scale * q_scale, k_mult, v_mult, spec.window_left, spec.window_right, spec.softcap,
+                     slopes, has_alibi, out_part, lse_part, rows_q, max(1, config.cpu_paged_block_k // per_task))
     return merge(out_part, lse_part, spec.dtype if out_dtype is None else out_dtype, 1.0 / out_scale)
 
 
@@ -281,7 +331,8 @@ def backward(dout, q, k_cache, v_cache, out, lse, table, lens, spec):
     options = (codec, spec.scale, spec.window_left, spec.window_right)
     with single_threaded_blas():
         _delta(db, ob, codec, delta, config.cpu_bwd_block_q)
-        _backward_dq(db, qb, kb, vb, table, lens, lse, delta, *options, bits_view(dq),
+        _backward_dq(db, qb, *_token_rows(k_cache, v_cache), table, lens, spec.block_size, spec.heads_kv, lse,
+                     delta, *options, bits_view(dq),
                      _rows_per_task(spec), config.cpu_paged_block_k)
         _backward_dkdv(db, qb, kb, vb, lens, lse, delta, start, refs, blocks, *options,
                        bits_view(dk_cache), bits_view(dv_cache), config.cpu_bwd_block_q)
