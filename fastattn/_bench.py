@@ -273,7 +273,7 @@ def format_table(rows):
 
 def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
     """Measure sgemm, then every case of the table on each backend; print and return the rows."""
-    from . import _info
+    from . import _bench_paged, _info
 
     stream = sys.stdout if stream is None else stream
 
@@ -313,9 +313,13 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
                      "ran; rerun on an idle machine")
     for note in notes:
         _say(stream, note, end="\n")
+    paged_rows, bandwidth = [], None
+    if "cpu" in backends:
+        _say(stream, "", end="\n")
+        paged_rows, bandwidth = _bench_paged.run(size, stream)
     if json_path:
         report = dict(size=size, settings=settings, sgemm_gflops=sgemm, rows=rows, notes=notes,
-                      machine=_info.machine_info())
+                      read_bandwidth_gbs=bandwidth, paged_rows=paged_rows, machine=_info.machine_info())
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
         _say(stream, f"wrote {json_path}", end="\n")

@@ -253,13 +253,15 @@ def _encode_rows(src, dst, codec):
         encode_row(src[r], dst[r], codec)
 
 
-@HALF_CODECS
-def test_cpu_encode_row_rounds_to_nearest_even(codec):
+@ALL_CODECS
+@pytest.mark.parametrize("precision", [np.float32, np.float64], ids=["from-f32", "from-f64"])
+def test_cpu_encode_row_rounds_to_nearest_even(codec, precision):
+    """Half formats round like NumPy / ml_dtypes; fp8 (always stored saturating) likewise, then saturates."""
     x = encode_inputs(codec)
     x = x[: x.size - x.size % 64]
-    dst = np.zeros((x.size // 64, 64), np.uint16)
-    _encode_rows(x.reshape(-1, 64), dst, codec)
-    assert_same_bits(dst.ravel(), expected_encode(x, codec, False), codec, "encode_row", x)
+    dst = np.zeros((x.size // 64, 64), FORMATS[codec][1])
+    _encode_rows(x.astype(precision).reshape(-1, 64), dst, codec)
+    assert_same_bits(dst.ravel(), expected_encode(x, codec, codec in (E4M3, E5M2)), codec, "encode_row", x)
 
 
 @njit

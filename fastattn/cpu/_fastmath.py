@@ -266,7 +266,17 @@ def _encode_row(src, dst, codec):
         return store
 
     if dst.dtype == types.uint8:
-        def pack8(src, dst, codec):  # fp8 stores saturate, as the fp8 contract asks
+        if src.dtype == types.float32:
+            def pack8_fast(src, dst, codec):  # fp8 stores saturate, as the fp8 contract asks
+                if codec == E4M3:
+                    for c in range(src.shape[0]):
+                        dst[c] = _f32_to_fp8(src[c], 3, 7, np.float32(448.0))
+                else:
+                    for c in range(src.shape[0]):
+                        dst[c] = _f32_to_fp8(src[c], 2, 15, np.float32(57344.0))
+            return pack8_fast
+
+        def pack8(src, dst, codec):
             ebits, mbits, has_inf = (4, 3, False) if codec == E4M3 else (5, 2, True)
             for c in range(src.shape[0]):
                 dst[c] = encode_bits(src[c], ebits, mbits, has_inf, True)
@@ -278,8 +288,53 @@ def _encode_row(src, dst, codec):
                 dst[c] = _f32_to_bf16(np.float32(src[c]))
         else:
             for c in range(src.shape[0]):
-                dst[c] = encode_bits(src[c], 5, 10, True, False)
+                dst[c] = _to_f16_bits(src[c])
     return pack16
+
+
+@intrinsic
+def _f32_to_f16_hw(typingctx, x):
+    """float32 -> IEEE half bits with LLVM's ``fptrunc`` (round to nearest even; ``vcvtps2ph``)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+def _to_f16_bits(x):
+    """A float as IEEE half bits, rounding to nearest even (overflow to inf)."""
+
+
+@overload(_to_f16_bits, inline="always", fastmath=FASTMATH)
+def _to_f16_bits_impl(x):
+    if x == types.float32 and HARDWARE_F16:
+        return lambda x: _f32_to_f16_hw(x)
+    return lambda x: np.uint16(encode_bits(x, 5, 10, True, False))  # one rounding from float64 too
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _f32_to_fp8(x, mbits, bias, largest):
+    """float32 -> saturated fp8 bits (e4m3fn: mbits 3, bias 7; e5m2: 2, 15), rounding to nearest even.
+
+    Integer arithmetic on the float32 bits, so it vectorises: normals round
+    their mantissa with the carry running into the exponent; values below the
+    smallest normal round on the subnormal grid; NaN stays NaN.
+    """
+    bits = _f32_to_bits(x)
+    sign = np.uint32((bits >> 24) & 0x80)
+    a = min(abs(x), largest)                       # saturate (NaN falls through: min keeps NaN here)
+    u = _f32_to_bits(a)
+    shift = 23 - mbits
+    normal = u + np.uint32((1 << (shift - 1)) - 1) + ((u >> shift) & np.uint32(1))
+    normal = (normal >> shift) - np.uint32((127 - bias) << mbits)
+    sub_step = np.float32(2.0 ** (1 - bias - mbits))
+    sub = np.uint32(np.rint(a / sub_step))         # subnormals: multiples of the smallest step
+    out = normal if a >= np.float32(2.0 ** (1 - bias)) else sub
+    if x != x:
+        out = np.uint32(0x7F if mbits == 3 else 0x7E)
+    return np.uint8(sign | out)
 
 
 @njit(inline="always")

@@ -223,21 +223,27 @@ def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_s
             encode_row(dv_acc[r], dv_cache[blk, r, hk], codec)
 
 
+@njit(fastmath=FASTMATH, cache=True)
+def _store_token(src, scale, dst, buf, in_codec, cache_codec):
+    """dst [Hkv, D] (one cache row) = encode(decode(src [Hkv, D]) / scale[h])."""
+    decode_rows(src, buf, in_codec)
+    for h in range(buf.shape[0]):
+        inv_row = buf[h]
+        for d in range(inv_row.size):
+            inv_row[d] = inv_row[d] / scale[h]
+        encode_row(inv_row, dst[h], cache_codec)
+
+
 @njit(**_JIT)
 def _write(k, v, k_cache, v_cache, slots, in_codec, cache_codec, k_scale, v_scale):
     tokens, heads, dim = k.shape
     bs = k_cache.shape[1]
     for t in prange(tokens):
         slot = slots[t]
-        if slot < 0:
-            continue
-        blk, row = slot // bs, slot % bs
-        buf = np.empty((heads, dim), k_scale.dtype)
-        for src, scale, dst in ((k, k_scale, k_cache), (v, v_scale, v_cache)):
-            decode_rows(src[t], buf, in_codec)
-            for h in range(heads):
-                buf[h] /= scale[h]
-                encode_row(buf[h], dst[blk, row, h], cache_codec)
+        if slot >= 0:
+            buf = np.empty((heads, dim), k_scale.dtype)
+            _store_token(k[t], k_scale, k_cache[slot // bs, slot % bs], buf, in_codec, cache_codec)
+            _store_token(v[t], v_scale, v_cache[slot // bs, slot % bs], buf, in_codec, cache_codec)
 
 
 # --- host side ---------------------------------------------------------------------
