@@ -313,10 +313,9 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
                      "ran; rerun on an idle machine")
     for note in notes:
         _say(stream, note, end="\n")
-    paged_rows, bandwidth = [], None
-    if "cpu" in backends:
-        _say(stream, "", end="\n")
-        paged_rows, bandwidth = _bench_paged.run(size, stream)
+    paged_backends = [b for b in backends if b == "cpu" or (b == "cuda" and cuda_status()[0])]
+    _say(stream, "", end="\n")
+    paged_rows, bandwidth = _bench_paged.run(size, stream, paged_backends)
     if json_path:
         report = dict(size=size, settings=settings, sgemm_gflops=sgemm, rows=rows, notes=notes,
                       read_bandwidth_gbs=bandwidth, paged_rows=paged_rows, machine=_info.machine_info())

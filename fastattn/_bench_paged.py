@@ -100,8 +100,27 @@ def table(size="full"):
 
 # --- inputs and the timed callables ----------------------------------------------------
 
-def make_inputs(case, seed=0):
-    """Caches with a random block table, queries, and what each op needs (a dict of NumPy arrays)."""
+def make_inputs(case, seed=0, backend="cpu"):
+    """Caches with a random block table, queries, and what each op needs.
+
+    A dict of NumPy arrays; with ``backend="cuda"`` the arrays fastattn reads are
+    device arrays and the NumPy copies are under ``"host"`` (for the peer).
+    """
+    x = _host_inputs(case, seed)
+    if backend == "cuda":
+        from ._bench import to_device
+
+        device = {name: to_device(a) for name, a in x.items()}
+        if case.op == "backward":
+            device["out"], device["lse"] = fastattn.paged_attention(*_paged_args(device), causal=True,
+                                                                    return_lse=True)
+        device["host"] = x
+        return device
+    x["host"] = x
+    return x
+
+
+def _host_inputs(case, seed):
     rng = np.random.default_rng(seed)
     dtype = numpy_dtype(case.dtype)
     per_seq = -(-case.context // case.block_size)
@@ -120,7 +139,7 @@ def make_inputs(case, seed=0):
         x["dout"] = rng.standard_normal(x["q"].shape, np.float32).astype(dtype)
     if case.op == "write":
         tokens = case.batch * case.seq_q
-        x["k"], x["v"] = (rng.standard_normal((tokens, case.heads_kv, case.head_dim), np.float32).astype(dtype)
+        x["k"], x["v"] = (rng.standard_normal((tokens, case.heads_kv, case.head_dim), np.float32).astype(q_dtype)
                           for _ in range(2))
         x["slot_mapping"] = rng.permutation(num_blocks * case.block_size)[:tokens]
     return x
@@ -150,11 +169,14 @@ def kernel(case, x):
         return lambda: fastattn.paged_attention_backward(
             x["dout"], x["q"], x["k_cache"], x["v_cache"], x["out"], x["lse"], x["block_table"], x["seq_lens"],
             causal=True)
-    return lambda: fastattn.write_kv_cache(x["k"], x["v"], x["k_cache"], x["v_cache"], x["slot_mapping"])
+    scale = 0.5 if case.itemsize == 1 else 1.0
+    return lambda: fastattn.write_kv_cache(x["k"], x["v"], x["k_cache"], x["v_cache"], x["slot_mapping"],
+                                           k_scale=scale, v_scale=scale)
 
 
 def peer(case, x):
     """The plain-NumPy peer: gather the blocks with fancy indexing, then dense attention (or assignment)."""
+    x = x["host"]
     if case.op == "write":
         def write():
             bs = case.block_size
@@ -226,12 +248,20 @@ def best_time(fn, repeats, budget_s=float("inf")):
 
 # --- the table ------------------------------------------------------------------------
 
-def measure(case, settings, bandwidth, stream):
+def measure(case, settings, bandwidth, stream, backend="cpu"):
     """Time one case and its NumPy peer; return its table row (a dict)."""
-    stream.write(f"  {case.label} {case.dtype} {case.shape}:")
+    stream.write(f"  {case.label} {backend} {case.dtype} {case.shape}:")
     stream.flush()
-    x = make_inputs(case)
-    run = kernel(case, x)
+    x = make_inputs(case, backend=backend)
+    timed = kernel(case, x)
+    if backend == "cuda":
+        from ._bench import cuda_sync
+
+        def run():
+            timed()
+            cuda_sync()
+    else:
+        run = timed
     threads = get_num_threads()
     if case.threads:
         set_num_threads(case.threads)
@@ -243,21 +273,21 @@ def measure(case, settings, bandwidth, stream):
     peer_s = best_time(peer(case, x), settings["peer_repeats"], settings["budget_s"])
     stream.write(f" {seconds * 1e3:.2f} ms; numpy peer {peer_s * 1e3:.1f} ms\n")
     gbs = case.kv_bytes / seconds / 1e9
-    return dict(name=case.label, op=case.op, dtype=case.dtype, shape=case.shape, case=asdict(case),
+    return dict(name=case.label, op=case.op, backend=backend, dtype=case.dtype, shape=case.shape, case=asdict(case),
                 time_ms=seconds * 1e3, gb_s=gbs, pct_bandwidth=100.0 * gbs / bandwidth,
                 gflops=case.flops / seconds / 1e9 if case.flops else None,
                 peer_ms=peer_s * 1e3, speedup=peer_s / seconds)
 
 
 def format_table(rows):
-    head = ("op", "cache dtype", "shape", "time ms", "KV GB/s", "% read bw", "GFLOP/s", "vs NumPy")
-    body = [(r["name"], r["dtype"], r["shape"], f"{r['time_ms']:.2f}", f"{r['gb_s']:.1f}",
+    head = ("op", "backend", "cache dtype", "shape", "time ms", "KV GB/s", "% read bw", "GFLOP/s", "vs NumPy")
+    body = [(r["name"], r["backend"], r["dtype"], r["shape"], f"{r['time_ms']:.2f}", f"{r['gb_s']:.1f}",
              f"{r['pct_bandwidth']:.0f}%", "—" if r["gflops"] is None else f"{r['gflops']:.1f}",
              f"{r['speedup']:.1f}×") for r in rows]
     widths = [max(len(row[c]) for row in (head, *body)) for c in range(len(head))]
 
     def line(row):
-        return "  ".join(cell.rjust(w) if c >= 3 else cell.ljust(w)
+        return "  ".join(cell.rjust(w) if c >= 4 else cell.ljust(w)
                          for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, body)])
 
@@ -265,6 +295,7 @@ def format_table(rows):
 def summary(rows):
     """The ratios that matter for paged decode, as lines of text."""
     lines = []
+    rows = [r for r in rows if r["backend"] == "cpu"]
     for dtype in ("float16", "float32"):
         paged = [r for r in rows if r["op"] == "decode" and r["dtype"] == dtype]
         dense = [r for r in rows if r["op"] == "dense decode" and r["dtype"] == dtype]
@@ -281,14 +312,22 @@ def summary(rows):
     return lines
 
 
-def run(size, stream):
-    """Measure the read bandwidth, then every paged case; print the table and return (rows, bandwidth)."""
+def run(size, stream, backends=("cpu",)):
+    """Measure the read bandwidth, then every paged case; print the table and return (rows, bandwidth).
+
+    % read bw of CUDA rows is against the host's bandwidth too (a GPU's HBM
+    bandwidth is not measured here): read their GB/s instead.
+    """
     settings = SIZES[size]
     stream.write(f"measuring read bandwidth ({settings['bandwidth_mib']} MiB, all threads)…")
     stream.flush()
     bandwidth = read_bandwidth(settings["bandwidth_mib"])
-    stream.write(f" {bandwidth:.1f} GB/s\npaged attention (cpu):\n")
-    rows = [measure(case, settings, bandwidth, stream) for case in table(size)]
+    stream.write(f" {bandwidth:.1f} GB/s\n")
+    rows = []
+    for backend in backends:
+        stream.write(f"paged attention ({backend}):\n")
+        rows += [measure(case, settings, bandwidth, stream, backend) for case in table(size)
+                 if backend == "cpu" or not case.threads]
     stream.write("\n" + format_table(rows) + "\n")
     stream.write(f"% read bw: KV bytes read per second over the {bandwidth:.1f} GB/s measured above; "
                  "vs NumPy: time of a fancy-indexing gather + plain NumPy attention / time of fastattn\n")

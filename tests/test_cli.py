@@ -92,3 +92,44 @@ def test_table_formats_one_line_per_row():
     assert len(lines) == 4 and lines[0].startswith("op") and set(lines[1]) <= {"-", " "}
     assert lines[2].split()[-4:] == ["1.50", "12.2", "10%", "3.0×"]
     assert lines[3].split()[-2] == "—"
+
+
+def test_bench_tiny_reports_the_paged_table(tmp_path):
+    path = tmp_path / "bench.json"
+    out = run_cli("bench", "--tiny", "--backend", "cpu", "--json", str(path))
+    assert "% read bw" in out and "paged / dense decode time" in out and "split-KV" in out, out
+    report = json.loads(path.read_text(encoding="utf-8"))
+    assert report["read_bandwidth_gbs"] > 0
+    from fastattn import _bench_paged
+
+    cases = _bench_paged.table("tiny")
+    assert [(r["op"], r["dtype"], r["shape"]) for r in report["paged_rows"]] == [
+        (c.op, c.dtype, c.shape) for c in cases]
+    for row in report["paged_rows"]:
+        assert row["time_ms"] > 0 and row["gb_s"] > 0 and row["peer_ms"] > 0, row
+        assert (row["gflops"] is None) == (row["op"] == "write"), row
+
+
+@pytest.mark.parametrize("op", ["decode", "dense decode", "prefill", "backward", "write"])
+def test_paged_bench_kernel_and_peer_agree(op):
+    """The NumPy peer computes what the kernel computes (so the speed-up compares like with like)."""
+    from fastattn import _bench_paged
+
+    case = _bench_paged.PagedCase(op, "float32", batch=2, context=40, heads_q=4, heads_kv=2, head_dim=8,
+                                  seq_q=8 if op in ("prefill", "backward", "write") else 1)
+    x = _bench_paged.make_inputs(case)
+    if op == "write":
+        before = x["k_cache"].copy(), x["v_cache"].copy()
+        _bench_paged.kernel(case, x)()
+        ours = x["k_cache"].copy(), x["v_cache"].copy()
+        x["k_cache"][:], x["v_cache"][:] = before
+        _bench_paged.peer(case, x)()
+        np.testing.assert_array_equal(ours[0], x["k_cache"])
+        np.testing.assert_array_equal(ours[1], x["v_cache"])
+        return
+    got = _bench_paged.kernel(case, x)()
+    expected = _bench_paged.peer(case, x)()
+    if op != "backward":
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    else:
+        np.testing.assert_allclose(got[0], expected[0], rtol=1e-4, atol=1e-5)
