@@ -16,12 +16,15 @@ class Config:
     cpu_bwd_block_k: int = 256      #: keys per backward task tile
     cpu_paged_block_k: int = 256    #: keys gathered from the paged cache per GEMM tile
     cpu_split_min_keys: int = 1024  #: shortest key range worth a split of its own (split-KV decode)
+    cpu_proj_block_m: int = 128    #: tokens per projection GEMM tile
+    cpu_proj_block_n: int = 256    #: output columns per projection GEMM tile
     cuda_block_q: int = 64          #: threads (one query row each) per forward block
     cuda_block_k: int = 16          #: keys staged in shared memory per step
     cuda_max_head_dim: int = 256    #: the largest head dimension the CUDA kernels take
     cuda_paged_rows: int = 16       #: stacked query rows (heads x positions) per paged block
     cuda_paged_block_k: int = 32    #: keys staged per step by the paged kernels
     cuda_paged_threads: int = 128   #: threads per paged block
+    cuda_proj_tile: int = 16        #: projection GEMM: T x T threads, 2T x 2T outputs per block
     cuda_split_min_keys: int = 256  #: shortest key range per CUDA split (split-KV decode)
 
 

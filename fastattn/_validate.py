@@ -214,13 +214,13 @@ def cache_shapes(k_cache, v_cache, heads_kv=None, head_dim=None):
     return shape
 
 
-def cache_dtype(k_cache, fp8):
+def cache_dtype(k_cache, fp8, fp8_hint=True):
     """The caches' dtype: fp8 formats for the fp8 functions, float formats otherwise."""
     dtype = np.dtype(k_cache.dtype)
     if fp8 and dtype not in _dtypes.FP8_DTYPES:
         raise TypeError(f"k_cache: expected float8_e4m3fn or float8_e5m2 (ml_dtypes), got {dtype}")
     if not fp8 and dtype not in _dtypes.FLOAT_DTYPES:
-        extra = " (use paged_attention_fp8 for fp8 caches)" if dtype in _dtypes.FP8_DTYPES else ""
+        extra = " (use paged_attention_fp8 for fp8 caches)" if fp8_hint and dtype in _dtypes.FP8_DTYPES else ""
         raise TypeError(f"k_cache: expected float32, float64, float16 or bfloat16{extra}, got {dtype}")
     return dtype
 
@@ -261,7 +261,7 @@ def block_table_values(block_table, batch, num_blocks, block_size, seq_lens=None
 
 
 def paged_args(q, k_cache, v_cache, block_table, seq_lens, *, causal, scale, window, softcap,
-               alibi_slopes, fp8=False):
+               alibi_slopes, fp8=False, fp8_hint=True):
     """Check paged attention arguments; return (q, k_cache, v_cache, table, lens, slopes, spec).
 
     ``table`` and ``lens`` are checked host (NumPy int32) copies.
@@ -274,7 +274,7 @@ def paged_args(q, k_cache, v_cache, block_table, seq_lens, *, causal, scale, win
         raise ValueError(f"k_cache: expected a number of KV heads that divides Hq={hq}, got Hkv={hkv}")
     if d == 0:
         raise ValueError(f"q: expected head dimension D >= 1, got shape {(b, hq, sq, d)}")
-    kv_dtype = cache_dtype(k_cache, fp8)
+    kv_dtype = cache_dtype(k_cache, fp8, fp8_hint)
     if fp8:
         dtype = np.dtype(q.dtype)
         if dtype not in (*_dtypes.FP8_DTYPES, *_dtypes.FLOAT_DTYPES) or dtype == np.float64:
@@ -315,7 +315,7 @@ def paged_backward_args(dout, q, k_cache, v_cache, out, lse, block_table, seq_le
     """Check paged backward arguments; return (dout, q, k_cache, v_cache, out, lse, table, lens, spec)."""
     q, k_cache, v_cache, table, lens, _, spec = paged_args(
         q, k_cache, v_cache, block_table, seq_lens, causal=causal, scale=scale, window=(-1, -1),
-        softcap=0.0, alibi_slopes=None)
+        softcap=0.0, alibi_slopes=None, fp8_hint=False)  # there is no fp8 backward to point to
     dout, out, lse = as_array("dout", dout), as_array("out", out), as_array("lse", lse)
     qshape = (spec.batch, spec.heads_q, spec.seq_q, spec.head_dim)
     for name, x in (("dout", dout), ("out", out)):
@@ -403,3 +403,196 @@ def merge_args(outs, lses):
         if np.dtype(x.dtype) not in (np.float32, np.float64):
             raise TypeError(f"lses[{i}]: expected float32 or float64, got {np.dtype(x.dtype)}")
     return outs, lses, dtype
+
+
+# --- projections ---------------------------------------------------------------------
+
+def positive_int(name, value, minimum=1):
+    """An int >= minimum (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def _matching(name, x, shape, dtype, layout, like="x"):
+    x = as_array(name, x)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {layout} = {tuple(shape)}, got {tuple(x.shape)}")
+    if np.dtype(x.dtype) != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of {like}), got {np.dtype(x.dtype)}")
+    return x
+
+
+def qkv_projection_args(x, weight, bias, num_heads, num_kv_heads, head_dim):
+    """Check :func:`fastattn.fused_qkv_projection` arguments; return (x, weight, bias, (Hq, Hkv, D))."""
+    x = as_array("x", x)
+    _shape("x", x, 3, "[B, S, H]")
+    dtype = float_dtype("x", x)
+    hq = positive_int("num_heads", num_heads)
+    hkv = positive_int("num_kv_heads", num_kv_heads)
+    d = positive_int("head_dim", head_dim)
+    if hq % hkv:
+        raise ValueError(f"num_kv_heads: expected a divisor of num_heads={hq}, got {hkv}")
+    n = (hq + 2 * hkv) * d
+    weight = _matching("weight", weight, (n, x.shape[2]), dtype, "[(num_heads + 2*num_kv_heads)*head_dim, H]")
+    if bias is not None:
+        bias = _matching("bias", bias, (n,), dtype, "[(num_heads + 2*num_kv_heads)*head_dim]")
+    return x, weight, bias, (hq, hkv, d)
+
+
+def qkv_backward_args(dq, dk, dv, x, weight, has_bias):
+    """Check :func:`fastattn.fused_qkv_projection_backward` arguments; return (dq, dk, dv, x, weight)."""
+    dq, dk, dv, x = (as_array(n, a) for n, a in (("dq", dq), ("dk", dk), ("dv", dv), ("x", x)))
+    b, s, h = _shape("x", x, 3, "[B, S, H]")
+    dtype = float_dtype("x", x)
+    _, hq, _, d = _shape("dq", dq, 4, "[B, Hq, S, D]")
+    hkv = _shape("dk", dk, 4, "[B, Hkv, S, D]")[1]
+    dq = _matching("dq", dq, (b, hq, s, d), dtype, "[B, Hq, S, D]")
+    dk = _matching("dk", dk, (b, hkv, s, d), dtype, "[B, Hkv, S, D]")
+    dv = _matching("dv", dv, (b, hkv, s, d), dtype, "[B, Hkv, S, D]")
+    weight = _matching("weight", weight, ((hq + 2 * hkv) * d, h), dtype, "[(Hq + 2*Hkv)*D, H]")
+    if not isinstance(has_bias, (bool, np.bool_)):
+        raise TypeError(f"has_bias: expected a bool, got {type(has_bias).__name__}")
+    return dq, dk, dv, x, weight
+
+
+def output_projection_args(attn_out, weight, bias, residual):
+    """Check :func:`fastattn.fused_output_projection_residual` arguments."""
+    attn_out = as_array("attn_out", attn_out)
+    b, s, p = _shape("attn_out", attn_out, 3, "[B, S, P]")
+    dtype = float_dtype("attn_out", attn_out)
+    weight = as_array("weight", weight)
+    h = _shape("weight", weight, 2, "[H, P]")[0]
+    weight = _matching("weight", weight, (h, p), dtype, "[H, P]", "attn_out")
+    if bias is not None:
+        bias = _matching("bias", bias, (h,), dtype, "[H]", "attn_out")
+    if residual is not None:
+        residual = _matching("residual", residual, (b, s, h), dtype, "[B, S, H]", "attn_out")
+    return attn_out, weight, bias, residual
+
+
+def output_backward_args(dy, attn_out, weight, has_bias):
+    """Check :func:`fastattn.fused_output_projection_residual_backward` arguments."""
+    dy, attn_out = as_array("dy", dy), as_array("attn_out", attn_out)
+    b, s, p = _shape("attn_out", attn_out, 3, "[B, S, P]")
+    dtype = float_dtype("attn_out", attn_out)
+    weight = as_array("weight", weight)
+    h = _shape("weight", weight, 2, "[H, P]")[0]
+    weight = _matching("weight", weight, (h, p), dtype, "[H, P]", "attn_out")
+    dy = _matching("dy", dy, (b, s, h), dtype, "[B, S, H]", "attn_out")
+    if not isinstance(has_bias, (bool, np.bool_)):
+        raise TypeError(f"has_bias: expected a bool, got {type(has_bias).__name__}")
+    return dy, attn_out, weight
+
+
+# --- grouped-query attention: repeat_kv and GQAConfig ---------------------------------
+
+def _gqa_int(name, value, minimum, expected):
+    """``value`` as an int (NumPy integers too, bools not), at least ``minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected {expected}, got {value}")
+    return int(value)
+
+
+def group_size_value(group_size):
+    """``group_size`` as an int >= 1."""
+    return _gqa_int("group_size", group_size, 1, "an int >= 1")
+
+
+def _heads_array(name, x, heads):
+    """A float [B, H, S, D] or [H, S, D] array; return it and its number of heads H."""
+    x = as_array(name, x)
+    shape = tuple(int(s) for s in x.shape)
+    if len(shape) not in (3, 4):
+        raise ValueError(f"{name}: expected a 4-d array [B, {heads}, S, D] or a 3-d array "
+                         f"[{heads}, S, D], got shape {shape}")
+    float_dtype(name, x)
+    return x, shape[-3]
+
+
+def repeat_kv_args(kv, group_size):
+    """Check :func:`fastattn.repeat_kv` arguments; return (kv, group_size)."""
+    kv = _heads_array("kv", kv, "Hkv")[0]
+    return kv, group_size_value(group_size)
+
+
+def repeat_kv_backward_args(dkv, group_size):
+    """Check :func:`fastattn.repeat_kv_backward` arguments; return (dkv, group_size)."""
+    dkv, heads = _heads_array("dkv", dkv, "Hq")
+    group = group_size_value(group_size)
+    if heads % group:
+        raise ValueError(f"dkv: expected a number of heads Hq divisible by group_size={group}, "
+                         f"got Hq={heads} (shape {tuple(dkv.shape)})")
+    return dkv, group
+
+
+def gqa_config_args(d_model, n_heads, n_kv_heads, causal, dropout):
+    """Check the fields of :class:`fastattn.GQAConfig`; return them as int, int, int, bool, float."""
+    d_model = _gqa_int("d_model", d_model, 1, "a positive int")
+    n_heads = _gqa_int("n_heads", n_heads, 1, "a positive int")
+    n_kv_heads = _gqa_int("n_kv_heads", n_kv_heads, 1, "a positive int")
+    if d_model % n_heads:
+        raise ValueError(f"d_model: expected a multiple of n_heads={n_heads}, got {d_model}")
+    if n_kv_heads > n_heads:
+        raise ValueError(f"n_kv_heads: expected at most n_heads={n_heads}, got {n_kv_heads}")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads: expected a divisor of n_heads={n_heads}, got {n_kv_heads}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, (int, float, np.integer, np.floating)):
+        raise TypeError(f"dropout: expected a float in [0, 1), got {type(dropout).__name__}")
+    if not 0.0 <= dropout < 1.0:  # NaN fails too
+        raise ValueError(f"dropout: expected a float in [0, 1), got {dropout}")
+    return d_model, n_heads, n_kv_heads, bool(causal), float(dropout)
+
+
+def kv_cache_args(batch, seq_len, dtype=np.float16):
+    """Check KV-cache planning arguments; return (batch, seq_len, itemsize in bytes)."""
+    batch = _gqa_int("batch", batch, 0, "an int >= 0")
+    seq_len = _gqa_int("seq_len", seq_len, 0, "an int >= 0")
+    try:
+        if dtype is None:
+            raise TypeError
+        itemsize = np.dtype(dtype).itemsize
+        kind = np.dtype(dtype).kind
+    except TypeError:
+        raise TypeError(f"dtype: expected a NumPy or ml_dtypes numeric dtype, got {dtype!r}") from None
+    if kind not in "biufcV" or itemsize == 0:
+        raise TypeError(f"dtype: expected a NumPy or ml_dtypes numeric dtype, got {np.dtype(dtype)}")
+    return batch, seq_len, itemsize
+
+
+# --- the attention layer -----------------------------------------------------------------
+
+def layer_args(embed_dim, num_heads, num_kv_heads, dtype):
+    """Check MultiheadAttention's constructor arguments; return (E, Hq, Hkv, dtype)."""
+    e = positive_int("embed_dim", embed_dim)
+    hq = positive_int("num_heads", num_heads)
+    hkv = hq if num_kv_heads is None else positive_int("num_kv_heads", num_kv_heads)
+    if e % hq:
+        raise ValueError(f"num_heads: expected a divisor of embed_dim={e}, got {hq}")
+    if hq % hkv:
+        raise ValueError(f"num_kv_heads: expected a divisor of num_heads={hq}, got {hkv}")
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype: expected a NumPy dtype, got {dtype!r}") from None
+    if dtype not in _dtypes.FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected float32, float64, float16 or bfloat16, got {dtype}")
+    return e, hq, hkv, dtype
+
+
+def layer_input(name, x, embed_dim, dtype, batch=None):
+    """A [B, S, E] input of the layer's dtype (and batch, when given)."""
+    x = as_array(name, x)
+    shape = tuple(int(s) for s in x.shape)
+    if len(shape) != 3 or shape[2] != embed_dim or (batch is not None and shape[0] != batch):
+        want = f"B={batch} and " if batch is not None else ""
+        raise ValueError(f"{name}: expected a 3-d array [B, S, E] with {want}E={embed_dim}, got shape {shape}")
+    if np.dtype(x.dtype) != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the layer's dtype), got {np.dtype(x.dtype)}")
+    return x

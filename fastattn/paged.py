@@ -14,7 +14,7 @@ from ._dispatch import as_array
 
 def _index_arrays(block_table, seq_lens):
     arrays = {"block_table": block_table}
-    if not isinstance(seq_lens, int):
+    if not isinstance(seq_lens, (int, np.integer)):  # one length for all is a number, on no device
         arrays["seq_lens"] = seq_lens
     return arrays
 

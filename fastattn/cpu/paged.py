@@ -3,8 +3,8 @@
 Forward: one task per (sequence, KV head, tile of query positions, key
 split).  The query heads of a KV group are stacked into one tile, so each key
 and value row is read from the cache once per group; keys are gathered through
-the block table into a contiguous tile, decoded (f16/bf16 bit tricks, fp8 by
-table lookup) and multiplied through BLAS, with the shared online-softmax tile
+the block table into a contiguous tile, decoded (f16 and fp8 through the
+CPU's half-precision converter, bf16 by a shift) and multiplied through BLAS, with the shared online-softmax tile
 step in between.  Splits of a long sequence's keys ("flash decoding") keep
 every core busy when there are few sequences and heads; their partial states
 are combined by the same merge kernel as :func:`fastattn.merge_attention_states`.

@@ -1,0 +1,300 @@
+"""CUDA kernels of the projection family: one shared-memory tiled GEMM with pluggable loads and epilogues.
+
+The twin of :mod:`fastattn.cpu.projection`.  The GEMM is numba-cuda's
+``fast_matmul`` idiom, register-blocked: a ``T x T`` block of threads stages
+``2T x T`` tiles of A and ``T x 2T`` tiles of B in shared memory and each
+thread keeps a ``2 x 2`` patch of C in registers.  What differs between the
+six products of the family is only how an element of A or B is read (plain
+rows, head layout, the three q/k/v gradients side by side, transposed) and
+where a result goes (scattered into q/k/v heads with the bias, added to a bias
+and a residual, a plain float32 matrix for weight gradients): those are small
+device functions, and each combination is compiled once.
+"""
+import numpy as np
+from numba import cuda, float32, float64
+
+from .._config import config
+from .._dtypes import codec_of, narrow, widen
+from . import _launch
+from .paged import _convert
+
+_kernels = {}
+
+
+# --- reading A[i, k] and B[k, j] ----------------------------------------------------------
+
+@cuda.jit(device=True)
+def _rows(a0, a1, a2, i, k, seq, codec, w0, w1):
+    """A 2-D array [M, K]."""
+    return widen(a0[i, k], codec)
+
+
+@cuda.jit(device=True)
+def _heads(a0, a1, a2, i, k, seq, codec, w0, w1):
+    """Head layout [B, G, S, Dg] read as [B*S, G*Dg]."""
+    dg = a0.shape[3]
+    return widen(a0[i // seq, k // dg, i % seq, k % dg], codec)
+
+
+@cuda.jit(device=True)
+def _heads_t(a0, a1, a2, i, k, seq, codec, w0, w1):
+    """The transpose of :func:`_heads`: [G*Dg, B*S]."""
+    return _heads(a0, a1, a2, k, i, seq, codec, w0, w1)
+
+
+@cuda.jit(device=True)
+def _sections(a0, a1, a2, i, k, seq, codec, w0, w1):
+    """Three head-layout arrays side by side (q, k, v gradients): [B*S, w0 + w1 + w2]."""
+    if k < w0:
+        return _heads(a0, a0, a0, i, k, seq, codec, w0, w1)
+    if k < w0 + w1:
+        return _heads(a1, a1, a1, i, k - w0, seq, codec, w0, w1)
+    return _heads(a2, a2, a2, i, k - w0 - w1, seq, codec, w0, w1)
+
+
+@cuda.jit(device=True)
+def _sections_t(a0, a1, a2, i, k, seq, codec, w0, w1):
+    return _sections(a0, a1, a2, k, i, seq, codec, w0, w1)
+
+
+@cuda.jit(device=True)
+def _weight(b0, k, j, seq, codec):
+    """B = W: a weight [K, N] as it is."""
+    return widen(b0[k, j], codec)
+
+
+@cuda.jit(device=True)
+def _weight_t(b0, k, j, seq, codec):
+    """B = W.T for a weight stored [N, K] (nn.Linear's layout)."""
+    return widen(b0[j, k], codec)
+
+
+@cuda.jit(device=True)
+def _heads_b(b0, k, j, seq, codec):
+    """B = a head-layout array [B, G, S, Dg] read as [B*S, G*Dg]."""
+    dg = b0.shape[3]
+    return widen(b0[k // seq, j // dg, k % seq, j % dg], codec)
+
+
+# --- writing C[i, j] ---------------------------------------------------------------------
+
+@cuda.jit(device=True)
+def _to_qkv(c0, c1, c2, bias, res, i, j, value, seq, codec, has_bias, has_res, w0, w1):
+    """Add the bias and scatter column j to its head of q (c0), k (c1) or v (c2)."""
+    if has_bias:
+        value += widen(bias[j], codec)
+    d = c0.shape[3]
+    b, s = i // seq, i % seq
+    if j < w0:
+        c0[b, j // d, s, j % d] = narrow(value, codec)
+    elif j < w0 + w1:
+        c1[b, (j - w0) // d, s, j % d] = narrow(value, codec)
+    else:
+        c2[b, (j - w0 - w1) // d, s, j % d] = narrow(value, codec)
+
+
+@cuda.jit(device=True)
+def _to_output(c0, c1, c2, bias, res, i, j, value, seq, codec, has_bias, has_res, w0, w1):
+    """y [B, S, N] = value + bias + residual."""
+    b, s = i // seq, i % seq
+    if has_bias:
+        value += widen(bias[j], codec)
+    if has_res:
+        value += widen(res[b, s, j], codec)
+    c0[b, s, j] = narrow(value, codec)
+
+
+@cuda.jit(device=True)
+def _to_heads(c0, c1, c2, bias, res, i, j, value, seq, codec, has_bias, has_res, w0, w1):
+    """A head-layout result [B, G, S, Dg] (an input gradient)."""
+    dg = c0.shape[3]
+    c0[i // seq, j // dg, i % seq, j % dg] = narrow(value, codec)
+
+
+@cuda.jit(device=True)
+def _to_matrix(c0, c1, c2, bias, res, i, j, value, seq, codec, has_bias, has_res, w0, w1):
+    """A plain accumulation-precision matrix (a weight gradient, narrowed afterwards)."""
+    c0[i, j] = value
+
+
+def _make_gemm(load_a, load_b, store, acc, t):
+    rows, cols = 2 * t, 2 * t
+
+    @cuda.jit
+    def gemm(a0, a1, a2, b0, c0, c1, c2, bias, res, m, n, kdim, seq, codec, has_bias, has_res, w0, w1):
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        row0 = cuda.blockIdx.y * rows
+        col0 = cuda.blockIdx.x * cols
+        sa = cuda.shared.array((rows, t), acc)
+        sb = cuda.shared.array((t, cols), acc)
+        c00 = acc(0.0)
+        c01 = acc(0.0)
+        c10 = acc(0.0)
+        c11 = acc(0.0)
+        first = ty * t + tx
+        for k0 in range(0, kdim, t):
+            for e in range(first, rows * t, t * t):
+                r, kk = e // t, e % t
+                sa[r, kk] = 0.0
+                if row0 + r < m and k0 + kk < kdim:
+                    sa[r, kk] = load_a(a0, a1, a2, row0 + r, k0 + kk, seq, codec, w0, w1)
+            for e in range(first, t * cols, t * t):
+                kk, cc = e // cols, e % cols
+                sb[kk, cc] = 0.0
+                if k0 + kk < kdim and col0 + cc < n:
+                    sb[kk, cc] = load_b(b0, k0 + kk, col0 + cc, seq, codec)
+            cuda.syncthreads()
+            for kk in range(t):
+                a_0, a_1 = sa[ty, kk], sa[ty + t, kk]
+                b_0, b_1 = sb[kk, tx], sb[kk, tx + t]
+                c00 += a_0 * b_0
+                c01 += a_0 * b_1
+                c10 += a_1 * b_0
+                c11 += a_1 * b_1
+            cuda.syncthreads()
+        for di, dj, value in ((0, 0, c00), (0, t, c01), (t, 0, c10), (t, t, c11)):
+            i, j = row0 + ty + di, col0 + tx + dj
+            if i < m and j < n:
+                store(c0, c1, c2, bias, res, i, j, value, seq, codec, has_bias, has_res, w0, w1)
+
+    return gemm
+
+
+@cuda.jit
+def _column_sums(a0, a1, a2, rows, cols, seq, codec, w0, w1, out):
+    """out[j] = sum over rows i of the three-section matrix (a bias gradient)."""
+    j = cuda.grid(1)
+    if j < cols:
+        total = 0.0
+        for i in range(rows):
+            total += _sections(a0, a1, a2, i, j, seq, codec, w0, w1)
+        out[j] = total
+
+
+_LOADS = {"rows": _rows, "heads": _heads, "heads_t": _heads_t, "sections": _sections,
+          "sections_t": _sections_t}
+_B_LOADS = {"weight": _weight, "weight_t": _weight_t, "heads": _heads_b}
+_STORES = {"qkv": _to_qkv, "output": _to_output, "heads": _to_heads, "matrix": _to_matrix}
+
+
+def _gemm(a, b, store, acc):
+    t = config.cuda_proj_tile
+    key = (a, b, store, acc, t)
+    if key not in _kernels:
+        _kernels[key] = _make_gemm(_LOADS[a], _B_LOADS[b], _STORES[store], acc, t)
+    return _kernels[key]
+
+
+def _launch_gemm(kernel, m, n, kdim, a_arrays, b0, c_arrays, bias, res, seq, codec, has_bias, has_res,
+                 w0, w1):
+    t = config.cuda_proj_tile
+    grid = (_launch.blocks(n, 2 * t), _launch.blocks(m, 2 * t))
+    kernel[grid, (t, t)](*a_arrays, b0, *c_arrays, bias, res, m, n, kdim, seq, codec, has_bias, has_res,
+                         w0, w1)
+
+
+# --- host side -------------------------------------------------------------------------
+
+def _acc(dtype):
+    return float64 if np.dtype(dtype) == np.float64 else float32
+
+
+def _heads_view(x):
+    """[B, S, P] as head layout [B, 1, S, P]; head layouts as they are."""
+    shape = tuple(x.shape)
+    return x if len(shape) == 4 else x.reshape(shape[0], 1, shape[1], shape[2])
+
+
+def _dummy(dtype):
+    return _launch.kernel_view(_launch.empty((1, 1, 1, 1), dtype))
+
+
+def project_heads(x, weight, bias, sections, head_dim):
+    """x [B, S, K] @ weight.T (+ bias) split into head-layout device arrays [B, h, S, D]."""
+    dtype = np.dtype(x.dtype)
+    batch, seq, kdim = (int(s) for s in x.shape)
+    outs = [_launch.empty((batch, h, seq, head_dim), dtype) for h in sections]
+    views = [_launch.kernel_view(o) for o in outs] + [_dummy(dtype)] * (3 - len(outs))
+    n = int(weight.shape[0])
+    if batch * seq and n:
+        widths = [h * head_dim for h in sections] + [0, 0]
+        x2 = _launch.kernel_view(x).reshape(batch * seq, kdim)
+        b = _launch.kernel_view(bias) if bias is not None else _launch.kernel_view(_launch.empty(1, dtype))
+        _launch_gemm(_gemm("rows", "weight_t", "qkv", _acc(dtype)), batch * seq, n, kdim, (x2, x2, x2),
+                     _launch.kernel_view(weight), views, b, views[0], seq, codec_of(dtype), bias is not None,
+                     False, widths[0], widths[1])
+    return outs
+
+
+def _weight_grads(a_kind, grads, widths, x_heads, weight, seq, has_bias):
+    """``x_heads``: the kernel view of the activations in head layout."""
+    """dweight [N, K] (= dY.T @ X) and dbias [N] (column sums of dY), in the dtype of the weight."""
+    dtype = np.dtype(weight.dtype)
+    acc_np = np.float64 if dtype == np.float64 else np.float32
+    n, kdim = (int(s) for s in weight.shape)
+    tokens = int(x_heads.shape[0]) * seq
+    dw = cuda.to_device(np.zeros((n, kdim), acc_np))
+    db = cuda.to_device(np.zeros(n, acc_np))
+    if tokens and n:
+        codec = codec_of(dtype)
+        _launch_gemm(_gemm(a_kind, "heads", "matrix", _acc(dtype)), n, kdim, tokens, grads,
+                     x_heads, (dw, dw, dw), db, db, seq, codec, False, False, *widths)
+        if has_bias:
+            _column_sums[_launch.blocks(n, 128), 128](*grads, tokens, n, seq, codec, *widths, db)
+    return _convert(dw, dtype), (_convert(db, dtype) if has_bias else None)
+
+
+def qkv_backward(grads, x, weight, has_bias):
+    """(dx, dweight, dbias or None) on the device, from the head-layout q/k/v gradients."""
+    dtype = np.dtype(x.dtype)
+    batch, seq, kdim = (int(s) for s in x.shape)
+    views = [_launch.kernel_view(g) for g in grads]
+    widths = [int(g.shape[1]) * int(g.shape[3]) for g in grads] + [0, 0]
+    widths = widths[:2]  # a column past both belongs to the third section
+    views += views[:1] * (3 - len(views))  # sections that are absent are never read
+    dx = _launch.empty((batch, seq, kdim), dtype)
+    if batch * seq:
+        dx_heads = _heads_view(_launch.kernel_view(dx))
+        _launch_gemm(_gemm("sections", "weight", "heads", _acc(dtype)), batch * seq, kdim, int(weight.shape[0]),
+                     views, _launch.kernel_view(weight), (dx_heads,) * 3, dx_heads, dx_heads, seq,
+                     codec_of(dtype), False, False, *widths)
+    dw, db = _weight_grads("sections_t", views, widths, _heads_view(_launch.kernel_view(x)), weight, seq,
+                           has_bias)
+    return dx, dw, db
+
+
+def output_projection(attn, weight, bias, residual):
+    """attn ([B, S, P] or head layout) @ weight.T + bias + residual -> device array [B, S, H]."""
+    dtype = np.dtype(attn.dtype)
+    heads = _heads_view(_launch.kernel_view(attn))
+    batch, _, seq, _ = (int(s) for s in heads.shape)
+    n, kdim = (int(s) for s in weight.shape)
+    y = _launch.empty((batch, seq, n), dtype)
+    if batch * seq and n:
+        a = heads
+        yv = _launch.kernel_view(y)
+        b = _launch.kernel_view(bias) if bias is not None else _launch.kernel_view(_launch.empty(1, dtype))
+        res = _launch.kernel_view(residual) if residual is not None else yv
+        _launch_gemm(_gemm("heads", "weight_t", "output", _acc(dtype)), batch * seq, n, kdim, (a, a, a),
+                     _launch.kernel_view(weight), (yv, yv, yv), b, res, seq, codec_of(dtype), bias is not None,
+                     residual is not None, 0, 0)
+    return y
+
+
+def output_backward(dy, attn, weight, has_bias, heads=None):
+    """(dattn, dweight, dbias or None, dresidual) on the device; ``heads``: dattn in head layout."""
+    dtype = np.dtype(dy.dtype)
+    batch, seq, n = (int(s) for s in dy.shape)
+    p = int(weight.shape[1])
+    dattn = _launch.empty((batch, heads, seq, p // heads) if heads else (batch, seq, p), dtype)
+    dy_heads = _heads_view(_launch.kernel_view(dy))
+    if batch * seq:
+        out = _heads_view(_launch.kernel_view(dattn))
+        _launch_gemm(_gemm("heads", "weight", "heads", _acc(dtype)), batch * seq, p, n, (dy_heads,) * 3,
+                     _launch.kernel_view(weight), (out,) * 3, out, out, seq, codec_of(dtype), False, False, 0, 0)
+    dw, db = _weight_grads("sections_t", (dy_heads,) * 3, (n, 0), _heads_view(_launch.kernel_view(attn)), weight,
+                           seq, has_bias)
+    dres = _launch.empty((batch, seq, n), dtype)
+    if dres.size:
+        _launch.kernel_view(dres).copy_to_device(_launch.kernel_view(dy))
+    return dattn, dw, db, dres
