@@ -273,7 +273,7 @@ def format_table(rows):
 
 def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
     """Measure sgemm, then every case of the table on each backend; print and return the rows."""
-    from . import _bench_paged, _info
+    from . import _bench_paged, _bench_projection, _info
 
     stream = sys.stdout if stream is None else stream
 
@@ -316,9 +316,14 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
     paged_backends = [b for b in backends if b == "cpu" or (b == "cuda" and cuda_status()[0])]
     _say(stream, "", end="\n")
     paged_rows, bandwidth = _bench_paged.run(size, stream, paged_backends)
+    projection_rows = []
+    if "cpu" in backends:
+        _say(stream, "", end="\n")
+        projection_rows = _bench_projection.run(size, stream)
     if json_path:
         report = dict(size=size, settings=settings, sgemm_gflops=sgemm, rows=rows, notes=notes,
-                      read_bandwidth_gbs=bandwidth, paged_rows=paged_rows, machine=_info.machine_info())
+                      read_bandwidth_gbs=bandwidth, paged_rows=paged_rows, projection_rows=projection_rows,
+                      machine=_info.machine_info())
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
         _say(stream, f"wrote {json_path}", end="\n")

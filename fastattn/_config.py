@@ -16,8 +16,8 @@ class Config:
     cpu_bwd_block_k: int = 256      #: keys per backward task tile
     cpu_paged_block_k: int = 256    #: keys gathered from the paged cache per GEMM tile
     cpu_split_min_keys: int = 1024  #: shortest key range worth a split of its own (split-KV decode)
-    cpu_proj_block_m: int = 128    #: tokens per projection GEMM tile
-    cpu_proj_block_n: int = 256    #: output columns per projection GEMM tile
+    cpu_proj_block_m: int = 512     #: tokens per projection GEMM tile (fewer if the cores need tasks)
+    cpu_proj_block_n: int = 1536    #: output columns per projection GEMM tile (likewise)
     cuda_block_q: int = 64          #: threads (one query row each) per forward block
     cuda_block_k: int = 16          #: keys staged in shared memory per step
     cuda_max_head_dim: int = 256    #: the largest head dimension the CUDA kernels take

@@ -189,6 +189,21 @@ def _gather_columns(g0_, g1_, g2_, b, s0, m, n0, n1, dy):
 
 # --- host side ---------------------------------------------------------------------
 
+def _tiles(tiles_of, block_m, block_n, seq, n_out):
+    """(block_m, block_n) from the config, halved until there are two tasks per thread.
+
+    Large tiles run BLAS best; ``tiles_of(m, n)`` counts the tasks they make.
+    """
+    m, n = max(1, min(block_m, seq)), max(1, min(block_n, n_out))
+    want = 2 * _threads()
+    while tiles_of(m, n) < want and (m > 32 or n > 64):
+        if n > 64 and n >= m:
+            n //= 2
+        else:
+            m //= 2
+    return m, n
+
+
 def _wide(x, acc):
     """A C-contiguous array of x in the accumulation dtype (decoded once for half formats)."""
     x = np.ascontiguousarray(x)
@@ -217,10 +232,12 @@ def project_heads(x, weight, bias, sections, head_dim):
     if x.size and weight.shape[0]:
         w = _wide(weight, acc)
         b = _wide(bias, acc) if bias is not None else np.zeros(0, acc)
-        per_task = max(1, config.cpu_proj_block_n // head_dim)
+        n_heads = weight.shape[0] // head_dim
+        m, n = _tiles(lambda m, n: batch * -(-seq // m) * -(-n_heads // max(1, n // head_dim)),
+                      config.cpu_proj_block_m, config.cpu_proj_block_n, seq, weight.shape[0])
         with single_threaded_blas():
             _qkv_forward(_wide(x, acc).reshape(batch * seq, -1), w, b, bias is not None, seq,
-                         *(bits_view(o) for o in outs), codec_of(dtype), config.cpu_proj_block_m, per_task)
+                         *(bits_view(o) for o in outs), codec_of(dtype), m, max(1, n // head_dim))
     return outs[:len(sections)]
 
 
@@ -235,10 +252,14 @@ def qkv_backward(grads, x, weight, has_bias):
         views = [bits_view(np.ascontiguousarray(g)) for g in grads]
         with single_threaded_blas():
             _input_grad(*views, _wide(weight, acc), bits_view(_as_heads(dx)), codec_of(dtype),
-                        config.cpu_proj_block_m)
+                        _rows_for_input_grad(x.shape[0], x.shape[1]))
     else:
         dx.fill(0)
     return dx, dweight, dbias if has_bias else None
+
+
+def _rows_for_input_grad(batch, seq):
+    return _tiles(lambda m, n: batch * -(-seq // m), config.cpu_proj_block_m, 1, seq, 1)[0]
 
 
 def _weight_and_bias_grads(grads, x_heads, weight, acc):
@@ -251,7 +272,7 @@ def _weight_and_bias_grads(grads, x_heads, weight, acc):
             wide.append(np.zeros((x_heads.shape[0], 0, x_heads.shape[2], 1), acc))
         per_task = max(1, -(-weight.shape[0] // (4 * _threads())))
         with single_threaded_blas():
-            _weight_grad(*wide, _wide(x_heads, acc), dw, db, config.cpu_proj_block_m * 2, per_task)
+            _weight_grad(*wide, _wide(x_heads, acc), dw, db, config.cpu_proj_block_m, per_task)
     return _narrow(dw, dtype), _narrow(db, dtype)
 
 
@@ -288,10 +309,12 @@ def output_projection(attn, weight, bias, residual):
     if y.size:
         res = bits_view(np.ascontiguousarray(residual)) if residual is not None else bits_view(y[:0])
         b = _wide(bias, acc) if bias is not None else np.zeros(0, acc)
+        n_out = weight.shape[0]
+        m, n = _tiles(lambda m, n: batch * -(-seq // m) * -(-n_out // n), config.cpu_proj_block_m,
+                      config.cpu_proj_block_n, seq, n_out)
         with single_threaded_blas():
             _output_forward(bits_view(np.ascontiguousarray(heads)), _wide(weight, acc), b, bias is not None,
-                            res, residual is not None, bits_view(y), codec_of(dtype),
-                            config.cpu_proj_block_m, config.cpu_proj_block_n)
+                            res, residual is not None, bits_view(y), codec_of(dtype), m, n)
     return y
 
 
@@ -311,7 +334,7 @@ def output_backward(dy, attn, weight, has_bias, heads=None):
         empty = bits_view(np.empty((batch, 0, seq, 1), dtype))
         with single_threaded_blas():
             _input_grad(bits_view(dy_heads), empty, empty, _wide(weight, acc), bits_view(_as_heads(dattn)),
-                        codec_of(dtype), config.cpu_proj_block_m)
+                        codec_of(dtype), _rows_for_input_grad(batch, seq))
     else:
         dattn.fill(0)
     return dattn, dweight, dbias if has_bias else None, dy.copy()
