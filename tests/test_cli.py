@@ -133,3 +133,30 @@ def test_paged_bench_kernel_and_peer_agree(op):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     else:
         np.testing.assert_allclose(got[0], expected[0], rtol=1e-4, atol=1e-5)
+
+
+def test_bench_tiny_reports_the_projection_table(tmp_path):
+    path = tmp_path / "bench.json"
+    out = run_cli("bench", "--tiny", "--backend", "cpu", "--json", str(path))
+    assert "÷ bare matmul" in out and "vs unfused" in out, out
+    report = json.loads(path.read_text(encoding="utf-8"))
+    from fastattn import _bench_projection
+
+    assert [(r["op"], r["dtype"]) for r in report["projection_rows"]] == [
+        (c.op, c.dtype) for c in _bench_projection.table("tiny")]
+    for row in report["projection_rows"]:
+        assert row["time_ms"] > 0 and row["peer_ms"] > 0 and row["gflops"] > 0, row
+        assert (row["vs_bare"] is None) == (row["op"] == "layer"), row
+
+
+@pytest.mark.parametrize("op", ["qkv", "output"])
+def test_projection_bench_peers_compute_the_same(op):
+    from fastattn import _bench_projection
+
+    case = _bench_projection.ProjectionCase(op, "float32", batch=2, seq=5, hidden=16, heads_q=4, heads_kv=2,
+                                            head_dim=4)
+    x = _bench_projection.make_inputs(case)
+    got = _bench_projection.kernel(case, x)()
+    expected = _bench_projection.unfused(case, x)()
+    for a, b in zip(got if op == "qkv" else [got], expected if op == "qkv" else [expected]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
