@@ -227,8 +227,10 @@ def project_heads(x, weight, bias, sections, head_dim):
 
 
 def _weight_grads(a_kind, grads, widths, x_heads, weight, seq, has_bias):
-    """``x_heads``: the kernel view of the activations in head layout."""
-    """dweight [N, K] (= dY.T @ X) and dbias [N] (column sums of dY), in the dtype of the weight."""
+    """dweight [N, K] (= dY.T @ X) and dbias [N] (column sums of dY), in the dtype of the weight.
+
+    ``x_heads`` is the kernel view of the activations X in head layout.
+    """
     dtype = np.dtype(weight.dtype)
     acc_np = np.float64 if dtype == np.float64 else np.float32
     n, kdim = (int(s) for s in weight.shape)
