@@ -315,14 +315,15 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
         _say(stream, note, end="\n")
     paged_backends = [b for b in backends if b == "cpu" or (b == "cuda" and cuda_status()[0])]
     _say(stream, "", end="\n")
-    paged_rows, bandwidth = _bench_paged.run(size, stream, paged_backends)
+    paged_rows, bandwidth, paged_ratios = _bench_paged.run(size, stream, paged_backends)
     projection_rows = []
     if "cpu" in backends:
         _say(stream, "", end="\n")
         projection_rows = _bench_projection.run(size, stream)
     if json_path:
         report = dict(size=size, settings=settings, sgemm_gflops=sgemm, rows=rows, notes=notes,
-                      read_bandwidth_gbs=bandwidth, paged_rows=paged_rows, projection_rows=projection_rows,
+                      read_bandwidth_gbs=bandwidth, paged_rows=paged_rows, paged_ratios=paged_ratios,
+                      projection_rows=projection_rows,
                       machine=_info.machine_info())
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)

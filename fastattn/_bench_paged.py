@@ -292,28 +292,54 @@ def format_table(rows):
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, body)])
 
 
-def summary(rows):
-    """The ratios that matter for paged decode, as lines of text."""
-    lines = []
-    rows = [r for r in rows if r["backend"] == "cpu"]
+def _runner(case):
+    """A callable that runs a case (with its thread count) on fresh inputs."""
+    x = make_inputs(case)
+    fn = kernel(case, x)
+
+    def run():
+        threads = get_num_threads()
+        if case.threads:
+            set_num_threads(case.threads)
+        try:
+            fn()
+        finally:
+            set_num_threads(threads)
+    run()
+    return run
+
+
+def paired(case_a, case_b, repeats):
+    """Best times of two cases measured in turn (a busy machine slows both alike)."""
+    from ._bench_projection import interleaved
+
+    return interleaved([_runner(case_a), _runner(case_b)], repeats)
+
+
+def summary(size):
+    """The ratios that matter for paged decode, each from its own interleaved pair of runs."""
+    s = SIZES[size]
+    by = {(c.op, c.dtype, c.batch, c.threads): c for c in table(size)}
+    base_b = s["batch"]
+    lines, ratios = [], {}
     for dtype in ("float16", "float32"):
-        paged = [r for r in rows if r["op"] == "decode" and r["dtype"] == dtype]
-        dense = [r for r in rows if r["op"] == "dense decode" and r["dtype"] == dtype]
-        if paged and dense:
-            lines.append(f"paged / dense decode time ({dtype}): {paged[0]['time_ms'] / dense[0]['time_ms']:.2f}")
-    fp8 = [r for r in rows if r["op"] == "decode" and r["dtype"].startswith("float8")]
-    f16 = [r for r in rows if r["op"] == "decode" and r["dtype"] == "float16"]
-    if fp8 and f16:
-        lines.append(f"fp8 / f16 decode time: {fp8[0]['time_ms'] / f16[0]['time_ms']:.2f}")
-    long = [r for r in rows if r["case"]["batch"] == 1 and r["op"] == "decode"]
-    if len(long) == 2:
-        lines.append(f"B=1 long-context decode, all threads vs one (split-KV): "
-                     f"{long[1]['time_ms'] / long[0]['time_ms']:.2f}x faster")
-    return lines
+        paged, dense = paired(by[("decode", dtype, base_b, 0)], by[("dense decode", dtype, base_b, 0)],
+                              s["repeats"])
+        ratios[f"paged/dense {dtype}"] = paged / dense
+        lines.append(f"paged / dense decode time ({dtype}, measured in turn): {paged / dense:.2f}")
+    fp8, f16 = paired(by[("decode", "float8_e4m3fn", base_b, 0)], by[("decode", "float16", base_b, 0)],
+                      s["repeats"])
+    ratios["fp8/f16"] = fp8 / f16
+    lines.append(f"fp8 / f16 decode time (measured in turn): {fp8 / f16:.2f}")
+    one, full = paired(by[("decode", "float16", 1, 1)], by[("decode", "float16", 1, 0)], s["repeats"])
+    ratios["split-kv speed-up"] = one / full
+    lines.append(f"B=1 long-context decode, all threads vs one (split-KV, measured in turn): "
+                 f"{one / full:.2f}x faster")
+    return lines, ratios
 
 
 def run(size, stream, backends=("cpu",)):
-    """Measure the read bandwidth, then every paged case; print the table and return (rows, bandwidth).
+    """Measure the read bandwidth, then every paged case; print the table and return (rows, bandwidth, ratios).
 
     % read bw of CUDA rows is against the host's bandwidth too (a GPU's HBM
     bandwidth is not measured here): read their GB/s instead.
@@ -331,6 +357,7 @@ def run(size, stream, backends=("cpu",)):
     stream.write("\n" + format_table(rows) + "\n")
     stream.write(f"% read bw: KV bytes read per second over the {bandwidth:.1f} GB/s measured above; "
                  "vs NumPy: time of a fancy-indexing gather + plain NumPy attention / time of fastattn\n")
-    for line in summary(rows):
+    lines, ratios = summary(size) if "cpu" in backends else ([], {})
+    for line in lines:
         stream.write(line + "\n")
-    return rows, bandwidth
+    return rows, bandwidth, ratios

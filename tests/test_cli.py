@@ -100,6 +100,9 @@ def test_bench_tiny_reports_the_paged_table(tmp_path):
     assert "% read bw" in out and "paged / dense decode time" in out and "split-KV" in out, out
     report = json.loads(path.read_text(encoding="utf-8"))
     assert report["read_bandwidth_gbs"] > 0
+    assert set(report["paged_ratios"]) == {"paged/dense float16", "paged/dense float32", "fp8/f16",
+                                           "split-kv speed-up"}
+    assert all(r > 0 for r in report["paged_ratios"].values())
     from fastattn import _bench_paged
 
     cases = _bench_paged.table("tiny")
