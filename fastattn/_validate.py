@@ -138,9 +138,8 @@ def alibi_values(alibi_slopes, b, hq):
     return slopes
 
 
-def attention_backward_args(dout, q, k, v, out, lse, **options):
-    """Check :func:`fastattn.attention_backward` arguments; return (..., slopes, spec)."""
-    q, k, v, slopes, spec = attention_args(q, k, v, **options)
+def forward_outputs(dout, out, lse, spec):
+    """Check dout, out (shape and dtype of q) and lse ([B, Hq, Sq], accumulation dtype) of a backward."""
     dout, out, lse = as_array("dout", dout), as_array("out", out), as_array("lse", lse)
     qshape = (spec.batch, spec.heads_q, spec.seq_q, spec.head_dim)
     for name, x in (("dout", dout), ("out", out)):
@@ -152,6 +151,13 @@ def attention_backward_args(dout, q, k, v, out, lse, **options):
     if np.dtype(lse.dtype) != spec.accum_dtype:
         raise TypeError(f"lse: expected dtype {spec.accum_dtype} (as returned with return_lse=True), "
                         f"got {np.dtype(lse.dtype)}")
+    return dout, out, lse
+
+
+def attention_backward_args(dout, q, k, v, out, lse, **options):
+    """Check :func:`fastattn.attention_backward` arguments; return (..., slopes, spec)."""
+    q, k, v, slopes, spec = attention_args(q, k, v, **options)
+    dout, out, lse = forward_outputs(dout, out, lse, spec)
     return dout, q, k, v, out, lse, slopes, spec
 
 
@@ -316,17 +322,7 @@ def paged_backward_args(dout, q, k_cache, v_cache, out, lse, block_table, seq_le
     q, k_cache, v_cache, table, lens, _, spec = paged_args(
         q, k_cache, v_cache, block_table, seq_lens, causal=causal, scale=scale, window=(-1, -1),
         softcap=0.0, alibi_slopes=None, fp8_hint=False)  # there is no fp8 backward to point to
-    dout, out, lse = as_array("dout", dout), as_array("out", out), as_array("lse", lse)
-    qshape = (spec.batch, spec.heads_q, spec.seq_q, spec.head_dim)
-    for name, x in (("dout", dout), ("out", out)):
-        if tuple(x.shape) != qshape:
-            raise ValueError(f"{name}: expected the shape of q {qshape}, got {tuple(x.shape)}")
-    same_dtype(spec.dtype, dout=dout, out=out)
-    if tuple(lse.shape) != qshape[:3]:
-        raise ValueError(f"lse: expected shape [B, Hq, Sq] = {qshape[:3]}, got {tuple(lse.shape)}")
-    if np.dtype(lse.dtype) != spec.accum_dtype:
-        raise TypeError(f"lse: expected dtype {spec.accum_dtype} (as returned with return_lse=True), "
-                        f"got {np.dtype(lse.dtype)}")
+    dout, out, lse = forward_outputs(dout, out, lse, spec)
     return dout, q, k_cache, v_cache, out, lse, table, lens, spec
 
 

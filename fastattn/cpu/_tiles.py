@@ -14,8 +14,8 @@ negative-index wraparound and stays scalar).
 import numpy as np
 from numba import njit
 
-from .._tile import alibi_bias, key_range, online_rescale, softcap_grad
-from ._fastmath import FASTMATH, exp_shifted, max_of, softcap_fast
+from .._tile import alibi_bias, key_range, online_rescale, query_range, softcap_grad
+from ._fastmath import FASTMATH, decode_rows, exp_shifted, max_of, softcap_fast
 
 
 @njit(inline="always")
@@ -102,3 +102,35 @@ def grad_tile(s, dp, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi,
                 e = exp_shifted(p[c], row_lse)
                 p[c] = e
                 ds[c] = e * (ds[c] - row_delta)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, lse,
+                      delta, scale, codec, block_q, dk_acc, dv_acc, dq_part, want_dq):
+    """Add one tile of keys' contributions from every query head of KV head hk of sequence b.
+
+    ``kt``/``vt`` are the tile's keys and values (from ``j0``, ``sk`` keys in all),
+    ``dk_acc``/``dv_acc`` its gradient accumulators; with ``want_dq`` the
+    (unscaled) dq contributions are added to ``dq_part[b, h]``.  FlashAttention-2's
+    backward inner loop, shared by the dense and the paged kernels.
+    """
+    m_max = min(block_q, sq)
+    dim = kt.shape[1]
+    acc_t = dk_acc.dtype
+    i_lo, i_hi = query_range(j0, j0 + kt.shape[0], sq, sk, wl, wr)
+    for h in range(hk * group, (hk + 1) * group):
+        for i0 in range(i_lo, i_hi, m_max):
+            m = min(m_max, i_hi - i0)
+            qt = np.empty((m, dim), acc_t)
+            dt = np.empty((m, dim), acc_t)
+            decode_rows(q[b, h, i0:i0 + m], qt, codec)
+            decode_rows(dout[b, h, i0:i0 + m], dt, codec)
+            qt *= scale
+            s = np.dot(qt, kt.T)
+            dp = np.dot(dt, vt.T)
+            grad_tile(s, dp, i0, m, j0, sq, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi,
+                      lse[b, h, i0:i0 + m], delta[b, h, i0:i0 + m])
+            dv_acc += np.dot(s.T, dt)
+            dk_acc += np.dot(dp.T, qt)
+            if want_dq:
+                dq_part[b, h, i0:i0 + m] += np.dot(dp, kt)

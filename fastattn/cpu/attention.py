@@ -15,10 +15,10 @@ from numba import njit, prange
 
 from .._config import config
 from .._dtypes import accum_dtype as _accum_dtype, bits_view, codec_of
-from .._tile import finish_lse, key_range, query_range
+from .._tile import finish_lse, key_range
 from ._blas import single_threaded_blas
 from ._fastmath import FASTMATH, decode_rows, encode_row
-from ._tiles import grad_tile, softmax_tile
+from ._tiles import key_tile_backward, softmax_tile
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 
@@ -104,22 +104,8 @@ def _backward(dout, q, k, v, lse, delta, codec, scale, wl, wr, softcap, slopes, 
             decode_rows(v[b, hk, j0:j0 + n], vt, codec)
             dk_acc = np.zeros((n, dim), acc_t)
             dv_acc = np.zeros((n, dim), acc_t)
-            i_lo, i_hi = query_range(j0, j0 + n, sq, sk, wl, wr)
-            for h in range(hk * group, (hk + 1) * group):
-                for i0 in range(i_lo, i_hi, block_q):
-                    m = min(block_q, i_hi - i0)
-                    qt = np.empty((m, dim), acc_t)
-                    dt = np.empty((m, dim), acc_t)
-                    decode_rows(q[b, h, i0:i0 + m], qt, codec)
-                    decode_rows(dout[b, h, i0:i0 + m], dt, codec)
-                    qt *= scale
-                    s = np.dot(qt, kt.T)
-                    dp = np.dot(dt, vt.T)
-                    grad_tile(s, dp, i0, m, j0, sq, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi,
-                              lse[b, h, i0:i0 + m], delta[b, h, i0:i0 + m])
-                    dv_acc += np.dot(s.T, dt)
-                    dk_acc += np.dot(dp.T, qt)
-                    dq_part[split, b, h, i0:i0 + m] += np.dot(dp, kt)
+            key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi,
+                              lse, delta, scale, codec, block_q, dk_acc, dv_acc, dq_part[split], True)
             for r in range(n):
                 encode_row(dk_acc[r], dk[b, hk, j0 + r], codec)
                 encode_row(dv_acc[r], dv[b, hk, j0 + r], codec)

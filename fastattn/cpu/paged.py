@@ -24,10 +24,10 @@ from numba import get_num_threads, njit, prange
 
 from .._config import config
 from .._dtypes import bits_view, codec_of
-from .._tile import finish_lse, key_range, query_range
+from .._tile import finish_lse, key_range
 from ._blas import single_threaded_blas
 from ._fastmath import FASTMATH, decode_rows, decode_token, encode_row
-from ._tiles import grad_tile, softmax_tile
+from ._tiles import grad_tile, key_tile_backward, softmax_tile
 from .attention import _delta, merge
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
@@ -187,7 +187,8 @@ def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_s
     group = heads_q // heads_kv
     n_used = ref_start.size - 1
     acc_t = lse.dtype
-    no_slopes = np.zeros(1, acc_t)
+    no_slopes = np.zeros((batch, heads_q), acc_t)
+    no_dq = np.zeros((1, 1, 1, 1), acc_t)
     for task in prange(n_used * heads_kv):
         hk = task % heads_kv
         u = task // heads_kv
@@ -203,21 +204,8 @@ def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_s
             vt = np.empty((n, dim), acc_t)
             decode_rows(k_cache[blk, :n, hk], kt, codec)
             decode_rows(v_cache[blk, :n, hk], vt, codec)
-            i_lo, i_hi = query_range(j0, j0 + n, sq, sk, wl, wr)
-            for h in range(hk * group, (hk + 1) * group):
-                for i0 in range(i_lo, i_hi, block_q):
-                    m = min(block_q, i_hi - i0)
-                    qt = np.empty((m, dim), acc_t)
-                    dt = np.empty((m, dim), acc_t)
-                    decode_rows(q[b, h, i0:i0 + m], qt, codec)
-                    decode_rows(dout[b, h, i0:i0 + m], dt, codec)
-                    qt *= scale
-                    s = np.dot(qt, kt.T)
-                    dp = np.dot(dt, vt.T)
-                    grad_tile(s, dp, i0, m, j0, sq, sk, wl, wr, 0.0, no_slopes, False,
-                              lse[b, h, i0:i0 + m], delta[b, h, i0:i0 + m])
-                    dv_acc[:n] += np.dot(s.T, dt)
-                    dk_acc[:n] += np.dot(dp.T, qt)
+            key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, 0.0, no_slopes, False, lse,
+                              delta, scale, codec, block_q, dk_acc[:n], dv_acc[:n], no_dq, False)
         for r in range(bs):
             encode_row(dk_acc[r], dk_cache[blk, r, hk], codec)
             encode_row(dv_acc[r], dv_cache[blk, r, hk], codec)
