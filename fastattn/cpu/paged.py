@@ -1,15 +1,18 @@
 """CPU kernels of the paged attention family.
 
-Forward: one task per (sequence, KV head, tile of query positions, key
+Forward: one task per (sequence, KV heads, tile of query positions, key
 split).  The query heads of a KV group are stacked into one tile, so each key
-and value row is read from the cache once per group; keys are gathered through
-the block table into a contiguous tile, decoded (f16 and fp8 through the
-CPU's half-precision converter, bf16 by a shift) and multiplied through BLAS, with the shared online-softmax tile
-step in between.  Splits of a long sequence's keys ("flash decoding") keep
-every core busy when there are few sequences and heads; their partial states
-are combined by the same merge kernel as :func:`fastattn.merge_attention_states`.
-fp8 scales cost nothing: ``k_scale`` is folded into the query, ``v_scale`` into
-the output.
+and value row is read once per group.  A decode-sized task owns every KV head
+of its tokens and reads each block front to back (the heads of a token are
+neighbours in the cache); prefill tasks own one KV head.  Keys and values are
+gathered through the block table into contiguous tiles, decoded (f16 and fp8
+through the CPU's half-precision converter, bf16 by a shift), and multiplied
+through BLAS (hand loops for the few rows of a decode step), with the shared
+online-softmax tile step in between.  Splits of a long sequence's keys
+("flash decoding") keep every core busy when there are few sequences; their
+partial states are combined by the merge kernel of
+:func:`fastattn.merge_attention_states`.  fp8 scales cost nothing:
+``k_scale`` is folded into the query, ``v_scale`` into the output.
 
 Backward: dq per (sequence, KV head, query tile), like the forward; dk/dv per
 (physical block, KV head) over the inverted block table, so a block shared by
@@ -260,7 +263,7 @@ def kv_heads_per_task(spec, rows_q):
     block front to back.  Prefill is compute-bound, with enough query rows per
     head to fill the cores without that.
     """
-    return spec.heads_kv if spec.group * rows_q <= 16 else 1
+    return spec.heads_kv if spec.group * rows_q <= _SMALL_M else 1
 
 
 def num_splits(spec, rows_q):
