@@ -70,11 +70,13 @@ def test_cuda_split_kv(device, rng, monkeypatch):
     assert_close(out, reference.paged_attention(q, k_cache, v_cache, table, lens, **options), F32, "out")
 
 
-def test_seq_lens_as_one_int_and_int64_tables(device, rng):
+@pytest.mark.parametrize("length", [21, np.int32(21), np.int64(21)], ids=["int", "np.int32", "np.int64"])
+def test_seq_lens_as_one_int_and_int64_tables(device, length, rng):
+    """One length for all sequences is a number on no device (NumPy integers included)."""
     case = PagedCase((21, 21), 4, 2, 8, 4, seq_q=2, option="causal")
     q, k_cache, v_cache, table, lens, options = paged_inputs(case, rng)
     args = put_all(device, q, k_cache, v_cache, table.astype(np.int64))
-    out = device.get(fastattn.paged_attention(*args, 21, **options))
+    out = device.get(fastattn.paged_attention(*args, length, **options))
     assert_close(out, reference.paged_attention(q, k_cache, v_cache, table, lens, **options), F32, "out")
 
 
