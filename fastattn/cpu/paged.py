@@ -237,6 +237,17 @@ def _write(k, v, k_cache, v_cache, slots, in_codec, cache_codec, k_scale, v_scal
             _store_token(v[t], v_scale, v_cache[slot // bs, slot % bs], buf, in_codec, cache_codec)
 
 
+@njit(**_JIT)
+def _copy(k, v, k_cache, v_cache, slots):
+    """Same dtype, no scale: the rows' bits as they are."""
+    bs = k_cache.shape[1]
+    for t in prange(k.shape[0]):
+        slot = slots[t]
+        if slot >= 0:
+            k_cache[slot // bs, slot % bs] = k[t]
+            v_cache[slot // bs, slot % bs] = v[t]
+
+
 # --- host side ---------------------------------------------------------------------
 
 def _slopes(slopes, spec):
@@ -339,6 +350,9 @@ def backward(dout, q, k_cache, v_cache, out, lse, table, lens, spec):
 def write(k, v, k_cache, v_cache, slots, k_scale, v_scale):
     """Write k, v [T, Hkv, D] into the caches at ``slots`` (negative: skipped), in place."""
     if k.shape[0] == 0:
+        return
+    if k.dtype == k_cache.dtype and not (k_scale != 1).any() and not (v_scale != 1).any():
+        _copy(*(bits_view(np.ascontiguousarray(x)) for x in (k, v)), bits_view(k_cache), bits_view(v_cache), slots)
         return
     acc = np.float64 if k.dtype == np.float64 and k_cache.dtype == np.float64 else np.float32
     _write(bits_view(np.ascontiguousarray(k)), bits_view(np.ascontiguousarray(v)), bits_view(k_cache),
