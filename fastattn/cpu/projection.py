@@ -158,8 +158,11 @@ def _weight_grad(g0_, g1_, g2_, x, dw, dbias, block_m, rows_per_task):
                 s0 = tile * block_m
                 m = min(block_m, seq - s0)
                 _gather_columns(g0_, g1_, g2_, b, s0, m, n0, n1, dy)
-                _gather_heads(x, b, s0, m, xt[:m], 0, 0)
-                acc += np.dot(dy[:m].T, xt[:m])
+                if x.shape[1] == 1:  # [B, S, K] rows: already a contiguous tile
+                    acc += np.dot(dy[:m].T, x[b, 0, s0:s0 + m])
+                else:
+                    _gather_heads(x, b, s0, m, xt[:m], 0, 0)
+                    acc += np.dot(dy[:m].T, xt[:m])
                 for r in range(m):
                     bias_acc += dy[r]
         dw[n0:n1] = acc
@@ -179,9 +182,7 @@ def _gather_columns(g0_, g1_, g2_, b, s0, m, n0, n1, dy):
                 h = (c - start) // dg
                 d0 = (c - start) % dg
                 d1 = min(dg, d0 + n1 - c)
-                for r in range(m):
-                    for d in range(d0, d1):
-                        dy[r, c - n0 + d - d0] = grads[b, h, s0 + r, d]
+                dy[:m, c - n0:c - n0 + d1 - d0] = grads[b, h, s0:s0 + m, d0:d1]
                 c += d1 - d0
                 break
             start += width
