@@ -44,7 +44,7 @@ def _tiles(acc, max_dim, row_arrays, tile_arrays, score_arrays):
     itemsize = 8 if acc == float64 else 4
 
     def size(r, t):
-        return ((row_arrays * r + tile_arrays * t) * max_dim + score_arrays * r * t + 3 * r) * itemsize
+        return ((row_arrays * r + tile_arrays * t) * (max_dim + 1) + score_arrays * r * t + 3 * r) * itemsize
     while size(rows, tile) > _SHARED_BYTES and (rows > 1 or tile > 1):
         if tile >= rows:
             tile //= 2
@@ -84,6 +84,8 @@ def _block_rows(rows, group, sq):
 
 
 def _make_forward(acc, rows, tile, max_dim):
+    width = max_dim + 1  # a padded row: threads reading one column of many rows hit different banks
+
     @cuda.jit
     def forward(q, k_cache, v_cache, table, lens, q_codec, kv_codec, q_mult, k_mult, v_mult, wl, wr,
                 softcap, slopes, has_alibi, out_part, lse_part):
@@ -98,10 +100,10 @@ def _make_forward(acc, rows, tile, max_dim):
         h0 = hk * group + g0
         m = n_h * m_q
         tid, nt = cuda.threadIdx.x, cuda.blockDim.x
-        qs = cuda.shared.array((rows, max_dim), acc)
-        acc_s = cuda.shared.array((rows, max_dim), acc)
-        ks = cuda.shared.array((tile, max_dim), acc)
-        vs = cuda.shared.array((tile, max_dim), acc)
+        qs = cuda.shared.array((rows, width), acc)
+        acc_s = cuda.shared.array((rows, width), acc)
+        ks = cuda.shared.array((tile, width), acc)
+        vs = cuda.shared.array((tile, width), acc)
         s = cuda.shared.array((rows, tile), acc)
         row_max = cuda.shared.array(rows, acc)
         row_sum = cuda.shared.array(rows, acc)
@@ -167,6 +169,8 @@ def _make_forward(acc, rows, tile, max_dim):
 
 
 def _make_backward(acc, rows, tile, max_dim):
+    width = max_dim + 1  # padded rows, as in the forward
+
     @cuda.jit
     def backward(dout, q, k_cache, v_cache, table, lens, lse, delta, codec, scale, wl, wr,
                  dq_acc, dk_acc, dv_acc):
@@ -181,12 +185,12 @@ def _make_backward(acc, rows, tile, max_dim):
             return
         n = min(tile, sk - j0)
         tid, nt = cuda.threadIdx.x, cuda.blockDim.x
-        ks = cuda.shared.array((tile, max_dim), acc)
-        vs = cuda.shared.array((tile, max_dim), acc)
-        dks = cuda.shared.array((tile, max_dim), acc)
-        dvs = cuda.shared.array((tile, max_dim), acc)
-        qs = cuda.shared.array((rows, max_dim), acc)
-        dos = cuda.shared.array((rows, max_dim), acc)
+        ks = cuda.shared.array((tile, width), acc)
+        vs = cuda.shared.array((tile, width), acc)
+        dks = cuda.shared.array((tile, width), acc)
+        dvs = cuda.shared.array((tile, width), acc)
+        qs = cuda.shared.array((rows, width), acc)
+        dos = cuda.shared.array((rows, width), acc)
         p = cuda.shared.array((rows, tile), acc)
         ds = cuda.shared.array((rows, tile), acc)
         row_lse = cuda.shared.array(rows, acc)
