@@ -77,7 +77,8 @@ def table(seq=2048, heads=8, head_dim=64):
 
 
 def numpy_dtype(name):
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+    """The dtype of a case's name: NumPy's, or ml_dtypes' bfloat16 / fp8 formats."""
+    return np.dtype(getattr(ml_dtypes, name) if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2") else name)
 
 
 # --- inputs and the two things being timed ---------------------------------

@@ -6,14 +6,13 @@ run by :func:`read_bandwidth`.  Prefill and backward are compute-bound and
 report GFLOP/s.  Every case also runs a plain-NumPy peer (gather the blocks
 with fancy indexing, then dense NumPy attention) on the same inputs.
 """
-import time
 from dataclasses import asdict, dataclass
 
-import ml_dtypes
 import numpy as np
 from numba import get_num_threads, njit, prange, set_num_threads
 
 import fastattn
+from fastattn._bench import best_time, numpy_dtype
 from fastattn.reference import naive_attention
 
 #: Sizes of the CLI's paged table (the decode shape of the issue is "full").
@@ -72,10 +71,6 @@ class PagedCase:
             pairs -= self.batch * self.heads_q * self.seq_q * (self.seq_q - 1) // 2
         factor = 2.5 if self.op == "backward" else 0.0 if self.op == "write" else 1.0
         return 4.0 * pairs * self.head_dim * factor
-
-
-def numpy_dtype(name):
-    return np.dtype(getattr(ml_dtypes, name) if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2") else name)
 
 
 def table(size="full"):
@@ -233,17 +228,6 @@ def read_bandwidth(mib=1024, repeats=5):
         seconds = best_time(lambda: _read(rows, get_num_threads(), streams), repeats)
         best = max(best, rows.nbytes / seconds / 1e9)
     return best
-
-
-def best_time(fn, repeats, budget_s=float("inf")):
-    """Best wall time of up to ``repeats`` calls, stopping early once ``budget_s`` is spent."""
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats and (not times or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 # --- the table ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 
 import fastattn
 
-from ._bench_paged import numpy_dtype
+from ._bench import numpy_dtype
 
 #: Shapes of the CLI table: the issue's B=4, S=512, H=1024, 16 query heads, 4 KV heads, D=64.
 SIZES = {

@@ -11,7 +11,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from .._dtypes import BF16, E4M3, F16, FP8_TABLE, encode_bits
+from .._dtypes import BF16, E4M3, FP8_TABLE, encode_bits
 
 # fastmath without nnan/ninf: kernels rely on -inf and must see NaN.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}

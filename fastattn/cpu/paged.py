@@ -31,7 +31,7 @@ from .._tile import finish_lse, key_range
 from ._blas import single_threaded_blas
 from ._fastmath import FASTMATH, decode_rows, decode_token, encode_row
 from ._tiles import grad_tile, key_tile_backward, softmax_tile
-from .attention import _delta, merge
+from .attention import _delta, _slopes, merge
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 _SMALL_M = 16  # tiles with at most this many rows skip BLAS (its call overhead dominates)
@@ -249,13 +249,6 @@ def _copy(k, v, k_cache, v_cache, slots):
 
 
 # --- host side ---------------------------------------------------------------------
-
-def _slopes(slopes, spec):
-    acc = spec.accum_dtype
-    if slopes is None:
-        return np.zeros((spec.batch, spec.heads_q), acc), False
-    return np.ascontiguousarray(np.broadcast_to(slopes, (spec.batch, spec.heads_q)), dtype=acc), True
-
 
 def _token_rows(k_cache, v_cache):
     """The caches as [num_blocks * block_size * Hkv, D] bit arrays: one contiguous row per token and head."""
