@@ -177,3 +177,35 @@ class TimeCompileCUDA(TimeCompile):
     """First launch of each CUDA kernel in a fresh process (numba.cuda does not cache them)."""
 
     backend = "cuda"
+
+
+class TimeMergeAttentionStates:
+    """merge_attention_states of N partial states [B=1, H=32, S=2048, D=128] vs the same in NumPy float32."""
+
+    params = ([2, 8],)
+    param_names = ["parts"]
+
+    def setup(self, parts):
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        self.outs = rng.standard_normal((parts, 1, 32, 2048, 128), np.float32)
+        self.lses = rng.standard_normal((parts, 1, 32, 2048), np.float32)
+        import fastattn
+
+        self.merge = lambda: fastattn.merge_attention_states(self.outs, self.lses)
+        self.merge()
+
+    def time_merge(self, parts):
+        self.merge()
+
+    def time_numpy_peer(self, parts):
+        import numpy as np
+
+        top = self.lses.max(axis=0)
+        w = np.exp(self.lses - top)
+        total = w.sum(axis=0)
+        (w[..., None] * self.outs).sum(axis=0) / total[..., None], top + np.log(total)
+
+    def peakmem_merge(self, parts):
+        self.merge()

@@ -189,23 +189,30 @@ def backward(dout, q, k, v, out, lse, slopes, spec):
 def _merge(outs, lses, codec, out_mult, out, lse):
     """Combine partial states: outs [N, R, D] and lses [N, R] into out [R, D] (encoded) and lse [R]."""
     n_parts, rows, dim = outs.shape
-    for r in prange(rows):
-        top = -np.inf
-        for p in range(n_parts):
-            top = max(top, lses[p, r])
-        row = np.zeros(dim, outs.dtype)
-        if top == -np.inf:  # no part saw a key (NaN lses fall through and stay NaN)
-            lse[r] = top
-        else:
-            total = lses[0, r] * 0
+    block = 64
+    for task in prange((rows + block - 1) // block):
+        row = np.empty(dim, outs.dtype)
+        for r in range(task * block, min(rows, (task + 1) * block)):
+            top = -np.inf
             for p in range(n_parts):
-                w = np.exp(lses[p, r] - top)
-                total += w
-                if w != 0:
-                    row += w * outs[p, r]
-            row *= out_mult / total
-            lse[r] = top + np.log(total)
-        encode_row(row, out[r], codec)
+                top = max(top, lses[p, r])
+            row[:] = 0
+            if top == -np.inf:  # no part saw a key (NaN lses fall through and stay NaN)
+                lse[r] = top
+            else:
+                total = lses[0, r] * 0
+                for p in range(n_parts):
+                    w = np.exp(lses[p, r] - top)
+                    total += w
+                    if w != 0:
+                        part = outs[p, r]
+                        for d in range(dim):
+                            row[d] += w * part[d]
+                scale = out_mult / total
+                for d in range(dim):
+                    row[d] *= scale
+                lse[r] = top + np.log(total)
+            encode_row(row, out[r], codec)
 
 
 def merge(outs, lses, dtype, out_mult=1.0):
@@ -228,4 +235,4 @@ def merge(outs, lses, dtype, out_mult=1.0):
 def merge_states(outs, lses, dtype):
     """:func:`fastattn.merge_attention_states` on NumPy arrays."""
     acc = _accum_dtype(dtype)
-    return merge(np.stack([o.astype(acc) for o in outs]), np.stack([x.astype(acc) for x in lses]), dtype)
+    return merge(np.stack(outs).astype(acc, copy=False), np.stack(lses).astype(acc, copy=False), dtype)
