@@ -23,7 +23,7 @@ def key_range(i, sq, sk, window_left, window_right):
     lo = 0
     hi = sk
     if window_left >= 0:
-        lo = max(lo, diag - window_left)
+        lo = min(max(lo, diag - window_left), sk)
     if window_right >= 0:
         hi = min(hi, diag + window_right + 1)
     if hi < lo:  # no visible key: an empty range inside [0, sk]

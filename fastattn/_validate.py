@@ -29,6 +29,9 @@ class AttentionSpec:
     window_left: int
     window_right: int
     softcap: float
+    #: Private (forward only): moves every row's diagonal ``shift`` keys right, so a
+    #: block of a bigger problem sees its global masks and ALiBi distances.
+    shift: int = 0
 
     @property
     def group(self):

@@ -3,6 +3,8 @@
 Each function validates its arguments, picks the CPU or CUDA backend from
 the arrays' device, and calls the kernel; see ``docs/attention.md``.
 """
+from dataclasses import replace
+
 from . import _dispatch, _validate
 
 
@@ -72,6 +74,25 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     backend = _dispatch.backend_of(q=q, k=k, v=v, alibi_slopes=slopes)
     out, lse = backend.attention.forward(q, k, v, slopes, spec)
     return (out, lse) if return_lse else out
+
+
+def _attention_block(q, k, v, *, q_start, k_start, seq_q, seq_k, causal=False, scale=None,
+                     window=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """``(out, lse)`` of one block of a bigger attention problem (private; used by fastattn.dask).
+
+    ``q`` holds rows ``q_start ...`` of ``seq_q`` query rows and ``k``/``v``
+    keys ``k_start ...`` of ``seq_k`` keys; masks and ALiBi distances are those
+    of the whole problem (row ``i`` of it sits at key ``i + seq_k - seq_q``).
+    Merging the blocks of all key ranges with :func:`merge_attention_states`
+    gives :func:`attention` of the whole.
+    """
+    q, k, v, slopes, spec = _validate.attention_args(
+        q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+        alibi_slopes=alibi_slopes)
+    diag = q_start - k_start + seq_k - seq_q  # local key of local row 0's diagonal
+    spec = replace(spec, shift=diag - (spec.seq_k - spec.seq_q))
+    backend = _dispatch.backend_of(q=q, k=k, v=v, alibi_slopes=slopes)
+    return backend.attention.forward(q, k, v, slopes, spec)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window=(-1, -1),

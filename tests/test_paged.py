@@ -213,6 +213,7 @@ def test_merge_handles_minus_inf_and_matches_reference(device, rng):
     lses[:, 0, 0] = -np.inf         # no part saw a key: zeros and -inf
     lses[1:, 1, 2] = -np.inf        # one part only
     lses[0, 1, 3] = 80.0            # large values: no overflow
+    lses[0, 1, 4] = -np.inf         # the first part saw no key, the others did
     out, lse = fastattn.merge_attention_states(*put_all(device, outs, lses))
     out, lse = device.get(out), device.get(lse)
     ref_out, ref_lse = reference.merge_attention_states(outs, lses)

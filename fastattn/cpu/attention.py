@@ -24,9 +24,10 @@ _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 
 
 @njit(**_JIT)
-def _forward(q, k, v, codec, scale, wl, wr, softcap, slopes, has_alibi, out, lse, block_q, block_k):
+def _forward(q, k, v, codec, scale, wl, wr, shift, softcap, slopes, has_alibi, out, lse, block_q, block_k):
     batch, heads_q, sq, dim = q.shape
     heads_kv, sk = k.shape[1], k.shape[2]
+    sq_d = sq - shift  # the mask helpers put row i on key i + sk - sq_d
     group = heads_q // heads_kv
     n_tiles = (sq + block_q - 1) // block_q
     acc_t = lse.dtype
@@ -43,8 +44,8 @@ def _forward(q, k, v, codec, scale, wl, wr, softcap, slopes, has_alibi, out, lse
         acc = np.zeros((m, dim), acc_t)
         row_max = np.full(m, -np.inf, acc_t)
         row_sum = np.zeros(m, acc_t)
-        j_lo = key_range(i0, sq, sk, wl, wr)[0]
-        j_hi = key_range(i0 + m - 1, sq, sk, wl, wr)[1]
+        j_lo = key_range(i0, sq_d, sk, wl, wr)[0]
+        j_hi = key_range(i0 + m - 1, sq_d, sk, wl, wr)[1]
         for j0 in range(j_lo, j_hi, block_k):
             n = min(block_k, j_hi - j0)
             kt = np.empty((n, dim), acc_t)
@@ -52,7 +53,7 @@ def _forward(q, k, v, codec, scale, wl, wr, softcap, slopes, has_alibi, out, lse
             decode_rows(k[b, hk, j0:j0 + n], kt, codec)
             decode_rows(v[b, hk, j0:j0 + n], vt, codec)
             s = np.dot(qt, kt.T)
-            softmax_tile(s, i0, m, j0, sq, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi,
+            softmax_tile(s, i0, m, j0, sq_d, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi,
                          row_max, row_sum, acc)
             acc += np.dot(s, vt)
         for r in range(m):
@@ -147,7 +148,7 @@ def forward(q, k, v, slopes, spec):
     qb, kb, vb = _inputs(q, k, v)
     with single_threaded_blas():
         _forward(qb, kb, vb, spec.codec, spec.scale, spec.window_left, spec.window_right,
-                 spec.softcap, slopes, has_alibi, bits_view(out), lse,
+                 spec.shift, spec.softcap, slopes, has_alibi, bits_view(out), lse,
                  config.cpu_block_q, config.cpu_block_k)
     return out, lse
 
@@ -200,7 +201,7 @@ def _merge(outs, lses, codec, out_mult, out, lse):
             if top == -np.inf:  # no part saw a key (NaN lses fall through and stay NaN)
                 lse[r] = top
             else:
-                total = lses[0, r] * 0
+                total = top * 0  # top is finite here; lses[0, r] may be -inf
                 for p in range(n_parts):
                     w = np.exp(lses[p, r] - top)
                     total += w

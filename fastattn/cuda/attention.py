@@ -67,10 +67,11 @@ def _stage(src, b, h, j0, n, dim, codec, dst, scale):
 
 def _make_forward(acc, tile, max_dim):
     @cuda.jit
-    def forward(q, k, v, codec, scale, wl, wr, softcap, slopes, has_alibi, out, lse):
+    def forward(q, k, v, codec, scale, wl, wr, shift, softcap, slopes, has_alibi, out, lse):
         batch, heads_q, sq, dim = q.shape
         heads_kv, sk = k.shape[1], k.shape[2]
         b, h, hk, first, last, i = _query_rows(heads_q, heads_kv, sq)
+        sq_d = sq - shift  # the mask helpers put row i on key i + sk - sq_d
         keys = cuda.shared.array((tile, max_dim), acc)
         vals = cuda.shared.array((tile, max_dim), acc)
         q_row = cuda.local.array(max_dim, acc)
@@ -79,15 +80,15 @@ def _make_forward(acc, tile, max_dim):
         lo, hi = 0, 0
         slope = 0.0
         if active:
-            lo, hi = key_range(i, sq, sk, wl, wr)
+            lo, hi = key_range(i, sq_d, sk, wl, wr)
             slope = slopes[b, h]
             for d in range(dim):
                 q_row[d] = widen(q[b, h, i, d], codec) * scale
                 out_row[d] = 0.0
         row_max = -math.inf
         row_sum = 0.0
-        j_lo = key_range(first, sq, sk, wl, wr)[0]
-        j_hi = key_range(last, sq, sk, wl, wr)[1]
+        j_lo = key_range(first, sq_d, sk, wl, wr)[0]
+        j_hi = key_range(last, sq_d, sk, wl, wr)[1]
         for j0 in range(j_lo, j_hi, tile):
             n = min(tile, j_hi - j0)
             _stage(k, b, hk, j0, n, dim, codec, keys, 1.0)
@@ -95,7 +96,7 @@ def _make_forward(acc, tile, max_dim):
             cuda.syncthreads()
             if active:
                 for r in range(max(lo - j0, 0), min(hi - j0, n)):
-                    score = _score(q_row, keys, r, dim, i, j0 + r, sq, sk, softcap, slope, has_alibi)[0]
+                    score = _score(q_row, keys, r, dim, i, j0 + r, sq_d, sk, softcap, slope, has_alibi)[0]
                     if score > row_max:
                         alpha = online_rescale(row_max, score)
                         row_sum *= alpha
@@ -280,7 +281,8 @@ def forward(q, k, v, slopes, spec):
     acc, rows = _acc_type(spec), config.cuda_block_q
     kernel = _compiled("forward", acc, config.cuda_block_k, config.cuda_max_head_dim)
     grid = (_launch.blocks(spec.seq_q, rows), spec.batch * spec.heads_q)
-    kernel[grid, rows](*(_launch.kernel_view(x) for x in (q, k, v)), *_options(spec, _slopes(slopes, spec)),
+    kernel[grid, rows](*(_launch.kernel_view(x) for x in (q, k, v)), spec.codec, spec.scale, spec.window_left,
+                       spec.window_right, spec.shift, spec.softcap, *_slopes(slopes, spec),
                        _launch.kernel_view(out), lse)
     return out, lse
 
