@@ -1,0 +1,43 @@
+"""airspeed velocity benchmarks of fastattn.dask: chunked attention against the single call."""
+import dask
+import dask.array as da
+import numpy as np
+
+import fastattn
+import fastattn.dask
+from fastattn import _bench_dask
+
+
+class TimeDaskAttention:
+    """Causal attention B=1, H=8, S=8192, D=64 in query and key chunks of 2048.
+
+    ``time_single`` is the one-process call; ``time_threads`` the chunked graph
+    on dask's threaded scheduler; ``time_local_cluster`` on a 2-worker
+    LocalCluster (one numba thread per worker process, inputs already on the workers).
+    """
+
+    timeout = 300
+
+    def setup(self):
+        rng = np.random.default_rng(0)
+        self.qkv = [rng.standard_normal((1, 8, 8192, 64), np.float32) for _ in range(3)]
+        chunks = (1, 8, 2048, 64)
+        self.threaded = fastattn.dask.attention(*(da.from_array(x, chunks=chunks) for x in self.qkv), causal=True)
+        self.cluster, self.client = _bench_dask.local_cluster()
+        inputs = self.client.persist([da.from_array(x, chunks=chunks) for x in self.qkv])
+        self.distributed = fastattn.dask.attention(*inputs, causal=True)
+        fastattn.attention(*self.qkv, causal=True)
+        self.distributed.compute()
+
+    def teardown(self):
+        self.client.close()
+        self.cluster.close()
+
+    def time_single(self):
+        fastattn.attention(*self.qkv, causal=True)
+
+    def time_threads(self):
+        self.threaded.compute(scheduler="threads")
+
+    def time_local_cluster(self):
+        self.distributed.compute()
