@@ -1,5 +1,4 @@
 """airspeed velocity benchmarks of fastattn.dask: chunked attention against the single call."""
-import dask
 import dask.array as da
 import numpy as np
 
