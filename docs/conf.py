@@ -24,10 +24,10 @@ extensions = [
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
-# plot_bench.py and conf.py are not pages; _static only holds files that pages show
-exclude_patterns = ["_build", "_static", "**/.ipynb_checkpoints"]
+# only .md/.rst files are pages (plot_bench.py and conf.py are not); _static holds the images pages show
+exclude_patterns = ["_build", "_static"]
 
-# myst: anchors for the guides' "page.md#section" links, and $...$ left as text
+# myst: anchors for the guides' "page.md#section" links; no extensions, so a $ in prose stays a dollar sign
 myst_heading_anchors = 3
 myst_enable_extensions = []
 
@@ -38,7 +38,10 @@ autosummary_generate = False  # the API page lists objects itself; nothing is wr
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
+try:
+    import dask.array  # noqa: F401
+except ImportError:  # the docs extra alone: document fastattn.dask without dask installed
+    autodoc_mock_imports = ["dask", "distributed"]
 
 html_theme = "alabaster"
-html_static_path = ["_static"]
 html_title = f"fastattn {release}"

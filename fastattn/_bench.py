@@ -33,6 +33,8 @@ SIZES = {
 ASV_SEQ_LENS = (512, 2048)
 #: The long single-head forward whose peak memory must stay linear in N.
 LONG_SEQ = 16384
+#: Sequence lengths of the float32 forward sweep (B=1, H=8, D=64) that ``docs/plot_bench.py`` draws.
+SWEEP_SEQ_LENS = {"full": (256, 512, 1024, 2048), "quick": (256, 512, 1024), "tiny": (64, 128)}
 
 
 @dataclass(frozen=True)
@@ -272,6 +274,35 @@ def format_table(rows):
     return "\n".join([line(head), rule, *map(line, body)])
 
 
+def sweep_cases(size="full"):
+    """The forward cases of the sequence-length sweep: float32, non-causal and causal, per length."""
+    return [Case("forward", seq=seq, causal=causal) for seq in SWEEP_SEQ_LENS[size] for causal in (False, True)]
+
+
+def sweep(size, stream):
+    """Time fastattn's CPU forward and its NumPy peer in turn over :func:`sweep_cases`; return the points.
+
+    Each point is ``{"op", "seq", "fastattn_s", "numpy_s"}`` (best seconds of
+    ``repeats`` calls of each, the two called alternately so that a busy
+    machine slows both alike).
+    """
+    from ._bench_projection import interleaved
+
+    repeats = SIZES[size]["repeats"]
+    _say(stream, f"sequence-length sweep (forward float32, B=1, H=8, D=64, best of {repeats} in turn):", end="\n")
+    points = []
+    for case in sweep_cases(size):
+        x = make_inputs(case)
+        ours, naive = kernel(case, x), peer(case, x)
+        ours()  # compile (or load the cache) and warm up
+        naive()
+        fastattn_s, numpy_s = interleaved([ours, naive], repeats)
+        points.append(dict(op=case.label, seq=case.seq, fastattn_s=fastattn_s, numpy_s=numpy_s))
+        _say(stream, f"  {case.label:<15} N={case.seq:<5} fastattn {fastattn_s * 1e3:8.2f} ms  "
+                     f"numpy {numpy_s * 1e3:8.2f} ms  {numpy_s / fastattn_s:5.1f}×", end="\n")
+    return points
+
+
 def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
     """Measure sgemm, then every case of the table on each backend; print and return the rows."""
     from . import _bench_paged, _bench_projection, _info
@@ -314,6 +345,10 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
                      "ran; rerun on an idle machine")
     for note in notes:
         _say(stream, note, end="\n")
+    points = []
+    if "cpu" in backends:
+        _say(stream, "", end="\n")
+        points = sweep(size, stream)
     paged_backends = [b for b in backends if b == "cpu" or (b == "cuda" and cuda_status()[0])]
     _say(stream, "", end="\n")
     paged_rows, bandwidth, paged_ratios = _bench_paged.run(size, stream, paged_backends)
@@ -324,7 +359,7 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
     if json_path:
         report = dict(size=size, settings=settings, sgemm_gflops=sgemm, rows=rows, notes=notes,
                       read_bandwidth_gbs=bandwidth, paged_rows=paged_rows, paged_ratios=paged_ratios,
-                      projection_rows=projection_rows,
+                      projection_rows=projection_rows, sweep=points,
                       machine=_info.machine_info())
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)

@@ -49,6 +49,10 @@ def test_bench_tiny_prints_the_table_and_writes_json(tmp_path):
         assert row["peer_ms"] > 0, row
     assert report["sgemm_gflops"] > 0
     assert "versions" in report["machine"] and "cuda" in report["machine"]
+    # the sequence-length sweep that docs/plot_bench.py draws
+    assert "sequence-length sweep" in out, out
+    assert [(p["op"], p["seq"]) for p in report["sweep"]] == [(c.label, c.seq) for c in _bench.sweep_cases("tiny")]
+    assert all(p["fastattn_s"] > 0 and p["numpy_s"] > 0 for p in report["sweep"]), report["sweep"]
     # without a real GPU the CUDA rows are skipped with a note, never faked
     if not any(r["backend"] == "cuda" for r in report["rows"]):
         assert any("CUDA rows skipped" in note for note in report["notes"]), report["notes"]
