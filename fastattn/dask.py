@@ -129,11 +129,13 @@ def _block_tasks(q, k, v, slopes, spec, split_every, token):
         for hi, (h0, h1) in enumerate(h_starts):
             block_slopes = None if slopes is None else np.ascontiguousarray(slopes[b0:b1, h0:h1])
             for qi, (i0, i1) in enumerate(q_starts):
-                lo = key_range(i0, spec.seq_q, spec.seq_k, spec.window_left, spec.window_right)[0]
-                hi_ = key_range(i1 - 1, spec.seq_q, spec.seq_k, spec.window_left, spec.window_right)[1]
+                # the keys that some row of this query chunk sees (each row sees an interval, and the
+                # intervals move right with the row)
+                first = key_range(i0, spec.seq_q, spec.seq_k, spec.window_left, spec.window_right)[0]
+                end = key_range(i1 - 1, spec.seq_q, spec.seq_k, spec.window_left, spec.window_right)[1]
                 parts = []
                 for kj, (j0, j1) in enumerate(k_starts):
-                    if max(lo, j0) < min(hi_, j1):  # some row of this query chunk sees some of these keys
+                    if max(first, j0) < min(end, j1):
                         key = (part_name, bi, hi, qi, kj)
                         tasks[key] = (block, (q.name, bi, hi, qi, 0), (k.name, bi, hi, kj, 0),
                                       (v.name, bi, hi, kj, 0), i0, j0, block_slopes)
