@@ -1,6 +1,5 @@
 """airspeed velocity benchmarks of fastattn.dask: chunked attention against the single call."""
 import dask.array as da
-import numpy as np
 
 import fastattn
 import fastattn.dask
@@ -18,13 +17,12 @@ class TimeDaskAttention:
     timeout = 300
 
     def setup(self):
-        rng = np.random.default_rng(0)
-        self.qkv = [rng.standard_normal((1, 8, 8192, 64), np.float32) for _ in range(3)]
-        chunks = (1, 8, 2048, 64)
-        self.threaded = fastattn.dask.attention(*(da.from_array(x, chunks=chunks) for x in self.qkv), causal=True)
+        shape, chunk = (1, 8, 8192, 64), 2048
         self.cluster, self.client = _bench_dask.local_cluster()
-        inputs = self.client.persist([da.from_array(x, chunks=chunks) for x in self.qkv])
+        inputs, self.qkv = _bench_dask.inputs(self.client, shape, chunk)
         self.distributed = fastattn.dask.attention(*inputs, causal=True)
+        self.threaded = fastattn.dask.attention(*(da.from_array(x, chunks=(1, 8, chunk, 64)) for x in self.qkv),
+                                                causal=True)
         fastattn.attention(*self.qkv, causal=True)
         self.distributed.compute()
 

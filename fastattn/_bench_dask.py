@@ -28,18 +28,24 @@ def local_cluster(n_workers=2):
     return cluster, Client(cluster)
 
 
-def run(seq=32768, heads=8, head_dim=64, chunk=4096, causal=True, repeats=3, stream=print):
-    """Time the single call and the key- and query-chunked Dask call; return a dict of results."""
+def inputs(client, shape, chunk):
+    """q, k, v made on the workers in chunks of ``chunk`` along the sequence (as a distributed
+    array would be), and the same numbers as NumPy arrays for the single call."""
     import dask.array as da
 
+    rng = da.random.default_rng(0)
+    chunks = shape[:2] + (chunk,) + shape[3:]
+    chunked = client.persist([rng.standard_normal(shape, dtype=np.float32, chunks=chunks) for _ in range(3)])
+    return chunked, client.compute(chunked, sync=True)
+
+
+def run(seq=32768, heads=8, head_dim=64, chunk=4096, causal=True, repeats=3, stream=print):
+    """Time the single call and the key- and query-chunked Dask call; return a dict of results."""
     import fastattn.dask
 
-    rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((1, heads, seq, head_dim), np.float32) for _ in range(3))
     cluster, client = local_cluster()
     try:
-        # the inputs live on the workers, chunked along the sequence, as a distributed array would
-        chunked = client.persist([da.from_array(x, chunks=(1, heads, chunk, head_dim)) for x in (q, k, v)])
+        chunked, (q, k, v) = inputs(client, (1, heads, seq, head_dim), chunk)
         out = fastattn.dask.attention(*chunked, causal=causal)
         single = fastattn.attention(q, k, v, causal=causal)  # compile / load the kernels
         out.compute()

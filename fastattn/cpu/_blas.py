@@ -2,16 +2,17 @@
 
 Numba's ``np.dot`` goes through SciPy's BLAS.  Inside a ``prange`` each core
 already runs its own GEMM, so BLAS's own threads would only oversubscribe.
-The limit is reference-counted so concurrent calls from several Python threads
-keep it until the last one leaves, then the user's setting comes back.  Only
-the BLAS that numba uses (SciPy's) is touched, never NumPy's.
+:func:`single_threaded_blas` sets SciPy's BLAS to one thread when a kernel
+starts (with threadpoolctl) and leaves it there: putting the user's setting
+back after every call, as an earlier version did, woke OpenBLAS's threads each
+time, and kernels called from a Python thread other than the first caller (as
+dask's threaded scheduler does) then ran 2-3x slower.  Only the BLAS that
+numba uses (SciPy's) is touched, never NumPy's.
 """
 import threading
 from contextlib import contextmanager
 
 _lock = threading.Lock()
-_users = 0
-_saved = None
 _libs = None
 
 
@@ -29,19 +30,9 @@ def _numba_blas():
 
 @contextmanager
 def single_threaded_blas():
-    global _users, _saved
+    """Run the body with SciPy's BLAS on one thread (and leave it on one thread)."""
     with _lock:
-        if _users == 0:
-            libs = _numba_blas()
-            _saved = [lib.num_threads for lib in libs]
-            for lib in libs:
+        for lib in _numba_blas():
+            if lib.num_threads != 1:
                 lib.set_num_threads(1)
-        _users += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _users -= 1
-            if _users == 0:
-                for lib, n in zip(_numba_blas(), _saved):
-                    lib.set_num_threads(n)
+    yield

@@ -46,16 +46,22 @@ def _forward(q, k, v, codec, scale, wl, wr, shift, softcap, slopes, has_alibi, o
         row_sum = np.zeros(m, acc_t)
         j_lo = key_range(i0, sq_d, sk, wl, wr)[0]
         j_hi = key_range(i0 + m - 1, sq_d, sk, wl, wr)[1]
+        # tile buffers made once per task: a malloc per tile can cost a page fault each time
+        # (e.g. under dask's MALLOC_TRIM_THRESHOLD_), which halved the speed in worker processes
+        k_buf = np.empty((block_k, dim), acc_t)
+        v_buf = np.empty((block_k, dim), acc_t)
+        s_buf = np.empty(m * block_k, acc_t)
+        pv = np.empty((m, dim), acc_t)
         for j0 in range(j_lo, j_hi, block_k):
             n = min(block_k, j_hi - j0)
-            kt = np.empty((n, dim), acc_t)
-            vt = np.empty((n, dim), acc_t)
+            kt, vt, s = k_buf[:n], v_buf[:n], s_buf[:m * n].reshape(m, n)
             decode_rows(k[b, hk, j0:j0 + n], kt, codec)
             decode_rows(v[b, hk, j0:j0 + n], vt, codec)
-            s = np.dot(qt, kt.T)
+            np.dot(qt, kt.T, s)
             softmax_tile(s, i0, m, j0, sq_d, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi,
                          row_max, row_sum, acc)
-            acc += np.dot(s, vt)
+            np.dot(s, vt, pv)
+            acc += pv
         for r in range(m):
             if row_sum[r] > 0:
                 acc[r] *= 1.0 / row_sum[r]
