@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 
-import fastattn
 
 
 def local_cluster(n_workers=2):
