@@ -14,7 +14,6 @@ import time
 import numpy as np
 
 
-
 def local_cluster(n_workers=2):
     """A loopback LocalCluster of single-threaded worker processes, and its client."""
     import dask
