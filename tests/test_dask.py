@@ -195,8 +195,9 @@ def test_decode_worker_leaves_no_sequence_behind_when_blocks_run_out():
 
 @pytest.fixture(scope="module")
 def client():
+    """Two single-threaded worker processes on loopback, 1 GiB each, closed after the module's tests."""
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address=None, memory_limit="1GiB") as cluster, Client(cluster) as client:
         yield client
 
 
