@@ -20,9 +20,9 @@ def test_sphinx_builds_without_warnings(tmp_path):
                            "-d", str(tmp_path / "doctrees"), str(ROOT / "docs"), str(tmp_path / "html")],
                           cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert done.returncode == 0, f"sphinx-build -W failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
-    for page in ("index", "install", "cuda", "threads", "attention", "api", "benchmarks"):
+    for page in ("index", "install", "cuda", "threads", "attention", "dask", "api", "benchmarks"):
         assert (tmp_path / "html" / f"{page}.html").is_file(), f"expected {page}.html"
     api = (tmp_path / "html" / "api.html").read_text(encoding="utf-8")
     for name in ("fastattn.attention", "fastattn.PagedKVCache", "fastattn.MultiheadAttention",
-                 "fastattn.reference.attention"):
+                 "fastattn.reference.attention", "fastattn.dask.attention", "fastattn.dask.paged_decode"):
         assert f'id="{name}"' in api, f"api.html: expected an entry for {name}"
