@@ -9,7 +9,7 @@ import sys
 from importlib import metadata
 
 _PACKAGES = ("fastattn", "numba", "numba-cuda", "llvmlite", "numpy", "scipy", "ml_dtypes",
-             "threadpoolctl")
+             "threadpoolctl", "dask", "distributed")  # the last two: the optional dask extra
 # CPU features that matter to the kernels (SIMD width, fused multiply-add, half/bf16 support).
 _CPU_FLAGS = ("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
               "avx512fp16", "avx512bf16", "amx-bf16", "amx-fp16", "neon", "sve")
