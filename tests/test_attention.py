@@ -486,3 +486,30 @@ def test_gradient_tolerances_catch_bugs(bug, dtype, rng):
         if name in must_fail:
             with pytest.raises(AssertionError, match="max error"):
                 assert_close(bad.astype(dtype), ref, dtype, name, magnitude=mag)
+
+
+# --- blocks of a bigger problem (the private diagonal shift fastattn.dask relies on) ---------
+
+BLOCK_OPTIONS = {
+    "causal": dict(causal=True),
+    "window": dict(window=(4, 2)),
+    "causal-alibi-softcap": dict(causal=True, alibi_slopes=np.array([0.3, 0.1, 0.7, 0.2]), softcap=3.0),
+}
+
+
+@pytest.mark.parametrize("options", BLOCK_OPTIONS.values(), ids=BLOCK_OPTIONS.keys())
+def test_blocks_merge_to_the_whole(device, options, rng):
+    """Every (query block, key block) pair with its global offsets, merged over the key blocks, is the whole."""
+    from fastattn.attention import _attention_block
+
+    sq, sk = 11, 14
+    q, k, v = random((1, 4, sq, 8), F32, rng), random((1, 2, sk, 8), F32, rng), random((1, 2, sk, 8), F32, rng)
+    ref_out, ref_lse = reference.attention(q, k, v, return_lse=True, **options)
+    for q0, q1 in ((0, 5), (5, 11)):
+        parts = [_attention_block(*(device.put(np.ascontiguousarray(x)) for x in (q[:, :, q0:q1], k[:, :, j0:j1],
+                                                                                 v[:, :, j0:j1])),
+                                  q_start=q0, k_start=j0, seq_q=sq, seq_k=sk, **put_options(device, options))
+                 for j0, j1 in ((0, 3), (3, 9), (9, 14))]
+        out, lse = fastattn.merge_attention_states([p[0] for p in parts], [p[1] for p in parts])
+        assert_close(device.get(out), ref_out[:, :, q0:q1], F32, "out")
+        assert_close(device.get(lse), ref_lse[:, :, q0:q1], F32, "lse")
