@@ -22,7 +22,7 @@ def key_range(i, sq, sk, window_left, window_right):
     diag = i + sk - sq
     lo = 0
     hi = sk
-    if window_left >= 0:
+    if window_left >= 0:  # within [0, sk]: a block's diagonal may lie past its last key
         lo = min(max(lo, diag - window_left), sk)
     if window_right >= 0:
         hi = min(hi, diag + window_right + 1)
