@@ -153,23 +153,11 @@ class TimeCompile:
         self._compile("backward")
 
 
-class _CUDA:
-    """Mixin: skip (NotImplementedError in setup) unless a real GPU is present."""
-
-    backend = "cuda"
-
-    def setup(self, *params):
-        usable, reason = _bench.cuda_status()
-        if not usable:
-            raise NotImplementedError(reason)
-        super().setup(*params)
-
-
-class TimeAttentionCUDA(_CUDA, TimeAttention):
+class TimeAttentionCUDA(_bench.CUDAOnly, TimeAttention):
     """TimeAttention on device arrays (synchronised after every call); peer on the host."""
 
 
-class TimeAttentionGQACUDA(_CUDA, TimeAttentionGQA):
+class TimeAttentionGQACUDA(_bench.CUDAOnly, TimeAttentionGQA):
     """TimeAttentionGQA on device arrays."""
 
 

@@ -142,25 +142,13 @@ class TrackReadBandwidth:
         return _bench_paged.read_bandwidth(512)
 
 
-class _CUDA:
-    """Mixin: skip (NotImplementedError in setup) unless a real GPU is present."""
-
-    backend = "cuda"
-
-    def setup(self, *params):
-        usable, reason = _bench.cuda_status()
-        if not usable:
-            raise NotImplementedError(reason)
-        super().setup(*params)
-
-
-class TimePagedDecodeCUDA(_CUDA, TimePagedDecode):
+class TimePagedDecodeCUDA(_bench.CUDAOnly, TimePagedDecode):
     """TimePagedDecode on device arrays (synchronised after every call)."""
 
 
-class TimePagedPrefillCUDA(_CUDA, TimePagedPrefill):
+class TimePagedPrefillCUDA(_bench.CUDAOnly, TimePagedPrefill):
     """TimePagedPrefill on device arrays."""
 
 
-class TimePagedBackwardCUDA(_CUDA, TimePagedBackward):
+class TimePagedBackwardCUDA(_bench.CUDAOnly, TimePagedBackward):
     """TimePagedBackward on device arrays."""

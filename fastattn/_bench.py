@@ -223,6 +223,19 @@ def cuda_sync():
     cuda.synchronize()
 
 
+class CUDAOnly:
+    """asv mixin: the same benchmark on device arrays; skipped (NotImplementedError in setup)
+    unless a real GPU is present."""
+
+    backend = "cuda"
+
+    def setup(self, *params):
+        usable, reason = cuda_status()
+        if not usable:
+            raise NotImplementedError(reason)
+        super().setup(*params)
+
+
 def _say(stream, text, end=""):
     stream.write(text + end)
     stream.flush()
