@@ -16,28 +16,27 @@ from . import _launch
 _kernels = {}
 
 
+@cuda.jit(device=True)
+def _coords(e, shape):
+    """(b, h, s, d) of flat element e of a C-ordered [B, H, S, D] array."""
+    heads, seq, dim = shape[1], shape[2], shape[3]
+    return e // (dim * seq * heads), (e // (dim * seq)) % heads, (e // dim) % seq, e % dim
+
+
 @cuda.jit
 def _repeat(kv, group_size, out):
-    batch, heads_q, seq, dim = out.shape
     e = cuda.grid(1)
-    if e < batch * heads_q * seq * dim:
-        d = e % dim
-        s = (e // dim) % seq
-        h = (e // (dim * seq)) % heads_q
-        b = e // (dim * seq * heads_q)
+    if e < out.size:
+        b, h, s, d = _coords(e, out.shape)
         out[b, h, s, d] = kv[b, h // group_size, s, d]
 
 
 def _make_sum_groups(acc):
     @cuda.jit
     def sum_groups(dheads, group_size, codec, out):
-        batch, heads_kv, seq, dim = out.shape
         e = cuda.grid(1)
-        if e < batch * heads_kv * seq * dim:
-            d = e % dim
-            s = (e // dim) % seq
-            hk = (e // (dim * seq)) % heads_kv
-            b = e // (dim * seq * heads_kv)
+        if e < out.size:
+            b, hk, s, d = _coords(e, out.shape)
             total = acc(0.0)
             for g in range(group_size):
                 total += acc(widen(dheads[b, hk * group_size + g, s, d], codec))
