@@ -95,6 +95,12 @@ CPU_CASES = [
     PagedCase((64, 70), 4, 1, 32, 16, seq_q=33, option="window", dtype=F16, shared=2),
     PagedCase((40, 41), 4, 4, 32, 8, seq_q=40, option="alibi", dtype=F64, shared=1),
     PagedCase((129,), 8, 8, 128, 16, seq_q=113, option="plain", dtype=F32),
+    # decode-sized query tiles (the register-blocked decode kernel): 4-row passes and their remainders,
+    # several queries per sequence, and a head dim it does not take (the general kernel instead)
+    PagedCase((37, 129, 0), 10, 2, 48, 16, seq_q=2, option="causal", dtype=F16, shared=1),
+    PagedCase((9, 200), 9, 3, 16, 16, seq_q=3, option="window", dtype=BF16),
+    PagedCase((35, 70), 9, 3, 32, 32, seq_q=3, option="alibi", dtype=F32, shared=1),
+    PagedCase((5, 37), 4, 2, 40, 16, option="softcap", dtype=F32),
     # shared prefixes in decode
     PagedCase((64, 100, 37), 8, 2, 64, 16, option="plain", dtype=F16, shared=2),
     PagedCase((33, 96), 4, 1, 128, 32, option="causal", dtype=BF16, shared=1),

@@ -14,7 +14,7 @@ negative-index wraparound and stays scalar).
 import numpy as np
 from numba import njit
 
-from .._tile import alibi_bias, key_range, online_rescale, query_range, softcap_grad
+from .._tile import alibi_bias, key_range, query_range, softcap_grad
 from ._fastmath import FASTMATH, decode_rows, exp_shifted, max_of, softcap_fast
 
 
@@ -25,9 +25,19 @@ def _visible_part(row, i, j0, sq, sk, wl, wr):
     n = row.size
     c0 = min(max(lo - j0, 0), n)
     c1 = max(min(hi - j0, n), c0)
+    if c0 == 0 and c1 == n:  # the common case: no view to make
+        return row, 0
     row[:c0] = 0
     row[c1:] = 0
     return row[c0:c1], c0
+
+
+@njit(fastmath=FASTMATH)
+def _rescale(row_max, new_max, zero):
+    """:func:`fastattn._tile.online_rescale` with the fast exponential (``zero``: 0 in their precision)."""
+    if row_max == -np.inf:
+        return zero
+    return exp_shifted(row_max, new_max)
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -46,7 +56,7 @@ def softmax_tile(s, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, 
         if softcap > 0 or has_alibi:
             _transform_scores(seen, i, j0 + c0, sq, sk, softcap, slopes[r // period], has_alibi)
         new_max = max(row_max[r], max_of(seen))
-        alpha = online_rescale(row_max[r], new_max)
+        alpha = _rescale(row_max[r], new_max, row_sum[r] * 0)
         total = seen[0] * 0
         for c in range(seen.size):
             e = exp_shifted(seen[c], new_max)

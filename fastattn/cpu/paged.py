@@ -29,26 +29,38 @@ from .._config import config
 from .._dtypes import bits_view, codec_of
 from .._tile import finish_lse, key_range
 from ._blas import single_threaded_blas
+from ._decode import add_values, prefetch_row, scores
 from ._fastmath import FASTMATH, decode_rows, decode_token, encode_row
+from ._simd import simd_view
 from ._tiles import grad_tile, key_tile_backward, softmax_tile
 from .attention import _delta, _slopes, merge
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
+_STREAMS = 4   # far-apart runs of tokens a gather reads in lockstep
 _SMALL_M = 16  # tiles with at most this many rows skip BLAS (its call overhead dominates)
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _gather(rows, table_row, hk0, heads_kv, bs, j0, n, dst, codec):
-    """Decode tokens j0 .. j0+n of KV heads hk0 .. hk0+h of one sequence into dst[:h, :n].
+def _gather(k_rows, v_rows, table_row, hk0, heads_kv, bs, j0, n, kt, vt, codec):
+    """Decode keys and values j0 .. j0+n of KV heads hk0 .. hk0+h of one sequence into kt, vt [:h, :n].
 
-    ``rows`` is the cache seen as ``[num_blocks * block_size * Hkv, D]``.  The
-    heads of a token are neighbours in memory, so a task that owns several KV
-    heads streams through each block instead of striding over it.  ``dst`` is
-    a whole C-contiguous buffer (a slice of it would hide the unit stride).
+    ``k_rows``/``v_rows`` are the caches seen as ``[num_blocks * block_size * Hkv, D]``.
+    The heads of a token are neighbours in memory, so a task that owns several
+    KV heads streams through each block instead of striding over it.  The n
+    tokens are read as ``_STREAMS`` runs in lockstep (and K beside V): one core
+    streaming a single run reaches about half the memory bandwidth, a few
+    far-apart runs keep enough reads in flight to reach it.  ``kt``/``vt`` are
+    whole C-contiguous buffers (a slice of them would hide the unit stride).
     """
-    for c in range(n):
-        t = j0 + c
-        decode_token(rows, (table_row[t // bs] * bs + t % bs) * heads_kv + hk0, dst, c, codec)
+    run = -(-n // _STREAMS)
+    for c in range(run):
+        for s in range(_STREAMS):
+            i = s * run + c
+            if i < n:
+                t = j0 + i
+                r0 = (table_row[t // bs] * bs + t % bs) * heads_kv + hk0
+                decode_token(k_rows, r0, kt, i, codec)
+                decode_token(v_rows, r0, vt, i, codec)
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -118,8 +130,7 @@ def _forward(q, k_rows, v_rows, table, lens, bs, heads_kv, kv_per_task, q_codec,
             vt = np.empty((nk, block_k, dim), acc_t)
             for j0 in range(j_lo, j_hi, block_k):
                 n = min(block_k, j_hi - j0)
-                _gather(k_rows, table[b], hk0, heads_kv, bs, j0, n, kt, kv_codec)
-                _gather(v_rows, table[b], hk0, heads_kv, bs, j0, n, vt, kv_codec)
+                _gather(k_rows, v_rows, table[b], hk0, heads_kv, bs, j0, n, kt, vt, kv_codec)
                 for u in range(nk):
                     hk = hk0 + u
                     s = np.dot(qt[u], kt[u, :n].T)
@@ -135,6 +146,63 @@ def _forward(q, k_rows, v_rows, table, lens, bs, heads_kv, kv_per_task, q_codec,
                 for d in range(dim):
                     out_part[split, b, h, i, d] = acc[u, r, d] * inv
                 lse_part[split, b, h, i] = finish_lse(row_max[u, r], row_sum[u, r])
+
+
+@njit(**_JIT)
+def _decode(q, k_rows, v_rows, table, lens, bs, heads_kv, q_codec, q_mult, k_mult, v_mult, wl, wr, softcap,
+            slopes, has_alibi, out_part, lse_part, block_k):
+    """The forward for decode-sized queries (a float32 accumulator, D a multiple of 16).
+
+    One task per (sequence, key split) owns every KV head.  Keys and values are
+    read straight from the cache rows by the register-blocked loops of
+    :mod:`fastattn.cpu._decode`; nothing is gathered.
+    """
+    batch, heads_q, sq, dim = q.shape
+    group = heads_q // heads_kv
+    m = group * sq
+    n_split = out_part.shape[0]
+    for task in prange(batch * n_split):
+        split = task % n_split
+        b = task // n_split
+        sk = lens[b]
+        acc = np.zeros((heads_kv, m, dim), np.float32)
+        row_max = np.full((heads_kv, m), -np.inf, np.float32)
+        row_sum = np.zeros((heads_kv, m), np.float32)
+        chunk = (sk + n_split - 1) // n_split
+        j_lo = max(key_range(0, sq, sk, wl, wr)[0], split * chunk)
+        j_hi = min(key_range(sq - 1, sq, sk, wl, wr)[1], (split + 1) * chunk)
+        if j_lo < j_hi:
+            qt = np.empty((heads_kv, m, dim), np.float32)
+            for u in range(heads_kv):
+                _group_rows(q, b, u, group, 0, sq, qt[u], q_codec)
+                qt[u] *= q_mult * k_mult[u]
+            rows = np.empty(block_k, np.int64)
+            next_rows = np.empty(block_k, np.int64)
+            for j0 in range(j_lo, j_hi, block_k):
+                n = min(block_k, j_hi - j0)
+                for i in range(n):
+                    t = j0 + i
+                    rows[i] = (table[b, t // bs] * bs + t % bs) * heads_kv
+                s = np.empty((heads_kv, m, n), np.float32)  # C-contiguous rows: the softmax vectorises
+                for u in range(heads_kv):
+                    scores(qt[u], k_rows, rows, u, n, s[u], v_rows)
+                next_n = min(block_k, j_hi - j0 - n)
+                for i in range(next_n):
+                    t = j0 + n + i
+                    next_rows[i] = (table[b, t // bs] * bs + t % bs) * heads_kv
+                for u in range(heads_kv):
+                    for i in range(next_n):
+                        prefetch_row(k_rows[next_rows[i] + u])
+                    softmax_tile(s[u], 0, sq, j0, sq, sk, wl, wr, softcap,
+                                 slopes[b, u * group:(u + 1) * group], has_alibi, row_max[u], row_sum[u], acc[u])
+                    add_values(acc[u], s[u], v_rows, rows, u, n)
+        for u in range(heads_kv):
+            for r in range(m):
+                h = u * group + r // sq
+                inv = v_mult[u] / row_sum[u, r] if row_sum[u, r] > 0 else 0.0
+                for d in range(dim):
+                    out_part[split, b, h, r % sq, d] = acc[u, r, d] * inv
+                lse_part[split, b, h, r % sq] = finish_lse(row_max[u, r], row_sum[u, r])
 
 
 @njit(**_JIT)
@@ -170,8 +238,7 @@ def _backward_dq(dout, q, k_rows, v_rows, table, lens, bs, heads_kv, lse, delta,
         vt = np.empty((1, block_k, dim), acc_t)
         for j0 in range(j_lo, j_hi, block_k):
             n = min(block_k, j_hi - j0)
-            _gather(k_rows, table[b], hk, heads_kv, bs, j0, n, kt, codec)
-            _gather(v_rows, table[b], hk, heads_kv, bs, j0, n, vt, codec)
+            _gather(k_rows, v_rows, table[b], hk, heads_kv, bs, j0, n, kt, vt, codec)
             s = np.dot(qt, kt[0, :n].T)
             dp = np.dot(dt, vt[0, :n].T)
             grad_tile(s, dp, i0, mq, j0, sq, sk, wl, wr, 0.0, no_slopes, False, lse_t, delta_t)
@@ -278,6 +345,13 @@ def num_splits(spec, rows_q):
     return max(1, min(want, by_length))
 
 
+def _fits_decode(spec, rows_q, per_task):
+    """Whether the register-blocked decode kernel takes this call: decode-sized query tiles that own
+    every KV head, a float32 accumulator and a head dimension its 16-column passes divide."""
+    return (per_task == spec.heads_kv and rows_q == spec.seq_q and spec.accum_dtype == np.float32
+            and spec.head_dim % 16 == 0)
+
+
 def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale=None, v_scale=None,
             out_dtype=None, out_scale=1.0):
     """Run the paged forward kernel and merge its splits; return (out, lse) as NumPy arrays."""
@@ -291,7 +365,12 @@ def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale
     per_task = kv_heads_per_task(spec, rows_q)
     out_part = np.empty((n_split,) + q.shape, acc)
     lse_part = np.empty((n_split,) + q.shape[:3], acc)
-    if q.size:
+    if q.size and _fits_decode(spec, rows_q, per_task):
+        k_rows, v_rows = (simd_view(np.ascontiguousarray(c)).reshape(-1, spec.head_dim) for c in (k_cache, v_cache))
+        _decode(bits_view(np.ascontiguousarray(q)), k_rows, v_rows, table, lens, spec.block_size, spec.heads_kv,
+                codec_of(q.dtype), spec.scale * q_scale, k_mult, v_mult, spec.window_left, spec.window_right,
+                spec.softcap, slopes, has_alibi, out_part, lse_part, max(1, config.cpu_paged_block_k // per_task))
+    elif q.size:
         with single_threaded_blas():
             _forward(bits_view(np.ascontiguousarray(q)), *_token_rows(k_cache, v_cache), table, lens,
                      spec.block_size, spec.heads_kv, per_task, codec_of(q.dtype), codec_of(k_cache.dtype),
