@@ -4,11 +4,13 @@ Forward: one task per (sequence, KV heads, tile of query positions, key
 split).  The query heads of a KV group are stacked into one tile, so each key
 and value row is read once per group.  A decode-sized task owns every KV head
 of its tokens and reads each block front to back (the heads of a token are
-neighbours in the cache); prefill tasks own one KV head.  Keys and values are
-gathered through the block table into contiguous tiles, decoded (f16 and fp8
-through the CPU's half-precision converter, bf16 by a shift), and multiplied
-through BLAS (hand loops for the few rows of a decode step), with the shared
-online-softmax tile step in between.  Splits of a long sequence's keys
+neighbours in the cache); prefill tasks own one KV head.  Prefill keys and
+values are gathered through the block table into contiguous tiles, decoded
+(f16 and fp8 through the CPU's half-precision converter, bf16 by a shift), and
+multiplied through BLAS, with the shared online-softmax tile step in between.
+Decode tasks (``_decode``) gather nothing: register-blocked SIMD loops
+(:mod:`fastattn.cpu._decode`) read the cache rows directly, and prefetch each
+tile's values and the next tile's keys while they compute.  Splits of a long sequence's keys
 ("flash decoding") keep every core busy when there are few sequences; their
 partial states are combined by the merge kernel of
 :func:`fastattn.merge_attention_states`.  fp8 scales cost nothing:
