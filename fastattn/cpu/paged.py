@@ -150,6 +150,14 @@ def _forward(q, k_rows, v_rows, table, lens, bs, heads_kv, kv_per_task, q_codec,
                 lse_part[split, b, h, i] = finish_lse(row_max[u, r], row_sum[u, r])
 
 
+@njit(fastmath=FASTMATH, cache=True)
+def _tile_rows(table_row, bs, heads_kv, j0, n, rows):
+    """rows[i] = the token-row index of head 0 of key j0 + i."""
+    for i in range(n):
+        t = j0 + i
+        rows[i] = (table_row[t // bs] * bs + t % bs) * heads_kv
+
+
 @njit(**_JIT)
 def _decode(q, k_rows, v_rows, table, lens, bs, heads_kv, q_codec, q_mult, k_mult, v_mult, wl, wr, softcap,
             slopes, has_alibi, out_part, lse_part, block_k):
@@ -178,26 +186,23 @@ def _decode(q, k_rows, v_rows, table, lens, bs, heads_kv, q_codec, q_mult, k_mul
             for u in range(heads_kv):
                 _group_rows(q, b, u, group, 0, sq, qt[u], q_codec)
                 qt[u] *= q_mult * k_mult[u]
-            rows = np.empty(block_k, np.int64)
+            rows = np.empty(block_k, np.int64)  # cache row of head 0 of each key of the tile
             next_rows = np.empty(block_k, np.int64)
+            _tile_rows(table[b], bs, heads_kv, j_lo, min(block_k, j_hi - j_lo), rows)
             for j0 in range(j_lo, j_hi, block_k):
                 n = min(block_k, j_hi - j0)
-                for i in range(n):
-                    t = j0 + i
-                    rows[i] = (table[b, t // bs] * bs + t % bs) * heads_kv
                 s = np.empty((heads_kv, m, n), np.float32)  # C-contiguous rows: the softmax vectorises
                 for u in range(heads_kv):
                     scores(qt[u], k_rows, rows, u, n, s[u], v_rows)
                 next_n = min(block_k, j_hi - j0 - n)
-                for i in range(next_n):
-                    t = j0 + n + i
-                    next_rows[i] = (table[b, t // bs] * bs + t % bs) * heads_kv
+                _tile_rows(table[b], bs, heads_kv, j0 + n, next_n, next_rows)
                 for u in range(heads_kv):
                     for i in range(next_n):
                         prefetch_row(k_rows[next_rows[i] + u])
                     softmax_tile(s[u], 0, sq, j0, sq, sk, wl, wr, softcap,
                                  slopes[b, u * group:(u + 1) * group], has_alibi, row_max[u], row_sum[u], acc[u])
                     add_values(acc[u], s[u], v_rows, rows, u, n)
+                rows, next_rows = next_rows, rows
         for u in range(heads_kv):
             for r in range(m):
                 h = u * group + r // sq
