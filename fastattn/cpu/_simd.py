@@ -74,16 +74,14 @@ def _convert(builder, raw, dtype):
     wide = builder.zext(raw, ir.VectorType(i16, LANES))
     if dtype == types.int8:
         return builder.fpext(builder.bitcast(builder.shl(wide, _splat(8, i16)), half), _VEC)
-    # float8_e4m3fn: sign to bit 15, exponent and mantissa under half's, then the bias difference
-    sign = builder.shl(builder.and_(wide, _splat(0x80, i16)), _splat(8, i16))
-    body = builder.and_(wide, _splat(0x7F, i16))
-    value = builder.fpext(builder.bitcast(builder.or_(sign, builder.shl(body, _splat(7, i16))), half), _VEC)
-    value = builder.fmul(value, _splat(256.0, _F32))
-    i32 = ir.IntType(32)
-    nan = builder.or_(builder.shl(builder.zext(sign, ir.VectorType(i32, LANES)), _splat(16, i32)),
-                      _splat(0x7FC00000, i32))  # a quiet NaN with the byte's sign
-    is_nan = builder.icmp_unsigned("==", body, _splat(0x7F, i16))
-    return builder.select(is_nan, builder.bitcast(nan, _VEC), value)
+    # float8_e4m3fn: sign-extended to 16 bits and shifted left by 7, the byte's exponent and mantissa
+    # sit under half's and its sign is bit 15; clearing bit 14 (a copy of the sign) leaves the half
+    # that is the value times 2**-8.  The NaN pattern (all seven low bits set) becomes half's NaN.
+    bits = builder.and_(builder.shl(builder.sext(raw, ir.VectorType(i16, LANES)), _splat(7, i16)),
+                        _splat(0xBFFF, i16))
+    is_nan = builder.icmp_unsigned("==", builder.and_(bits, _splat(0x3F80, i16)), _splat(0x3F80, i16))
+    bits = builder.select(is_nan, builder.or_(bits, _splat(0x7C00, i16)), bits)
+    return builder.fmul(builder.fpext(builder.bitcast(bits, half), _VEC), _splat(256.0, _F32))
 
 
 _STORAGE = {types.float32: _F32, types.uint16: ir.IntType(16), types.int16: ir.IntType(16),
