@@ -10,11 +10,11 @@ values are gathered through the block table into contiguous tiles, decoded
 multiplied through BLAS, with the shared online-softmax tile step in between.
 Decode tasks (``_decode``) gather nothing: register-blocked SIMD loops
 (:mod:`fastattn.cpu._decode`) read the cache rows directly, and prefetch each
-tile's values and the next tile's keys while they compute.  Splits of a long sequence's keys
-("flash decoding") keep every core busy when there are few sequences; their
-partial states are combined by the merge kernel of
-:func:`fastattn.merge_attention_states`.  fp8 scales cost nothing:
-``k_scale`` is folded into the query, ``v_scale`` into the output.
+tile's values and the next tile's keys while they compute.  Splits of a long
+sequence's keys ("flash decoding") keep every core busy when there are few
+sequences; their partial states are combined by the merge kernel of
+:func:`fastattn.merge_attention_states`.  fp8 scales cost nothing: ``k_scale``
+is folded into the query, ``v_scale`` into the output.
 
 Backward: dq per (sequence, KV head, query tile), like the forward; dk/dv per
 (physical block, KV head) over the inverted block table, so a block shared by
@@ -38,7 +38,6 @@ from ._tiles import grad_tile, key_tile_backward, softmax_tile
 from .attention import _delta, _slopes, merge
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
-_STREAMS = 4   # far-apart runs of tokens a gather reads in lockstep
 _SMALL_M = 16  # tiles with at most this many rows skip BLAS (its call overhead dominates)
 
 
@@ -48,21 +47,16 @@ def _gather(k_rows, v_rows, table_row, hk0, heads_kv, bs, j0, n, kt, vt, codec):
 
     ``k_rows``/``v_rows`` are the caches seen as ``[num_blocks * block_size * Hkv, D]``.
     The heads of a token are neighbours in memory, so a task that owns several
-    KV heads streams through each block instead of striding over it.  The n
-    tokens are read as ``_STREAMS`` runs in lockstep (and K beside V): one core
-    streaming a single run reaches about half the memory bandwidth, a few
-    far-apart runs keep enough reads in flight to reach it.  ``kt``/``vt`` are
-    whole C-contiguous buffers (a slice of them would hide the unit stride).
+    KV heads streams through each block instead of striding over it; keys and
+    values are read side by side (two streams keep more reads in flight than
+    one).  ``kt``/``vt`` are whole C-contiguous buffers (a slice of them would
+    hide the unit stride).
     """
-    run = -(-n // _STREAMS)
-    for c in range(run):
-        for s in range(_STREAMS):
-            i = s * run + c
-            if i < n:
-                t = j0 + i
-                r0 = (table_row[t // bs] * bs + t % bs) * heads_kv + hk0
-                decode_token(k_rows, r0, kt, i, codec)
-                decode_token(v_rows, r0, vt, i, codec)
+    for c in range(n):
+        t = j0 + c
+        r0 = (table_row[t // bs] * bs + t % bs) * heads_kv + hk0
+        decode_token(k_rows, r0, kt, c, codec)
+        decode_token(v_rows, r0, vt, c, codec)
 
 
 @njit(fastmath=FASTMATH, cache=True)
