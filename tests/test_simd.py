@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastattn.cpu._simd import LANES, simd_view, vfma, vload, vsplat, vstore, vsum, vzero
+from fastattn.cpu._simd import LANES, simd_view, vadd, vfma, vload, vsplat, vstore, vsum, vsums8, vzero
 
 
 @njit
@@ -49,3 +49,24 @@ def test_splat_fills_every_lane():
     out = np.zeros(LANES, np.float32)
     splat(np.float32(2.5), out)
     assert np.all(out == 2.5)
+
+
+def test_sums_of_eight_vectors_in_order(rng):
+    @njit
+    def sums(a):
+        return vsums8(vload(a[0], 0), vload(a[1], 0), vload(a[2], 0), vload(a[3], 0),
+                      vload(a[4], 0), vload(a[5], 0), vload(a[6], 0), vload(a[7], 0))
+
+    a = rng.standard_normal((8, LANES)).astype(np.float32)
+    assert np.allclose(sums(a), a.astype(np.float64).sum(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_add_adds_lane_by_lane(rng):
+    @njit
+    def add(a, b, out):
+        vstore(out, 0, vadd(vload(a, 0), vload(b, 0)))
+
+    a, b = rng.standard_normal((2, LANES)).astype(np.float32)
+    out = np.empty(LANES, np.float32)
+    add(a, b, out)
+    assert np.array_equal(out, a + b)

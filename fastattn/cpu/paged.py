@@ -33,7 +33,7 @@ from .._tile import finish_lse, key_range
 from ._blas import single_threaded_blas
 from ._decode import add_values, prefetch_row, scores
 from ._fastmath import FASTMATH, decode_rows, decode_token, encode_row
-from ._simd import simd_view
+from ._simd import LANES, simd_view
 from ._tiles import grad_tile, key_tile_backward, softmax_tile
 from .attention import _delta, _slopes, merge
 
@@ -155,7 +155,7 @@ def _tile_rows(table_row, bs, heads_kv, j0, n, rows):
 @njit(**_JIT)
 def _decode(q, k_rows, v_rows, table, lens, bs, heads_kv, q_codec, q_mult, k_mult, v_mult, wl, wr, softcap,
             slopes, has_alibi, out_part, lse_part, block_k):
-    """The forward for decode-sized queries (a float32 accumulator, D a multiple of 16).
+    """The forward for decode-sized queries (a float32 accumulator, D a multiple of ``LANES``).
 
     One task per (sequence, key split) owns every KV head.  Keys and values are
     read straight from the cache rows by the register-blocked loops of
@@ -348,9 +348,9 @@ def num_splits(spec, rows_q):
 
 def _fits_decode(spec, rows_q, per_task):
     """Whether the register-blocked decode kernel takes this call: decode-sized query tiles that own
-    every KV head, a float32 accumulator and a head dimension its 16-column passes divide."""
+    every KV head, a float32 accumulator and a head dimension its vector passes divide."""
     return (per_task == spec.heads_kv and rows_q == spec.seq_q and spec.accum_dtype == np.float32
-            and spec.head_dim % 16 == 0)
+            and spec.head_dim % LANES == 0)
 
 
 def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale=None, v_scale=None,
