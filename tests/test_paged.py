@@ -42,6 +42,19 @@ def test_forward_matches_reference(device, case, rng):
     assert np.all(out[empty].astype(np.float64) == 0) and np.all(lse[empty] == -np.inf)
 
 
+@pytest.mark.parametrize("block_k", [1, 5, 64])
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_decode_tiles_of_any_size(block_k, dtype, rng, monkeypatch):
+    """The decode kernel's key tiles (odd sizes, one key, the prefetched next tile) change no result."""
+    case = PagedCase((200, 37, 1), 8, 2, 48, 16, option="causal", dtype=dtype, shared=0)
+    q, k_cache, v_cache, table, lens, options = paged_inputs(case, rng)
+    monkeypatch.setattr(fastattn.config, "cpu_decode_block_k", block_k)
+    out, lse = fastattn.paged_attention(q, k_cache, v_cache, table, lens, return_lse=True, **options)
+    ref_out, ref_lse = reference.paged_attention(q, k_cache, v_cache, table, lens, return_lse=True, **options)
+    assert_close(out, ref_out, dtype, "out")
+    assert_close(lse, ref_lse, F32, "lse")
+
+
 @pytest.mark.parametrize("split_min_keys", [1, 7, 64])
 def test_split_kv_gives_the_same_result_as_one_pass(split_min_keys, rng, monkeypatch):
     """One long sequence split over the cores (flash decoding) and merged."""

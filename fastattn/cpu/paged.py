@@ -370,7 +370,7 @@ def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale
         k_rows, v_rows = (simd_view(np.ascontiguousarray(c)).reshape(-1, spec.head_dim) for c in (k_cache, v_cache))
         _decode(bits_view(np.ascontiguousarray(q)), k_rows, v_rows, table, lens, spec.block_size, spec.heads_kv,
                 codec_of(q.dtype), spec.scale * q_scale, k_mult, v_mult, spec.window_left, spec.window_right,
-                spec.softcap, slopes, has_alibi, out_part, lse_part, max(1, config.cpu_paged_block_k // per_task))
+                spec.softcap, slopes, has_alibi, out_part, lse_part, max(1, config.cpu_decode_block_k))
     elif q.size:
         with single_threaded_blas():
             _forward(bits_view(np.ascontiguousarray(q)), *_token_rows(k_cache, v_cache), table, lens,
