@@ -1,10 +1,12 @@
-"""The explicit-vector loads of the CPU decode kernel convert every storage format exactly."""
+"""The explicit-vector helpers of the CPU decode kernel: exact conversions, sums, exponentials."""
 import ml_dtypes
 import numpy as np
 import pytest
 from numba import njit
 
-from fastattn.cpu._simd import LANES, simd_view, vadd, vfma, vload, vsplat, vstore, vsum, vsums8, vzero
+from fastattn.cpu._fastmath import exp_nonpos, exp_row, max_of
+from fastattn.cpu._simd import (LANES, data_of, simd_view, vadd, vexp_nonpos, vfma, vlane, vload, vload2, vmax_lanes,
+                                vsplat, vstore, vstore4, vsum, vsums16, vzero)
 
 
 @njit
@@ -21,13 +23,23 @@ def _dot(a, b):
     return vsum(acc)
 
 
+@njit
+def _load_pairs_through_pointer(src, dst):
+    p, q = data_of(src), data_of(dst)
+    for i in range(0, src.size, 2 * LANES):
+        low, high = vload2(p, i)
+        vstore(q, i, low)
+        vstore(q, i + LANES, high)
+
+
+@pytest.mark.parametrize("load", [_load_all, _load_pairs_through_pointer], ids=["vload", "vload2-pointer"])
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2],
                          ids=lambda d: np.dtype(d).name)
-def test_every_bit_pattern_loads_as_numpy_converts_it(dtype):
+def test_every_bit_pattern_loads_as_numpy_converts_it(dtype, load):
     width = np.uint16 if np.dtype(dtype).itemsize == 2 else np.uint8
     x = np.arange(np.iinfo(width).max + 1, dtype=width).view(dtype)
     got = np.empty(x.size, np.float32)
-    _load_all(simd_view(x), got)
+    load(simd_view(x), got)
     want = x.astype(np.float32)
     assert np.array_equal(got, want, equal_nan=True)
     assert np.array_equal(np.signbit(got), np.signbit(want))
@@ -51,14 +63,77 @@ def test_splat_fills_every_lane():
     assert np.all(out == 2.5)
 
 
-def test_sums_of_eight_vectors_in_order(rng):
+def test_sums_of_sixteen_vectors_in_order_and_quarter_stores(rng):
     @njit
-    def sums(a):
-        return vsums8(vload(a[0], 0), vload(a[1], 0), vload(a[2], 0), vload(a[3], 0),
-                      vload(a[4], 0), vload(a[5], 0), vload(a[6], 0), vload(a[7], 0))
+    def sums(a, out, lanes):
+        p = data_of(a)
+        v = vsums16(vload(p, 0), vload(p, 16), vload(p, 32), vload(p, 48), vload(p, 64), vload(p, 80),
+                    vload(p, 96), vload(p, 112), vload(p, 128), vload(p, 144), vload(p, 160), vload(p, 176),
+                    vload(p, 192), vload(p, 208), vload(p, 224), vload(p, 240))
+        vstore4(out[0], 0, v, 0)
+        vstore4(out[0], 4, v, 1)
+        vstore4(out[1], 0, v, 2)
+        vstore4(out[1], 4, v, 3)
+        for k in range(LANES):
+            lanes[k] = vlane(v, k)
 
-    a = rng.standard_normal((8, LANES)).astype(np.float32)
-    assert np.allclose(sums(a), a.astype(np.float64).sum(axis=1), rtol=1e-5, atol=1e-6)
+    a = rng.standard_normal((16, LANES)).astype(np.float32)
+    out = np.zeros((2, 8), np.float32)
+    lanes = np.zeros(LANES, np.float32)
+    sums(a, out, lanes)
+    want = a.astype(np.float64).sum(axis=1)
+    assert np.allclose(lanes, want, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(out.ravel(), lanes)
+
+
+def test_vector_exp_matches_the_scalar_one_and_numpy():
+    @njit
+    def both(x, vec_out, scalar_out):
+        for i in range(0, x.size, LANES):
+            vstore(vec_out, i, vexp_nonpos(vload(x, i)))
+        for i in range(x.size):
+            scalar_out[i] = exp_nonpos(x[i])
+
+    x = np.concatenate([-np.geomspace(1e-8, 100, 4000), [0.0, -0.0, -86.9, -87.1, -np.inf, np.nan]])
+    x = np.resize(x, -(-x.size // LANES) * LANES).astype(np.float32)
+    vec, scalar = np.empty_like(x), np.empty_like(x)
+    both(x, vec, scalar)
+    np.testing.assert_array_max_ulp(vec, scalar, maxulp=1)  # the two round their FMAs differently
+    assert np.array_equal(vec == 0, scalar == 0)  # NaN and x < -87 give 0 in both
+    want = np.exp(x.astype(np.float64))
+    near = np.isfinite(x) & (x > -5)
+    assert np.allclose(vec[near], want[near], rtol=5e-7, atol=0)
+    # further out the rounding of x * log2(e) grows with |x| (weights below e**-5 of the maximum)
+    far = np.isfinite(x) & (x > -80)
+    assert np.allclose(vec[far], want[far], rtol=1e-5, atol=0)
+    assert np.all(vec[(x < -87.0) | np.isnan(x)] == 0)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 128, 131])
+def test_row_max_and_exp_vector_paths_match_scalar_ones(rng, n):
+    @njit
+    def run(row):
+        best = max_of(row)
+        total = exp_row(row, best)
+        return best, total
+
+    x = rng.standard_normal(n).astype(np.float32)
+    best, total = run(x.copy())
+    best64, total64 = run(x.astype(np.float64))
+    assert best == x.max() == best64
+    assert total == pytest.approx(total64, rel=1e-6)
+
+
+def test_lane_max_finds_the_largest(rng):
+    @njit
+    def largest(a):
+        return vmax_lanes(vload(a, 0))
+
+    a = rng.standard_normal(LANES).astype(np.float32)
+    for k in range(LANES):
+        b = a.copy()
+        b[k] = 10.0
+        assert largest(b) == 10.0
 
 
 def test_add_adds_lane_by_lane(rng):

@@ -4,171 +4,231 @@ A decode step multiplies a few query rows (the ``m`` query rows of one KV
 group) by every key and value of a sequence: about one multiply-add per byte
 of cache, so the arithmetic has to run near the machine's peak to keep up with
 memory.  These loops read keys and values straight from the cache rows
-(converted as they are loaded, :mod:`fastattn.cpu._simd`), keep their sums in
-registers, and need the head dimension to be a multiple of ``LANES`` (16).
+(converted as they are loaded, :mod:`fastattn.cpu._simd`), keep sixteen sums
+in registers, and need the head dimension to be a multiple of ``LANES`` (16).
 
 ``rows[i] + u`` is the cache row of token ``i`` of the tile for KV head ``u``.
+Inside the loops every array is a raw pointer (:func:`~fastattn.cpu._simd.data_of`)
+and rows are offsets: an array or row view used there can cost two atomic
+reference-count updates per pass.
+
+Memory: the rows of one head are a cache row apart (``Hkv * D`` elements), so
+they fall in a few sets of the first-level cache and evict each other; the
+loops prefetch into the second-level cache instead, spread one row per key
+over the arithmetic (a burst of prefetches stalls the loads behind it):
+:func:`scores` asks for the values of its keys, :func:`add_values` for the
+keys of the next tile.
 """
 from numba import njit
 
 from ._fastmath import FASTMATH
-from ._simd import LANES, prefetch, vadd, vfma, vload, vsplat, vstore, vsum, vsums8, vzero
+from ._simd import (LANES, data_of, prefetch_l2, vadd, vfma, vlane, vload, vload2, vsplat, vstore, vstore4, vsum,
+                    vsums16, vzero)
 
 _INLINE = dict(fastmath=FASTMATH, inline="always")
 
 
 @njit(**_INLINE)
-def _dots4(qu, r, ka, kb):
-    """Dot products of query rows r .. r+3 with key rows ka (sums 0..3) and kb (sums 4..7)."""
-    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = vzero()
-    q0, q1, q2, q3 = qu[r], qu[r + 1], qu[r + 2], qu[r + 3]
-    for d in range(0, q0.size, LANES):
-        x = vload(ka, d)
-        y = vload(kb, d)
-        w = vload(q0, d)
-        a0 = vfma(w, x, a0)
-        b0 = vfma(w, y, b0)
-        w = vload(q1, d)
-        a1 = vfma(w, x, a1)
-        b1 = vfma(w, y, b1)
-        w = vload(q2, d)
-        a2 = vfma(w, x, a2)
-        b2 = vfma(w, y, b2)
-        w = vload(q3, d)
-        a3 = vfma(w, x, a3)
-        b3 = vfma(w, y, b3)
-    return vsums8(a0, a1, a2, a3, b0, b1, b2, b3)
+def _prefetch_span(x, start, count, step):
+    """Ask for the cache lines of x[start : start + count], ``step`` elements to a line (second-level cache)."""
+    for c in range(start, start + count, step):
+        prefetch_l2(x, c)
 
 
 @njit(**_INLINE)
-def _dots1(qrow, ka, kb):
+def _fma16(q, dim, r, d, x0, x1, x2, x3, sums):
+    """The sixteen sums of :func:`_dots16` plus columns d .. d + LANES."""
+    a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3 = sums
+    w = vload(q, r * dim + d)
+    a0, a1, a2, a3 = vfma(w, x0, a0), vfma(w, x1, a1), vfma(w, x2, a2), vfma(w, x3, a3)
+    w = vload(q, (r + 1) * dim + d)
+    b0, b1, b2, b3 = vfma(w, x0, b0), vfma(w, x1, b1), vfma(w, x2, b2), vfma(w, x3, b3)
+    w = vload(q, (r + 2) * dim + d)
+    c0, c1, c2, c3 = vfma(w, x0, c0), vfma(w, x1, c1), vfma(w, x2, c2), vfma(w, x3, c3)
+    w = vload(q, (r + 3) * dim + d)
+    e0, e1, e2, e3 = vfma(w, x0, e0), vfma(w, x1, e1), vfma(w, x2, e2), vfma(w, x3, e3)
+    return a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3
+
+
+@njit(**_INLINE)
+def _dots16(q, dim, r, k, k0, k1, k2, k3):
+    """Dot products of query rows r .. r+3 with the keys at offsets k0 .. k3: lane 4 t + j holds row r+t
+    with key j.  Keys are loaded 2 LANES at a time (one conversion for both halves)."""
+    z = vzero()
+    sums = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+    d = 0
+    while d + 2 * LANES <= dim:
+        x0, y0 = vload2(k, k0 + d)
+        x1, y1 = vload2(k, k1 + d)
+        x2, y2 = vload2(k, k2 + d)
+        x3, y3 = vload2(k, k3 + d)
+        sums = _fma16(q, dim, r, d, x0, x1, x2, x3, sums)
+        sums = _fma16(q, dim, r, d + LANES, y0, y1, y2, y3, sums)
+        d += 2 * LANES
+    if d < dim:
+        sums = _fma16(q, dim, r, d, vload(k, k0 + d), vload(k, k1 + d), vload(k, k2 + d), vload(k, k3 + d), sums)
+    a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3 = sums
+    return vsums16(a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
+
+
+@njit(**_INLINE)
+def _dots2(q, dim, r, k, ka, kb):
+    """Dot products of query row r with the keys at offsets ka and kb."""
     a = b = vzero()
-    for d in range(0, qrow.size, LANES):
-        w = vload(qrow, d)
-        a = vfma(w, vload(ka, d), a)
-        b = vfma(w, vload(kb, d), b)
+    for d in range(0, dim, LANES):
+        w = vload(q, r * dim + d)
+        a = vfma(w, vload(k, ka + d), a)
+        b = vfma(w, vload(k, kb + d), b)
     return vsum(a), vsum(b)
-
-
-@njit(**_INLINE)
-def prefetch_row(row):
-    """Ask for every cache line of a cache row."""
-    step = max(1, 64 // row.itemsize)
-    for d in range(0, row.size, step):
-        prefetch(row, d)
 
 
 @njit(fastmath=FASTMATH, cache=True)
 def scores(qu, k_rows, rows, u, n, s, v_rows):
     """``s[:, i] = qu @ k[i]`` for the n keys of a tile (qu [m, D] is the group's scaled queries).
 
-    Keys are taken in pairs from the two halves of the tile, so two runs of
-    the cache are read at once; the values of each key are prefetched for
-    :func:`add_values`.
+    Four keys at a time against four query rows; rows left over (m not a
+    multiple of 4) take one row against two keys.  The values of each key are
+    prefetched for :func:`add_values`.
     """
-    m = qu.shape[0]
-    half = (n + 1) // 2
-    for c in range(half):
-        ia = c
-        ib = min(c + half, n - 1)  # odd n: the last pair computes key ia twice
-        ka = k_rows[rows[ia] + u]
-        kb = k_rows[rows[ib] + u]
-        prefetch_row(v_rows[rows[ia] + u])
-        prefetch_row(v_rows[rows[ib] + u])
-        r = 0
-        while r + 4 <= m:
-            sums = _dots4(qu, r, ka, kb)
-            for t in range(4):
-                s[r + t, ia] = sums[t]
-                s[r + t, ib] = sums[4 + t]
-            r += 4
-        for r in range(r, m):
-            sa1, sb1 = _dots1(qu[r], ka, kb)
-            s[r, ia] = sa1
-            s[r, ib] = sb1
+    m, dim = qu.shape
+    width = s.shape[1]
+    q, k, v, out = data_of(qu), data_of(k_rows), data_of(v_rows), data_of(s)
+    step = max(1, 64 // v_rows.itemsize)
+    m4 = m - m % 4
+    for c in range(0, n, 4):
+        last = min(c + 4, n) - 1  # a short last group repeats its last key
+        k0 = (rows[c] + u) * dim
+        k1 = (rows[min(c + 1, last)] + u) * dim
+        k2 = (rows[min(c + 2, last)] + u) * dim
+        k3 = (rows[last] + u) * dim
+        for i in range(c, last + 1):
+            _prefetch_span(v, (rows[i] + u) * dim, dim, step)
+        for r in range(0, m4, 4):
+            sums = _dots16(q, dim, r, k, k0, k1, k2, k3)
+            if last == c + 3:
+                vstore4(out, r * width + c, sums, 0)
+                vstore4(out, (r + 1) * width + c, sums, 1)
+                vstore4(out, (r + 2) * width + c, sums, 2)
+                vstore4(out, (r + 3) * width + c, sums, 3)
+            else:
+                for t in range(4):
+                    for j in range(last + 1 - c):
+                        s[r + t, c + j] = vlane(sums, 4 * t + j)
+    for r in range(m4, m):
+        for c in range(0, n, 2):
+            b = min(c + 1, n - 1)
+            sa, sb = _dots2(q, dim, r, k, (rows[c] + u) * dim, (rows[b] + u) * dim)
+            s[r, c] = sa
+            s[r, b] = sb
 
 
 @njit(**_INLINE)
-def _add4_wide(o0, o1, o2, o3, p0, p1, p2, p3, v_rows, rows, u, n, d):
-    """Columns d .. d + 2 LANES of four accumulator rows: eight sums in registers over all n keys."""
-    a0, b0 = vload(o0, d), vload(o0, d + LANES)
-    a1, b1 = vload(o1, d), vload(o1, d + LANES)
-    a2, b2 = vload(o2, d), vload(o2, d + LANES)
-    a3, b3 = vload(o3, d), vload(o3, d + LANES)
+def _add4_wide(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, ahead_n, step):
+    """Columns d .. d + 4 LANES of accumulator rows r .. r+3: sixteen sums in registers over all n keys.
+
+    Key i also prefetches the same columns of the row ``ahead_rows[i] + u`` of ``ahead`` (i < ahead_n).
+    """
+    o0, o1, o2, o3 = r * dim + d, (r + 1) * dim + d, (r + 2) * dim + d, (r + 3) * dim + d
+    a0, b0, c0, e0 = vload(o, o0), vload(o, o0 + LANES), vload(o, o0 + 2 * LANES), vload(o, o0 + 3 * LANES)
+    a1, b1, c1, e1 = vload(o, o1), vload(o, o1 + LANES), vload(o, o1 + 2 * LANES), vload(o, o1 + 3 * LANES)
+    a2, b2, c2, e2 = vload(o, o2), vload(o, o2 + LANES), vload(o, o2 + 2 * LANES), vload(o, o2 + 3 * LANES)
+    a3, b3, c3, e3 = vload(o, o3), vload(o, o3 + LANES), vload(o, o3 + 2 * LANES), vload(o, o3 + 3 * LANES)
+    p0, p1, p2, p3 = r * width, (r + 1) * width, (r + 2) * width, (r + 3) * width
     for i in range(n):
-        row = v_rows[rows[i] + u]
-        x = vload(row, d)
-        y = vload(row, d + LANES)
-        w = vsplat(p0[i])
-        a0 = vfma(w, x, a0)
-        b0 = vfma(w, y, b0)
-        w = vsplat(p1[i])
-        a1 = vfma(w, x, a1)
-        b1 = vfma(w, y, b1)
-        w = vsplat(p2[i])
-        a2 = vfma(w, x, a2)
-        b2 = vfma(w, y, b2)
-        w = vsplat(p3[i])
-        a3 = vfma(w, x, a3)
-        b3 = vfma(w, y, b3)
-    vstore(o0, d, a0)
-    vstore(o0, d + LANES, b0)
-    vstore(o1, d, a1)
-    vstore(o1, d + LANES, b1)
-    vstore(o2, d, a2)
-    vstore(o2, d + LANES, b2)
-    vstore(o3, d, a3)
-    vstore(o3, d + LANES, b3)
+        if i < ahead_n:
+            _prefetch_span(ahead, (ahead_rows[i] + u) * dim + d, 4 * LANES, step)
+        row = (rows[i] + u) * dim + d
+        x, y = vload2(v, row)
+        z, t = vload2(v, row + 2 * LANES)
+        w = vsplat(pp[p0 + i])
+        a0, b0, c0, e0 = vfma(w, x, a0), vfma(w, y, b0), vfma(w, z, c0), vfma(w, t, e0)
+        w = vsplat(pp[p1 + i])
+        a1, b1, c1, e1 = vfma(w, x, a1), vfma(w, y, b1), vfma(w, z, c1), vfma(w, t, e1)
+        w = vsplat(pp[p2 + i])
+        a2, b2, c2, e2 = vfma(w, x, a2), vfma(w, y, b2), vfma(w, z, c2), vfma(w, t, e2)
+        w = vsplat(pp[p3 + i])
+        a3, b3, c3, e3 = vfma(w, x, a3), vfma(w, y, b3), vfma(w, z, c3), vfma(w, t, e3)
+    vstore(o, o0, a0)
+    vstore(o, o0 + LANES, b0)
+    vstore(o, o0 + 2 * LANES, c0)
+    vstore(o, o0 + 3 * LANES, e0)
+    vstore(o, o1, a1)
+    vstore(o, o1 + LANES, b1)
+    vstore(o, o1 + 2 * LANES, c1)
+    vstore(o, o1 + 3 * LANES, e1)
+    vstore(o, o2, a2)
+    vstore(o, o2 + LANES, b2)
+    vstore(o, o2 + 2 * LANES, c2)
+    vstore(o, o2 + 3 * LANES, e2)
+    vstore(o, o3, a3)
+    vstore(o, o3 + LANES, b3)
+    vstore(o, o3 + 2 * LANES, c3)
+    vstore(o, o3 + 3 * LANES, e3)
 
 
 @njit(**_INLINE)
-def _add4(o0, o1, o2, o3, p0, p1, p2, p3, v_rows, rows, u, n, d):
-    """Columns d .. d + LANES of four accumulator rows (the last block when D is an odd number of LANES)."""
-    a0, a1, a2, a3 = vload(o0, d), vload(o1, d), vload(o2, d), vload(o3, d)
+def _add4(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, ahead_n, step):
+    """Columns d .. d + LANES of accumulator rows r .. r+3 (the columns :func:`_add4_wide` leaves)."""
+    o0, o1, o2, o3 = r * dim + d, (r + 1) * dim + d, (r + 2) * dim + d, (r + 3) * dim + d
+    a0, a1, a2, a3 = vload(o, o0), vload(o, o1), vload(o, o2), vload(o, o3)
+    p0, p1, p2, p3 = r * width, (r + 1) * width, (r + 2) * width, (r + 3) * width
     for i in range(n):
-        x = vload(v_rows[rows[i] + u], d)
-        a0 = vfma(vsplat(p0[i]), x, a0)
-        a1 = vfma(vsplat(p1[i]), x, a1)
-        a2 = vfma(vsplat(p2[i]), x, a2)
-        a3 = vfma(vsplat(p3[i]), x, a3)
-    vstore(o0, d, a0)
-    vstore(o1, d, a1)
-    vstore(o2, d, a2)
-    vstore(o3, d, a3)
+        if i < ahead_n:
+            _prefetch_span(ahead, (ahead_rows[i] + u) * dim + d, LANES, step)
+        x = vload(v, (rows[i] + u) * dim + d)
+        a0 = vfma(vsplat(pp[p0 + i]), x, a0)
+        a1 = vfma(vsplat(pp[p1 + i]), x, a1)
+        a2 = vfma(vsplat(pp[p2 + i]), x, a2)
+        a3 = vfma(vsplat(pp[p3 + i]), x, a3)
+    vstore(o, o0, a0)
+    vstore(o, o1, a1)
+    vstore(o, o2, a2)
+    vstore(o, o3, a3)
 
 
 @njit(**_INLINE)
-def _add1(o, prow, v_rows, rows, u, n, d):
-    """Columns d .. d + LANES of one accumulator row, four keys per pass in four independent sums."""
-    a0 = vload(o, d)
+def _add1(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, ahead_n, step):
+    """Columns d .. d + LANES of accumulator row r, four keys per pass in four independent sums."""
+    a0 = vload(o, r * dim + d)
     a1 = a2 = a3 = vzero()
+    p0 = r * width
     i = 0
     while i + 4 <= n:
-        a0 = vfma(vsplat(prow[i]), vload(v_rows[rows[i] + u], d), a0)
-        a1 = vfma(vsplat(prow[i + 1]), vload(v_rows[rows[i + 1] + u], d), a1)
-        a2 = vfma(vsplat(prow[i + 2]), vload(v_rows[rows[i + 2] + u], d), a2)
-        a3 = vfma(vsplat(prow[i + 3]), vload(v_rows[rows[i + 3] + u], d), a3)
+        for j in range(i, min(i + 4, ahead_n)):
+            _prefetch_span(ahead, (ahead_rows[j] + u) * dim + d, LANES, step)
+        a0 = vfma(vsplat(pp[p0 + i]), vload(v, (rows[i] + u) * dim + d), a0)
+        a1 = vfma(vsplat(pp[p0 + i + 1]), vload(v, (rows[i + 1] + u) * dim + d), a1)
+        a2 = vfma(vsplat(pp[p0 + i + 2]), vload(v, (rows[i + 2] + u) * dim + d), a2)
+        a3 = vfma(vsplat(pp[p0 + i + 3]), vload(v, (rows[i + 3] + u) * dim + d), a3)
         i += 4
     for i in range(i, n):
-        a0 = vfma(vsplat(prow[i]), vload(v_rows[rows[i] + u], d), a0)
-    vstore(o, d, vadd(vadd(a0, a1), vadd(a2, a3)))
+        if i < ahead_n:
+            _prefetch_span(ahead, (ahead_rows[i] + u) * dim + d, LANES, step)
+        a0 = vfma(vsplat(pp[p0 + i]), vload(v, (rows[i] + u) * dim + d), a0)
+    vstore(o, r * dim + d, vadd(vadd(a0, a1), vadd(a2, a3)))
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def add_values(acc, p, v_rows, rows, u, n):
-    """``acc += p[:, :n] @ v[:n]``, with blocks of the accumulator held in registers over all n keys."""
+def add_values(acc, p, v_rows, rows, u, n, ahead_cache, ahead_rows, ahead_n):
+    """``acc += p[:, :n] @ v[:n]``, with blocks of the accumulator held in registers over all n keys.
+
+    The same loops prefetch the rows ``ahead_rows[:ahead_n] + u`` of
+    ``ahead_cache`` (the next tile's keys; ahead_n <= n), each column block once.
+    """
     m, dim = acc.shape
-    r = 0
-    while r + 4 <= m:
-        p0, p1, p2, p3 = p[r], p[r + 1], p[r + 2], p[r + 3]
-        o0, o1, o2, o3 = acc[r], acc[r + 1], acc[r + 2], acc[r + 3]
+    width = p.shape[1]
+    o, pp, v, ahead = data_of(acc), data_of(p), data_of(v_rows), data_of(ahead_cache)
+    step = max(1, 64 // ahead_cache.itemsize)
+    m4 = m - m % 4
+    for r in range(0, m4, 4):
+        first = ahead_n if r == 0 else 0
         d = 0
-        while d + 2 * LANES <= dim:
-            _add4_wide(o0, o1, o2, o3, p0, p1, p2, p3, v_rows, rows, u, n, d)
-            d += 2 * LANES
-        if d < dim:
-            _add4(o0, o1, o2, o3, p0, p1, p2, p3, v_rows, rows, u, n, d)
-        r += 4
-    for r in range(r, m):
+        while d + 4 * LANES <= dim:
+            _add4_wide(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, first, step)
+            d += 4 * LANES
+        for d in range(d, dim, LANES):
+            _add4(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, first, step)
+    for r in range(m4, m):
+        first = ahead_n if r == 0 else 0
         for d in range(0, dim, LANES):
-            _add1(acc[r], p[r], v_rows, rows, u, n, d)
+            _add1(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, first, step)

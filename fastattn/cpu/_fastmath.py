@@ -12,6 +12,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from .._dtypes import BF16, E4M3, FP8_TABLE, encode_bits
+from ._simd import LANES, vadd, vexp_nonpos, vload, vmax, vmax_lanes, vsplat, vstore, vsub, vsum, vzero
 
 # fastmath without nnan/ninf: kernels rely on -inf and must see NaN.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -57,8 +58,8 @@ def exp_nonpos(x):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def max_of(row):
-    """Largest element of a non-empty 1-d array, in eight SIMD-friendly lanes (no allocation)."""
+def _max_of_lanes(row):
+    """Largest element of a non-empty 1-d array, in eight SIMD-friendly scalar lanes (no allocation)."""
     n = row.size
     m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
     for c0 in range(0, n - 7, 8):
@@ -82,6 +83,68 @@ def max_of(row):
     for c in range(n - n % 8, n):
         best = max(best, row[c])
     return best
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _max_of_vec(row):
+    """Largest element of a contiguous float32 row of at least LANES elements, in one vector."""
+    n = row.size
+    m = vload(row, 0)
+    for c in range(LANES, n - LANES + 1, LANES):
+        m = vmax(vload(row, c), m)
+    best = vmax_lanes(m)
+    for c in range(n - n % LANES, n):
+        best = max(best, row[c])
+    return best
+
+
+def max_of(row):
+    """Largest element of a non-empty 1-d array (no allocation)."""
+
+
+@overload(max_of, inline="always", fastmath=FASTMATH)
+def _max_of(row):
+    if row.dtype == types.float32 and row.layout == "C":
+        return lambda row: _max_of_vec(row) if row.size >= LANES else _max_of_lanes(row)
+    return lambda row: _max_of_lanes(row)
+
+
+def exp_row(row, shift):
+    """``row[:] = exp(row - shift)`` in place (every element <= shift); return the row's new sum."""
+
+
+@overload(exp_row, inline="always", fastmath=FASTMATH)
+def _exp_row(row, shift):
+    if row.dtype == types.float32 and row.layout == "C":
+        return lambda row, shift: _exp_row_vec(row, shift)
+    return lambda row, shift: _exp_row_scalar(row, shift)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _exp_row_scalar(row, shift):
+    total = row[0] * 0
+    for c in range(row.size):
+        e = exp_shifted(row[c], shift)
+        row[c] = e
+        total += e
+    return total
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _exp_row_vec(row, shift):
+    n = row.size
+    by = vsplat(shift)
+    sums = vzero()
+    for c in range(0, n - LANES + 1, LANES):
+        e = vexp_nonpos(vsub(vload(row, c), by))
+        vstore(row, c, e)
+        sums = vadd(sums, e)
+    total = vsum(sums)
+    for c in range(n - n % LANES, n):
+        e = exp_nonpos(row[c] - shift)
+        row[c] = e
+        total += e
+    return total
 
 
 def exp_shifted(x, shift):

@@ -60,69 +60,124 @@ def simd_view(x):
     return x if view is None else x.view(view)
 
 
-def _splat(value, ty):
-    return ir.Constant(ir.VectorType(ty, LANES), [value] * LANES)
+def _splat(value, ty, lanes=LANES):
+    return ir.Constant(ir.VectorType(ty, lanes), [value] * lanes)
 
 
 def _convert(builder, raw, dtype):
-    """<LANES x storage> -> <LANES x float>."""
+    """<n x storage> -> <n x float> (n = LANES or 2 LANES)."""
+    n = raw.type.count
     i16 = ir.IntType(16)
-    half = ir.VectorType(ir.HalfType(), LANES)
+    half = ir.VectorType(ir.HalfType(), n)
+    floats = ir.VectorType(_F32, n)
     if dtype == types.uint16:
-        return builder.fpext(builder.bitcast(raw, half), _VEC)
+        return builder.fpext(builder.bitcast(raw, half), floats)
     if dtype == types.int16:
-        wide = builder.zext(raw, ir.VectorType(ir.IntType(32), LANES))
-        return builder.bitcast(builder.shl(wide, _splat(16, ir.IntType(32))), _VEC)
-    wide = builder.zext(raw, ir.VectorType(i16, LANES))
+        wide = builder.zext(raw, ir.VectorType(ir.IntType(32), n))
+        return builder.bitcast(builder.shl(wide, _splat(16, ir.IntType(32), n)), floats)
+    wide = builder.zext(raw, ir.VectorType(i16, n))
     if dtype == types.int8:
-        return builder.fpext(builder.bitcast(builder.shl(wide, _splat(8, i16)), half), _VEC)
+        return builder.fpext(builder.bitcast(builder.shl(wide, _splat(8, i16, n)), half), floats)
     # float8_e4m3fn: sign-extended to 16 bits and shifted left by 7, the byte's exponent and mantissa
     # sit under half's and its sign is bit 15; clearing bit 14 (a copy of the sign) leaves the half
     # that is the value times 2**-8.  The NaN pattern (all seven low bits set) becomes half's NaN.
-    bits = builder.and_(builder.shl(builder.sext(raw, ir.VectorType(i16, LANES)), _splat(7, i16)),
-                        _splat(0xBFFF, i16))
-    is_nan = builder.icmp_unsigned("==", builder.and_(bits, _splat(0x3F80, i16)), _splat(0x3F80, i16))
-    bits = builder.select(is_nan, builder.or_(bits, _splat(0x7C00, i16)), bits)
-    return builder.fmul(builder.fpext(builder.bitcast(bits, half), _VEC), _splat(256.0, _F32))
+    bits = builder.and_(builder.shl(builder.sext(raw, ir.VectorType(i16, n)), _splat(7, i16, n)),
+                        _splat(0xBFFF, i16, n))
+    is_nan = builder.icmp_unsigned("==", builder.and_(bits, _splat(0x3F80, i16, n)), _splat(0x3F80, i16, n))
+    bits = builder.select(is_nan, builder.or_(bits, _splat(0x7C00, i16, n)), bits)
+    return builder.fmul(builder.fpext(builder.bitcast(bits, half), floats), _splat(256.0, _F32, n))
 
 
 _STORAGE = {types.float32: _F32, types.uint16: ir.IntType(16), types.int16: ir.IntType(16),
             types.uint8: ir.IntType(8), types.int8: ir.IntType(8)}
 
 
-def _pointer(context, builder, aryty, ary, idx):
-    array = context.make_array(aryty)(context, builder, ary)
-    return cgutils.get_item_pointer(context, builder, aryty, array, [idx], wraparound=False)
+def _element(x):
+    """The element type of a 1-d array or a pointer ``x`` (None for anything else)."""
+    if isinstance(x, types.Array) and x.ndim == 1:
+        return x.dtype
+    if isinstance(x, types.CPointer):
+        return x.dtype
+    return None
+
+
+def _address(context, builder, xty, x, idx):
+    """Pointer to element idx of a 1-d array or past a pointer."""
+    if isinstance(xty, types.CPointer):
+        return builder.gep(x, [idx])
+    array = context.make_array(xty)(context, builder, x)
+    return cgutils.get_item_pointer(context, builder, xty, array, [idx], wraparound=False)
+
+
+def _load(context, builder, sig, args, lanes):
+    """``lanes`` elements at (x, idx), converted to float32."""
+    storage = _STORAGE[_element(sig.args[0])]
+    pointer = builder.bitcast(_address(context, builder, sig.args[0], args[0], args[1]),
+                              ir.VectorType(storage, lanes).as_pointer())
+    raw = builder.load(pointer, align=1)
+    dtype = _element(sig.args[0])
+    return raw if dtype == types.float32 else _convert(builder, raw, dtype)
 
 
 @intrinsic
-def vload(typingctx, arr, idx):
-    """``arr[idx : idx + LANES]`` as float32 lanes (1-d array; no bounds check)."""
-    if not isinstance(arr, types.Array) or arr.ndim != 1 or arr.dtype not in _STORAGE:
+def data_of(typingctx, arr):
+    """A pointer to the first element of a C-contiguous array.
+
+    The decode loops address the cache, the queries and their sums through
+    pointers: an array (or a row view of one) used inside a hot loop can cost
+    two atomic reference-count updates per pass.  The array must outlive the
+    pointer.
+    """
+    if not isinstance(arr, types.Array) or arr.layout != "C":
         return None
 
     def codegen(context, builder, sig, args):
-        storage = _STORAGE[sig.args[0].dtype]
-        pointer = builder.bitcast(_pointer(context, builder, sig.args[0], args[0], args[1]),
-                                  ir.VectorType(storage, LANES).as_pointer())
-        raw = builder.load(pointer, align=1)
-        return raw if sig.args[0].dtype == types.float32 else _convert(builder, raw, sig.args[0].dtype)
+        return context.make_array(sig.args[0])(context, builder, args[0]).data
 
-    return vec(arr, idx), codegen
+    return types.CPointer(arr.dtype)(arr), codegen
 
 
 @intrinsic
-def vstore(typingctx, arr, idx, v):
-    """``arr[idx : idx + LANES] = v`` for a 1-d float32 array (no bounds check)."""
-    if not isinstance(arr, types.Array) or arr.ndim != 1 or arr.dtype != types.float32:
+def vload(typingctx, x, idx):
+    """``x[idx : idx + LANES]`` as float32 lanes (x a 1-d array or a pointer; no bounds check)."""
+    if _element(x) not in _STORAGE or not isinstance(idx, types.Integer):
+        return None
+    return vec(x, idx), lambda context, builder, sig, args: _load(context, builder, sig, args, LANES)
+
+
+@intrinsic
+def vload2(typingctx, x, idx):
+    """``x[idx : idx + 2 LANES]`` as two vectors of float32 lanes (no bounds check).
+
+    One conversion over twice the lanes: the integer steps of the 8-bit
+    formats then work on full 512-bit registers.
+    """
+    if _element(x) not in _STORAGE or not isinstance(idx, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
-        pointer = builder.bitcast(_pointer(context, builder, sig.args[0], args[0], args[1]), _VEC.as_pointer())
+        both = _load(context, builder, sig, args, 2 * LANES)
+        i32 = ir.IntType(32)
+        low = builder.shuffle_vector(both, both, ir.Constant(ir.VectorType(i32, LANES), list(range(LANES))))
+        high = builder.shuffle_vector(both, both, ir.Constant(ir.VectorType(i32, LANES),
+                                                              list(range(LANES, 2 * LANES))))
+        return context.make_tuple(builder, sig.return_type, [low, high])
+
+    return types.UniTuple(vec, 2)(x, idx), codegen
+
+
+@intrinsic
+def vstore(typingctx, x, idx, v):
+    """``x[idx : idx + LANES] = v`` (x a 1-d float32 array or pointer; no bounds check)."""
+    if _element(x) != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = builder.bitcast(_address(context, builder, sig.args[0], args[0], args[1]), _VEC.as_pointer())
         builder.store(args[2], pointer, align=1)
         return context.get_dummy_value()
 
-    return types.void(arr, idx, v), codegen
+    return types.void(x, idx, v), codegen
 
 
 @intrinsic
@@ -177,6 +232,67 @@ def vsum(typingctx, a):
     return types.float32(vec), codegen
 
 
+@intrinsic
+def vsub(typingctx, a, b):
+    """``a - b`` lane by lane."""
+    return vec(vec, vec), lambda context, builder, sig, args: builder.fsub(args[0], args[1])
+
+
+@intrinsic
+def vmax(typingctx, a, b):
+    """``a if a > b else b`` lane by lane (a NaN in a is not taken)."""
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+
+    return vec(vec, vec), codegen
+
+
+@intrinsic
+def vmax_lanes(typingctx, a):
+    """The largest lane (a NaN lane is not taken unless every lane is NaN)."""
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        width = LANES // 2
+        while width:
+            upper = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), LANES),
+                                                             [(i + width) % LANES for i in range(LANES)]))
+            v = builder.select(builder.fcmp_ordered(">", upper, v), upper, v)
+            width //= 2
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+    return types.float32(vec), codegen
+
+
+# exp(f) on [-0.5, 0.5]: the coefficients of fastattn.cpu._fastmath.exp_nonpos, highest power first
+_EXP_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
+             2.402264791363012e-1, 6.931472028550421e-1, 1.0)
+
+
+@intrinsic
+def vexp_nonpos(typingctx, a):
+    """exp(x) lane by lane for x <= 0, as :func:`fastattn.cpu._fastmath.exp_nonpos` (NaN and x < -87 give 0)."""
+    def codegen(context, builder, sig, args):
+        module = builder.module
+        fma = cgutils.get_or_insert_function(module, ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{LANES}f32")
+        floor = cgutils.get_or_insert_function(module, ir.FunctionType(_VEC, [_VEC]), f"llvm.floor.v{LANES}f32")
+        i32v = ir.VectorType(ir.IntType(32), LANES)
+        x = args[0]
+        low = _splat(-87.3, _F32)
+        x = builder.select(builder.fcmp_ordered("<", x, low), low, x)
+        t = builder.fmul(x, _splat(1.4426950408889634, _F32))
+        n = builder.call(floor, [builder.fadd(t, _splat(0.5, _F32))])
+        f = builder.fsub(t, n)
+        p = _splat(_EXP_POLY[0], _F32)
+        for c in _EXP_POLY[1:]:
+            p = builder.call(fma, [p, f, _splat(c, _F32)])
+        exponent = builder.shl(builder.add(builder.fptosi(n, i32v), _splat(127, ir.IntType(32))),
+                               _splat(23, ir.IntType(32)))
+        y = builder.fmul(p, builder.bitcast(exponent, _VEC))
+        return builder.select(builder.fcmp_ordered(">", x, _splat(-87.0, _F32)), y, _splat(0.0, _F32))
+
+    return vec(vec), codegen
+
+
 def _pair_sums(builder, x, y, seg):
     """x, y hold sums in segments of ``seg`` lanes; add the halves of each: segments of seg/2, x's then y's."""
     i32 = ir.IntType(32)
@@ -189,37 +305,64 @@ def _pair_sums(builder, x, y, seg):
 
 
 @intrinsic
-def vsums8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
-    """The lane sums of eight vectors, as a tuple: shared shuffles, a third of eight :func:`vsum`."""
+def vsums16(typingctx, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
+    """The lane sums of sixteen vectors, as one vector (lane k holds the sum of vector k)."""
     def codegen(context, builder, sig, args):
         vectors, seg = list(args), LANES
         while len(vectors) > 1:
             vectors = [_pair_sums(builder, x, y, seg) for x, y in zip(vectors[::2], vectors[1::2])]
             seg //= 2
-        v = vectors[0]
-        while seg > 1:  # each sum still spread over seg lanes
-            v = _pair_sums(builder, v, v, seg)
-            seg //= 2
-        sums = [builder.extract_element(v, ir.Constant(ir.IntType(32), k)) for k in range(8)]
-        return context.make_tuple(builder, sig.return_type, sums)
+        return vectors[0]
 
-    return types.UniTuple(types.float32, 8)(vec, vec, vec, vec, vec, vec, vec, vec), codegen
+    return vec(*[vec] * LANES), codegen
 
 
 @intrinsic
-def prefetch(typingctx, arr, idx):
-    """Ask for the cache line holding ``arr[idx]`` (1-d array) ahead of its use; never faults."""
-    if not isinstance(arr, types.Array) or arr.ndim != 1:
+def vlane(typingctx, v, k):
+    """Lane k of v."""
+    if not isinstance(k, types.Integer):
         return None
+    return types.float32(v, k), lambda context, builder, sig, args: builder.extract_element(args[0], args[1])
+
+
+@intrinsic
+def vstore4(typingctx, x, idx, v, k):
+    """``x[idx : idx + 4] = v[4k : 4k + 4]`` (x a float32 array or pointer, k a constant; no bounds check)."""
+    if not isinstance(k, types.IntegerLiteral) or _element(x) != types.float32:
+        return None
+    quarter = ir.VectorType(_F32, 4)
 
     def codegen(context, builder, sig, args):
-        byte = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte, i32, i32, i32]),
-                                            "llvm.prefetch.p0i8")
-        pointer = builder.bitcast(_pointer(context, builder, sig.args[0], args[0], args[1]), byte)
-        # read, keep in all cache levels, data cache
-        builder.call(fn, [pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        lanes = ir.Constant(ir.VectorType(ir.IntType(32), 4), [4 * k.literal_value + t for t in range(4)])
+        part = builder.shuffle_vector(args[2], args[2], lanes)
+        pointer = builder.bitcast(_address(context, builder, sig.args[0], args[0], args[1]), quarter.as_pointer())
+        builder.store(part, pointer, align=1)
         return context.get_dummy_value()
 
-    return types.void(arr, idx), codegen
+    return types.void(x, idx, v, k), codegen
+
+
+def _prefetcher(locality, doc):
+    def prefetch(typingctx, x, idx):
+        if _element(x) is None or not isinstance(idx, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            byte = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte, i32, i32, i32]),
+                                                "llvm.prefetch.p0i8")
+            pointer = builder.bitcast(_address(context, builder, sig.args[0], args[0], args[1]), byte)
+            # read, locality, data cache
+            builder.call(fn, [pointer, ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return types.void(x, idx), codegen
+
+    prefetch.__doc__ = doc
+    return intrinsic(prefetch)
+
+
+prefetch = _prefetcher(3, "Ask for the cache line holding ``x[idx]`` (1-d array or pointer) in every cache level; "
+                          "never faults.")
+prefetch_l2 = _prefetcher(2, "Ask for the cache line holding ``x[idx]`` in the second-level cache, not the first.")

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit
 
 from .._tile import alibi_bias, key_range, query_range, softcap_grad
-from ._fastmath import FASTMATH, decode_rows, exp_shifted, max_of, softcap_fast
+from ._fastmath import FASTMATH, decode_rows, exp_row, exp_shifted, max_of, softcap_fast
 
 
 @njit(inline="always")
@@ -57,11 +57,7 @@ def softmax_tile(s, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, 
             _transform_scores(seen, i, j0 + c0, sq, sk, softcap, slopes[r // period], has_alibi)
         new_max = max(row_max[r], max_of(seen))
         alpha = _rescale(row_max[r], new_max, row_sum[r] * 0)
-        total = seen[0] * 0
-        for c in range(seen.size):
-            e = exp_shifted(seen[c], new_max)
-            seen[c] = e
-            total += e
+        total = exp_row(seen, new_max)
         row_sum[r] = row_sum[r] * alpha + total
         row_max[r] = new_max
         if alpha != 1.0:

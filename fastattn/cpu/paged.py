@@ -31,7 +31,7 @@ from .._config import config
 from .._dtypes import bits_view, codec_of
 from .._tile import finish_lse, key_range
 from ._blas import single_threaded_blas
-from ._decode import add_values, prefetch_row, scores
+from ._decode import add_values, scores
 from ._fastmath import FASTMATH, decode_rows, decode_token, encode_row
 from ._simd import LANES, simd_view
 from ._tiles import grad_tile, key_tile_backward, softmax_tile
@@ -191,11 +191,9 @@ def _decode(q, k_rows, v_rows, table, lens, bs, heads_kv, q_codec, q_mult, k_mul
                 next_n = min(block_k, j_hi - j0 - n)
                 _tile_rows(table[b], bs, heads_kv, j0 + n, next_n, next_rows)
                 for u in range(heads_kv):
-                    for i in range(next_n):
-                        prefetch_row(k_rows[next_rows[i] + u])
                     softmax_tile(s[u], 0, sq, j0, sq, sk, wl, wr, softcap,
                                  slopes[b, u * group:(u + 1) * group], has_alibi, row_max[u], row_sum[u], acc[u])
-                    add_values(acc[u], s[u], v_rows, rows, u, n)
+                    add_values(acc[u], s[u], v_rows, rows, u, n, k_rows, next_rows, next_n)
                 rows, next_rows = next_rows, rows
         for u in range(heads_kv):
             for r in range(m):
