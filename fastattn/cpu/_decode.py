@@ -82,44 +82,61 @@ def _dots2(q, dim, r, k, ka, kb):
     return vsum(a), vsum(b)
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def scores(qu, k_rows, rows, u, n, s, v_rows):
-    """``s[:, i] = qu @ k[i]`` for the n keys of a tile (qu [m, D] is the group's scaled queries).
+@njit(**_INLINE)
+def _score_keys(q, k, v, out, dim, m, width, rows, u, n, c, step):
+    """Scores of KV head u's m query rows (q rows u m ..) against keys c .. c+3 of the tile, into out
+    (rows u m .. of width ``width``); a short last group repeats its last key.  Prefetches their values."""
+    last = min(c + 4, n) - 1
+    k0 = (rows[c] + u) * dim
+    k1 = (rows[min(c + 1, last)] + u) * dim
+    k2 = (rows[min(c + 2, last)] + u) * dim
+    k3 = (rows[last] + u) * dim
+    for i in range(c, last + 1):
+        _prefetch_span(v, (rows[i] + u) * dim, dim, step)
+    first = u * m
+    for r in range(first, first + m - m % 4, 4):
+        sums = _dots16(q, dim, r, k, k0, k1, k2, k3)
+        if last == c + 3:
+            vstore4(out, r * width + c, sums, 0)
+            vstore4(out, (r + 1) * width + c, sums, 1)
+            vstore4(out, (r + 2) * width + c, sums, 2)
+            vstore4(out, (r + 3) * width + c, sums, 3)
+        else:
+            for t in range(4):
+                for j in range(last + 1 - c):
+                    out[(r + t) * width + c + j] = vlane(sums, 4 * t + j)
+    for r in range(first + m - m % 4, first + m):
+        sa, sb = _dots2(q, dim, r, k, k0, k1)
+        out[r * width + c] = sa
+        out[r * width + min(c + 1, last)] = sb
+        sa, sb = _dots2(q, dim, r, k, k2, k3)
+        out[r * width + min(c + 2, last)] = sa
+        out[r * width + last] = sb
 
-    Four keys at a time against four query rows; rows left over (m not a
-    multiple of 4) take one row against two keys.  The values of each key are
-    prefetched for :func:`add_values`.
+
+@njit(fastmath=FASTMATH, cache=True)
+def scores(qt, k_rows, rows, n, s, v_rows, by_token):
+    """``s[u, :, i] = qt[u] @ k[i, u]`` for every KV head u and the n keys of a tile (qt [Hkv, m, D] holds
+    each group's scaled queries; s is [Hkv, m, >= n]).
+
+    Four keys at a time against four query rows (rows left over when m is not
+    a multiple of 4 take one row against two keys); the values of each key are
+    prefetched for :func:`add_values`.  ``by_token`` takes every head of four
+    keys before the next four, reading the cache front to back; otherwise
+    each head runs over the whole tile in turn.
     """
-    m, dim = qu.shape
-    width = s.shape[1]
-    q, k, v, out = data_of(qu), data_of(k_rows), data_of(v_rows), data_of(s)
+    heads, m, dim = qt.shape
+    width = s.shape[2]
+    q, k, v, out = data_of(qt), data_of(k_rows), data_of(v_rows), data_of(s)
     step = max(1, 64 // v_rows.itemsize)
-    m4 = m - m % 4
-    for c in range(0, n, 4):
-        last = min(c + 4, n) - 1  # a short last group repeats its last key
-        k0 = (rows[c] + u) * dim
-        k1 = (rows[min(c + 1, last)] + u) * dim
-        k2 = (rows[min(c + 2, last)] + u) * dim
-        k3 = (rows[last] + u) * dim
-        for i in range(c, last + 1):
-            _prefetch_span(v, (rows[i] + u) * dim, dim, step)
-        for r in range(0, m4, 4):
-            sums = _dots16(q, dim, r, k, k0, k1, k2, k3)
-            if last == c + 3:
-                vstore4(out, r * width + c, sums, 0)
-                vstore4(out, (r + 1) * width + c, sums, 1)
-                vstore4(out, (r + 2) * width + c, sums, 2)
-                vstore4(out, (r + 3) * width + c, sums, 3)
-            else:
-                for t in range(4):
-                    for j in range(last + 1 - c):
-                        s[r + t, c + j] = vlane(sums, 4 * t + j)
-    for r in range(m4, m):
-        for c in range(0, n, 2):
-            b = min(c + 1, n - 1)
-            sa, sb = _dots2(q, dim, r, k, (rows[c] + u) * dim, (rows[b] + u) * dim)
-            s[r, c] = sa
-            s[r, b] = sb
+    if by_token:
+        for c in range(0, n, 4):
+            for u in range(heads):
+                _score_keys(q, k, v, out, dim, m, width, rows, u, n, c, step)
+    else:
+        for u in range(heads):
+            for c in range(0, n, 4):
+                _score_keys(q, k, v, out, dim, m, width, rows, u, n, c, step)
 
 
 @njit(**_INLINE)

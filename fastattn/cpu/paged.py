@@ -180,14 +180,16 @@ def _decode(q, k_rows, v_rows, table, lens, bs, heads_kv, q_codec, q_mult, k_mul
             for u in range(heads_kv):
                 _group_rows(q, b, u, group, 0, sq, qt[u], q_codec)
                 qt[u] *= q_mult * k_mult[u]
+            # 8- and 16-bit caches are read token by token (all heads of four keys at a time), which
+            # measured faster; float32 head by head (docs/design.md, "The decode kernel")
+            by_token = k_rows.itemsize <= 2
             rows = np.empty(block_k, np.int64)  # cache row of head 0 of each key of the tile
             next_rows = np.empty(block_k, np.int64)
             _tile_rows(table[b], bs, heads_kv, j_lo, min(block_k, j_hi - j_lo), rows)
             for j0 in range(j_lo, j_hi, block_k):
                 n = min(block_k, j_hi - j0)
                 s = np.empty((heads_kv, m, n), np.float32)  # C-contiguous rows: the softmax vectorises
-                for u in range(heads_kv):
-                    scores(qt[u], k_rows, rows, u, n, s[u], v_rows)
+                scores(qt, k_rows, rows, n, s, v_rows, by_token)
                 next_n = min(block_k, j_hi - j0 - n)
                 _tile_rows(table[b], bs, heads_kv, j0 + n, next_n, next_rows)
                 for u in range(heads_kv):
