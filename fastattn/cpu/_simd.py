@@ -9,8 +9,11 @@ registers: LLVM uses them for explicit 512-bit vectors even where its loop
 vectoriser prefers 256 bits, and the decode loops ran twice as fast as with
 8 lanes) and to two or four on AVX2 or NEON.
 
-Loads convert from the cache's storage format, chosen by the array's dtype
-(the caller makes these views, :func:`simd_view`):
+Loads and stores take a 1-d array or a raw pointer (:func:`data_of`); the
+decode loops use pointers, since an array used inside a hot loop can cost
+numba two atomic reference-count updates per pass.  Loads convert from the
+cache's storage format, chosen by the element type (the caller makes these
+views, :func:`simd_view`):
 
 ======== =================== =========================================
 dtype     storage             conversion
@@ -342,27 +345,21 @@ def vstore4(typingctx, x, idx, v, k):
     return types.void(x, idx, v, k), codegen
 
 
-def _prefetcher(locality, doc):
-    def prefetch(typingctx, x, idx):
-        if _element(x) is None or not isinstance(idx, types.Integer):
-            return None
+@intrinsic
+def prefetch_l2(typingctx, x, idx):
+    """Ask for the cache line holding ``x[idx]`` (1-d array or pointer) in the second-level cache, not
+    the first; never faults."""
+    if _element(x) is None or not isinstance(idx, types.Integer):
+        return None
 
-        def codegen(context, builder, sig, args):
-            byte = ir.IntType(8).as_pointer()
-            i32 = ir.IntType(32)
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte, i32, i32, i32]),
-                                                "llvm.prefetch.p0i8")
-            pointer = builder.bitcast(_address(context, builder, sig.args[0], args[0], args[1]), byte)
-            # read, locality, data cache
-            builder.call(fn, [pointer, ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
-            return context.get_dummy_value()
+    def codegen(context, builder, sig, args):
+        byte = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        pointer = builder.bitcast(_address(context, builder, sig.args[0], args[0], args[1]), byte)
+        # read, locality 2 (keep out of the first level), data cache
+        builder.call(fn, [pointer, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
 
-        return types.void(x, idx), codegen
-
-    prefetch.__doc__ = doc
-    return intrinsic(prefetch)
-
-
-prefetch = _prefetcher(3, "Ask for the cache line holding ``x[idx]`` (1-d array or pointer) in every cache level; "
-                          "never faults.")
-prefetch_l2 = _prefetcher(2, "Ask for the cache line holding ``x[idx]`` in the second-level cache, not the first.")
+    return types.void(x, idx), codegen
