@@ -13,6 +13,7 @@ from numba import get_num_threads, njit, prange, set_num_threads
 
 import fastattn
 from fastattn._bench import best_time, numpy_dtype
+from fastattn._bench_projection import interleaved
 from fastattn.reference import naive_attention
 
 #: Sizes of the CLI's paged table (the decode shape of the issue is "full").
@@ -295,17 +296,37 @@ def _runner(case):
 
 def paired(case_a, case_b, repeats):
     """Best times of two cases measured in turn (a busy machine slows both alike)."""
-    from ._bench_projection import interleaved
-
     return interleaved([_runner(case_a), _runner(case_b)], repeats)
 
 
+def share_of_bandwidth(case, mib, repeats):
+    """The case's KV read rate as a share of the read-bandwidth probe, the two timed in turn.
+
+    On a shared machine whose speed drifts over minutes, a probe measured
+    once at the start and a case measured minutes later can disagree by 2×;
+    timed in turn, both see the same machine.  Returns (share, probe GB/s).
+    """
+    rows = np.ones((mib * 2 ** 20 // 64, 16), np.float32)
+    threads = get_num_threads()
+    probes = [lambda streams=streams: _read(rows, threads, streams) for streams in (1, 2, 4)]
+    for probe in probes:
+        probe()
+    times = interleaved([_runner(case), *probes], repeats)
+    bandwidth = rows.nbytes / min(times[1:]) / 1e9
+    return case.kv_bytes / times[0] / 1e9 / bandwidth, bandwidth
+
+
 def summary(size):
-    """The ratios that matter for paged decode, each from its own interleaved pair of runs."""
+    """The ratios that matter for paged decode, each from its own interleaved runs."""
     s = SIZES[size]
     by = {(c.op, c.dtype, c.batch, c.threads): c for c in table(size)}
     base_b = s["batch"]
     lines, ratios = [], {}
+    for dtype in ("float16", "float32"):
+        share, bandwidth = share_of_bandwidth(by[("decode", dtype, base_b, 0)], s["bandwidth_mib"], s["repeats"])
+        ratios[f"bandwidth share {dtype}"] = share
+        lines.append(f"decode ({dtype}) reads the cache at {100 * share:.0f}% of the read bandwidth "
+                     f"({bandwidth:.1f} GB/s; the two timed in turn)")
     for dtype in ("float16", "float32"):
         paged, dense = paired(by[("decode", dtype, base_b, 0)], by[("dense decode", dtype, base_b, 0)],
                               s["repeats"])

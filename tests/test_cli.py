@@ -105,7 +105,9 @@ def test_bench_tiny_reports_the_paged_table(tmp_path):
     report = json.loads(path.read_text(encoding="utf-8"))
     assert report["read_bandwidth_gbs"] > 0
     assert set(report["paged_ratios"]) == {"paged/dense float16", "paged/dense float32", "fp8/f16",
-                                           "split-kv speed-up"}
+                                           "split-kv speed-up", "bandwidth share float16",
+                                           "bandwidth share float32"}
+    assert "of the read bandwidth" in out and "timed in turn" in out
     assert all(r > 0 for r in report["paged_ratios"].values())
     from fastattn import _bench_paged
 
