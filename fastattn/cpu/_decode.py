@@ -15,7 +15,7 @@ reference-count updates per pass.
 Memory: the rows of one head are a cache row apart (``Hkv * D`` elements), so
 they fall in a few sets of the first-level cache and evict each other; the
 loops prefetch into the second-level cache instead, spread one row per key
-over the arithmetic (a burst of prefetches stalls the loads behind it):
+over the arithmetic:
 :func:`scores` asks for the values of its keys, :func:`add_values` for the
 keys of the next tile.
 """
