@@ -5,7 +5,7 @@ import pytest
 from numba import njit
 
 from fastattn.cpu._fastmath import exp_nonpos, exp_row, max_of
-from fastattn.cpu._simd import (LANES, data_of, simd_view, vadd, vexp_nonpos, vfma, vlane, vload, vload2, vmax_lanes,
+from fastattn.cpu._simd import (E4M3_SCALE, LANES, data_of, simd_view, vadd, vexp_nonpos, vfma, vlane, vload, vload2, vmax_lanes,
                                 vsplat, vstore, vstore4, vsum, vsums16, vzero)
 
 
@@ -40,6 +40,8 @@ def test_every_bit_pattern_loads_as_numpy_converts_it(dtype, load):
     x = np.arange(np.iinfo(width).max + 1, dtype=width).view(dtype)
     got = np.empty(x.size, np.float32)
     load(simd_view(x), got)
+    if dtype == ml_dtypes.float8_e4m3fn:
+        got *= E4M3_SCALE  # e4m3 loads give the value times 2**-8; scaling back is exact
     want = x.astype(np.float32)
     assert np.array_equal(got, want, equal_nan=True)
     assert np.array_equal(np.signbit(got), np.signbit(want))

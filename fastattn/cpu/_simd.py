@@ -21,7 +21,7 @@ dtype     storage             conversion
 float32   float32             none
 uint16    IEEE half           ``fpext half`` (``vcvtph2ps``)
 int16     bfloat16            ``bits << 16``
-uint8     float8_e4m3fn       re-biased to half, then ``* 2**8``
+uint8     float8_e4m3fn       re-biased to half: the value ``* 2**-8``
 int8      float8_e5m2         ``bits << 8`` is the same number in half
 ======== =================== =========================================
 """
@@ -34,6 +34,8 @@ from numba.extending import intrinsic, models, register_model
 from .._dtypes import BF16, E4M3, E5M2, F16, NATIVE, codec_of
 
 LANES = 16
+# e4m3fn loads give the value times 2**-8 (one multiply fewer per vector); multiply by this
+E4M3_SCALE = 256.0
 _F32 = ir.FloatType()
 _VEC = ir.VectorType(_F32, LANES)
 
@@ -83,12 +85,13 @@ def _convert(builder, raw, dtype):
         return builder.fpext(builder.bitcast(builder.shl(wide, _splat(8, i16, n)), half), floats)
     # float8_e4m3fn: sign-extended to 16 bits and shifted left by 7, the byte's exponent and mantissa
     # sit under half's and its sign is bit 15; clearing bit 14 (a copy of the sign) leaves the half
-    # that is the value times 2**-8.  The NaN pattern (all seven low bits set) becomes half's NaN.
+    # that is the value times 2**-8 (E4M3_SCALE: callers fold the 2**8 into their scales).  The NaN
+    # pattern (all seven low bits set) becomes half's NaN.
     bits = builder.and_(builder.shl(builder.sext(raw, ir.VectorType(i16, n)), _splat(7, i16, n)),
                         _splat(0xBFFF, i16, n))
     is_nan = builder.icmp_unsigned("==", builder.and_(bits, _splat(0x3F80, i16, n)), _splat(0x3F80, i16, n))
     bits = builder.select(is_nan, builder.or_(bits, _splat(0x7C00, i16, n)), bits)
-    return builder.fmul(builder.fpext(builder.bitcast(bits, half), floats), _splat(256.0, _F32, n))
+    return builder.fpext(builder.bitcast(bits, half), floats)
 
 
 _STORAGE = {types.float32: _F32, types.uint16: ir.IntType(16), types.int16: ir.IntType(16),

@@ -28,12 +28,12 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from .._config import config
-from .._dtypes import bits_view, codec_of
+from .._dtypes import E4M3, bits_view, codec_of
 from .._tile import finish_lse, key_range
 from ._blas import single_threaded_blas
 from ._decode import add_values, scores
 from ._fastmath import FASTMATH, decode_rows, decode_token, encode_row
-from ._simd import LANES, simd_view
+from ._simd import E4M3_SCALE, LANES, simd_view
 from ._tiles import grad_tile, key_tile_backward, softmax_tile
 from .attention import _delta, _slopes, merge
 
@@ -368,6 +368,8 @@ def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale
     lse_part = np.empty((n_split,) + q.shape[:3], acc)
     if q.size and _fits_decode(spec, rows_q, per_task):
         k_rows, v_rows = (simd_view(np.ascontiguousarray(c)).reshape(-1, spec.head_dim) for c in (k_cache, v_cache))
+        if codec_of(k_cache.dtype) == E4M3:  # the loads give e4m3 values times 2**-8
+            k_mult, v_mult = k_mult * E4M3_SCALE, v_mult * E4M3_SCALE
         _decode(bits_view(np.ascontiguousarray(q)), k_rows, v_rows, table, lens, spec.block_size, spec.heads_kv,
                 codec_of(q.dtype), spec.scale * q_scale, k_mult, v_mult, spec.window_left, spec.window_right,
                 spec.softcap, slopes, has_alibi, out_part, lse_part, max(1, config.cpu_decode_block_k))
