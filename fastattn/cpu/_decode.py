@@ -140,16 +140,31 @@ def scores(qt, k_rows, rows, n, s, v_rows, by_token):
 
 
 @njit(**_INLINE)
+def _load4(o, at):
+    """o[at : at + 4 LANES] as four vectors."""
+    return vload(o, at), vload(o, at + LANES), vload(o, at + 2 * LANES), vload(o, at + 3 * LANES)
+
+
+@njit(**_INLINE)
+def _store4(o, at, a, b, c, e):
+    """o[at : at + 4 LANES] = a, b, c, e."""
+    vstore(o, at, a)
+    vstore(o, at + LANES, b)
+    vstore(o, at + 2 * LANES, c)
+    vstore(o, at + 3 * LANES, e)
+
+
+@njit(**_INLINE)
 def _add4_wide(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, ahead_n, step):
     """Columns d .. d + 4 LANES of accumulator rows r .. r+3: sixteen sums in registers over all n keys.
 
     Key i also prefetches the same columns of the row ``ahead_rows[i] + u`` of ``ahead`` (i < ahead_n).
     """
     o0, o1, o2, o3 = r * dim + d, (r + 1) * dim + d, (r + 2) * dim + d, (r + 3) * dim + d
-    a0, b0, c0, e0 = vload(o, o0), vload(o, o0 + LANES), vload(o, o0 + 2 * LANES), vload(o, o0 + 3 * LANES)
-    a1, b1, c1, e1 = vload(o, o1), vload(o, o1 + LANES), vload(o, o1 + 2 * LANES), vload(o, o1 + 3 * LANES)
-    a2, b2, c2, e2 = vload(o, o2), vload(o, o2 + LANES), vload(o, o2 + 2 * LANES), vload(o, o2 + 3 * LANES)
-    a3, b3, c3, e3 = vload(o, o3), vload(o, o3 + LANES), vload(o, o3 + 2 * LANES), vload(o, o3 + 3 * LANES)
+    a0, b0, c0, e0 = _load4(o, o0)
+    a1, b1, c1, e1 = _load4(o, o1)
+    a2, b2, c2, e2 = _load4(o, o2)
+    a3, b3, c3, e3 = _load4(o, o3)
     p0, p1, p2, p3 = r * width, (r + 1) * width, (r + 2) * width, (r + 3) * width
     for i in range(n):
         if i < ahead_n:
@@ -165,22 +180,10 @@ def _add4_wide(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, ahead_
         a2, b2, c2, e2 = vfma(w, x, a2), vfma(w, y, b2), vfma(w, z, c2), vfma(w, t, e2)
         w = vsplat(pp[p3 + i])
         a3, b3, c3, e3 = vfma(w, x, a3), vfma(w, y, b3), vfma(w, z, c3), vfma(w, t, e3)
-    vstore(o, o0, a0)
-    vstore(o, o0 + LANES, b0)
-    vstore(o, o0 + 2 * LANES, c0)
-    vstore(o, o0 + 3 * LANES, e0)
-    vstore(o, o1, a1)
-    vstore(o, o1 + LANES, b1)
-    vstore(o, o1 + 2 * LANES, c1)
-    vstore(o, o1 + 3 * LANES, e1)
-    vstore(o, o2, a2)
-    vstore(o, o2 + LANES, b2)
-    vstore(o, o2 + 2 * LANES, c2)
-    vstore(o, o2 + 3 * LANES, e2)
-    vstore(o, o3, a3)
-    vstore(o, o3 + LANES, b3)
-    vstore(o, o3 + 2 * LANES, c3)
-    vstore(o, o3 + 3 * LANES, e3)
+    _store4(o, o0, a0, b0, c0, e0)
+    _store4(o, o1, a1, b1, c1, e1)
+    _store4(o, o2, a2, b2, c2, e2)
+    _store4(o, o3, a3, b3, c3, e3)
 
 
 @njit(**_INLINE)

@@ -222,18 +222,22 @@ def vadd(typingctx, a, b):
     return vec(vec, vec), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
 
 
+def _lane_tree(builder, v, combine):
+    """Fold the lanes of v pairwise with ``combine(builder, v, upper)``; the result is lane 0."""
+    width = LANES // 2
+    while width:
+        upper = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), LANES),
+                                                         [(i + width) % LANES for i in range(LANES)]))
+        v = combine(builder, v, upper)
+        width //= 2
+    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+
 @intrinsic
 def vsum(typingctx, a):
     """The sum of the lanes (in a tree, not in lane order)."""
     def codegen(context, builder, sig, args):
-        v = args[0]
-        width = LANES // 2
-        while width:
-            upper = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), LANES),
-                                                             [(i + width) % LANES for i in range(LANES)]))
-            v = builder.fadd(v, upper)
-            width //= 2
-        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+        return _lane_tree(builder, args[0], lambda b, v, upper: b.fadd(v, upper))
 
     return types.float32(vec), codegen
 
@@ -257,14 +261,7 @@ def vmax(typingctx, a, b):
 def vmax_lanes(typingctx, a):
     """The largest lane (a NaN lane is not taken unless every lane is NaN)."""
     def codegen(context, builder, sig, args):
-        v = args[0]
-        width = LANES // 2
-        while width:
-            upper = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), LANES),
-                                                             [(i + width) % LANES for i in range(LANES)]))
-            v = builder.select(builder.fcmp_ordered(">", upper, v), upper, v)
-            width //= 2
-        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+        return _lane_tree(builder, args[0], lambda b, v, upper: b.select(b.fcmp_ordered(">", upper, v), upper, v))
 
     return types.float32(vec), codegen
 
