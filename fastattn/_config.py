@@ -15,7 +15,7 @@ class Config:
     cpu_bwd_block_q: int = 256      #: query rows per backward GEMM tile
     cpu_bwd_block_k: int = 256      #: keys per backward task tile
     cpu_paged_block_k: int = 256    #: keys gathered from the paged cache per GEMM tile
-    cpu_decode_block_k: int = 128   #: keys per tile of the register-blocked paged decode kernel
+    cpu_decode_block_k: int = 64    #: keys per tile of the register-blocked paged decode kernel
     cpu_split_min_keys: int = 1024  #: shortest key range worth a split of its own (split-KV decode)
     cpu_proj_block_m: int = 512     #: tokens per projection GEMM tile (fewer if the cores need tasks)
     cpu_proj_block_n: int = 1536    #: output columns per projection GEMM tile (likewise)

@@ -42,7 +42,7 @@ def test_forward_matches_reference(device, case, rng):
     assert np.all(out[empty].astype(np.float64) == 0) and np.all(lse[empty] == -np.inf)
 
 
-@pytest.mark.parametrize("block_k", [1, 5, 64])
+@pytest.mark.parametrize("block_k", [1, 5, 128])
 @pytest.mark.parametrize("dtype", [F32, F16], ids=str)
 def test_decode_tiles_of_any_size(block_k, dtype, rng, monkeypatch):
     """The decode kernel's key tiles (odd sizes, one key, the prefetched next tile) change no result."""

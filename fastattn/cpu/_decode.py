@@ -7,17 +7,18 @@ memory.  These loops read keys and values straight from the cache rows
 (converted as they are loaded, :mod:`fastattn.cpu._simd`), keep sixteen sums
 in registers, and need the head dimension to be a multiple of ``LANES`` (16).
 
-``rows[i] + u`` is the cache row of token ``i`` of the tile for KV head ``u``.
-Inside the loops every array is a raw pointer (:func:`~fastattn.cpu._simd.data_of`)
-and rows are offsets: an array or row view used there can cost two atomic
+``starts[i]`` is the offset (in elements) of token ``i``'s row of the tile:
+``Hkv * D`` elements, KV head ``u`` at ``starts[i] + u * D``.  Inside the
+loops every array is a raw pointer (:func:`~fastattn.cpu._simd.data_of`) and
+rows are offsets: an array or row view used there can cost two atomic
 reference-count updates per pass.
 
-Memory: the rows of one head are a cache row apart (``Hkv * D`` elements), so
-they fall in a few sets of the first-level cache and evict each other; the
-loops prefetch into the second-level cache instead, spread one row per key
-over the arithmetic:
-:func:`scores` asks for the values of its keys, :func:`add_values` for the
-keys of the next tile.
+Memory: the loops prefetch into the second-level cache (a head's rows are
+``Hkv * D`` elements apart and would evict each other in the first), front to
+back through whole token rows, a few lines per pass of arithmetic, so that
+the processor's own prefetcher follows:
+:func:`scores` asks for the tile's values, :func:`add_values` for the next
+tile's keys.
 """
 from numba import njit
 
@@ -30,9 +31,35 @@ _INLINE = dict(fastmath=FASTMATH, inline="always")
 
 @njit(**_INLINE)
 def _prefetch_span(x, start, count, step):
-    """Ask for the cache lines of x[start : start + count], ``step`` elements to a line (second-level cache)."""
-    for c in range(start, start + count, step):
-        prefetch_l2(x, c)
+    """Ask for the cache lines of x[start : start + count], ``step`` elements to a line (second-level cache).
+
+    A while loop: ``range`` with a step that is not a constant divides to count its passes.
+    """
+    end = start + count
+    while start < end:
+        prefetch_l2(x, start)
+        start += step
+
+
+@njit(**_INLINE)
+def _prefetch_ahead(ahead, cursor, count):
+    """Ask for the next ``count`` elements of a tile's token rows; return the moved cursor.
+
+    ``ahead`` is (pointer, starts, row_len, n, step): the tile's n token rows
+    of ``row_len`` elements start at ``starts[t]``; ``step`` elements make a
+    cache line.  ``cursor`` is (t, offset into row t).
+    """
+    x, starts, row_len, n, step = ahead
+    t, off = cursor
+    while count > 0 and t < n:
+        take = min(count, row_len - off)
+        _prefetch_span(x, starts[t] + off, take, step)
+        count -= take
+        off += take
+        if off == row_len:
+            t += 1
+            off = 0
+    return t, off
 
 
 @njit(**_INLINE)
@@ -83,16 +110,15 @@ def _dots2(q, dim, r, k, ka, kb):
 
 
 @njit(**_INLINE)
-def _score_keys(q, k, v, out, dim, m, width, rows, u, n, c, step):
+def _score_keys(q, k, out, dim, m, width, starts, u, n, c):
     """Scores of KV head u's m query rows (q rows u m ..) against keys c .. c+3 of the tile, into out
-    (rows u m .. of width ``width``); a short last group repeats its last key.  Prefetches their values."""
+    (rows u m .. of width ``width``); a short last group repeats its last key."""
     last = min(c + 4, n) - 1
-    k0 = (rows[c] + u) * dim
-    k1 = (rows[min(c + 1, last)] + u) * dim
-    k2 = (rows[min(c + 2, last)] + u) * dim
-    k3 = (rows[last] + u) * dim
-    for i in range(c, last + 1):
-        _prefetch_span(v, (rows[i] + u) * dim, dim, step)
+    head = u * dim
+    k0 = starts[c] + head
+    k1 = starts[min(c + 1, last)] + head
+    k2 = starts[min(c + 2, last)] + head
+    k3 = starts[last] + head
     first = u * m
     for r in range(first, first + m - m % 4, 4):
         sums = _dots16(q, dim, r, k, k0, k1, k2, k3)
@@ -115,28 +141,32 @@ def _score_keys(q, k, v, out, dim, m, width, rows, u, n, c, step):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def scores(qt, k_rows, rows, n, s, v_rows, by_token):
+def scores(qt, k_cache, starts, n, s, v_cache, by_token):
     """``s[u, :, i] = qt[u] @ k[i, u]`` for every KV head u and the n keys of a tile (qt [Hkv, m, D] holds
     each group's scaled queries; s is [Hkv, m, >= n]).
 
     Four keys at a time against four query rows (rows left over when m is not
-    a multiple of 4 take one row against two keys); the values of each key are
-    prefetched for :func:`add_values`.  ``by_token`` takes every head of four
-    keys before the next four, reading the cache front to back; otherwise
-    each head runs over the whole tile in turn.
+    a multiple of 4 take one row against two keys).  ``by_token`` takes every
+    head of four keys before the next four, reading the cache front to back;
+    otherwise each head runs over the whole tile in turn.  Each group of four
+    keys also prefetches the next ``4 D`` elements of the tile's values, front
+    to back, for :func:`add_values`.
     """
     heads, m, dim = qt.shape
     width = s.shape[2]
-    q, k, v, out = data_of(qt), data_of(k_rows), data_of(v_rows), data_of(s)
-    step = max(1, 64 // v_rows.itemsize)
+    q, k, out = data_of(qt), data_of(k_cache), data_of(s)
+    values = (data_of(v_cache), starts, heads * dim, n, max(1, 64 // v_cache.itemsize))
+    cursor = (0, 0)
     if by_token:
         for c in range(0, n, 4):
             for u in range(heads):
-                _score_keys(q, k, v, out, dim, m, width, rows, u, n, c, step)
+                _score_keys(q, k, out, dim, m, width, starts, u, n, c)
+                cursor = _prefetch_ahead(values, cursor, 4 * dim)
     else:
         for u in range(heads):
             for c in range(0, n, 4):
-                _score_keys(q, k, v, out, dim, m, width, rows, u, n, c, step)
+                _score_keys(q, k, out, dim, m, width, starts, u, n, c)
+                cursor = _prefetch_ahead(values, cursor, 4 * dim)
 
 
 @njit(**_INLINE)
@@ -155,47 +185,62 @@ def _store4(o, at, a, b, c, e):
 
 
 @njit(**_INLINE)
-def _add4_wide(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, ahead_n, step):
-    """Columns d .. d + 4 LANES of accumulator rows r .. r+3: sixteen sums in registers over all n keys.
+def _value_key(pp, p0, p1, p2, p3, v, at, acc):
+    """The sixteen sums of :func:`_add4_wide` plus one key: value columns at ``at``, weights pp[p0..p3]."""
+    a0, b0, c0, e0, a1, b1, c1, e1, a2, b2, c2, e2, a3, b3, c3, e3 = acc
+    x, y = vload2(v, at)
+    z, t = vload2(v, at + 2 * LANES)
+    w = vsplat(pp[p0])
+    a0, b0, c0, e0 = vfma(w, x, a0), vfma(w, y, b0), vfma(w, z, c0), vfma(w, t, e0)
+    w = vsplat(pp[p1])
+    a1, b1, c1, e1 = vfma(w, x, a1), vfma(w, y, b1), vfma(w, z, c1), vfma(w, t, e1)
+    w = vsplat(pp[p2])
+    a2, b2, c2, e2 = vfma(w, x, a2), vfma(w, y, b2), vfma(w, z, c2), vfma(w, t, e2)
+    w = vsplat(pp[p3])
+    a3, b3, c3, e3 = vfma(w, x, a3), vfma(w, y, b3), vfma(w, z, c3), vfma(w, t, e3)
+    return a0, b0, c0, e0, a1, b1, c1, e1, a2, b2, c2, e2, a3, b3, c3, e3
 
-    Key i also prefetches the same columns of the row ``ahead_rows[i] + u`` of ``ahead`` (i < ahead_n).
+
+@njit(**_INLINE)
+def _add4_wide(o, dim, pp, width, r, v, starts, col, n, d, ahead, cursor):
+    """Columns d .. d + 4 LANES of accumulator rows r .. r+3 (value columns ``col`` on in each token
+    row): sixteen sums in registers over all n keys, four keys a pass.
+
+    Each key also prefetches the next 4 LANES elements of ``ahead``; returns the moved cursor.
     """
     o0, o1, o2, o3 = r * dim + d, (r + 1) * dim + d, (r + 2) * dim + d, (r + 3) * dim + d
     a0, b0, c0, e0 = _load4(o, o0)
     a1, b1, c1, e1 = _load4(o, o1)
     a2, b2, c2, e2 = _load4(o, o2)
     a3, b3, c3, e3 = _load4(o, o3)
+    acc = (a0, b0, c0, e0, a1, b1, c1, e1, a2, b2, c2, e2, a3, b3, c3, e3)
     p0, p1, p2, p3 = r * width, (r + 1) * width, (r + 2) * width, (r + 3) * width
-    for i in range(n):
-        if i < ahead_n:
-            _prefetch_span(ahead, (ahead_rows[i] + u) * dim + d, 4 * LANES, step)
-        row = (rows[i] + u) * dim + d
-        x, y = vload2(v, row)
-        z, t = vload2(v, row + 2 * LANES)
-        w = vsplat(pp[p0 + i])
-        a0, b0, c0, e0 = vfma(w, x, a0), vfma(w, y, b0), vfma(w, z, c0), vfma(w, t, e0)
-        w = vsplat(pp[p1 + i])
-        a1, b1, c1, e1 = vfma(w, x, a1), vfma(w, y, b1), vfma(w, z, c1), vfma(w, t, e1)
-        w = vsplat(pp[p2 + i])
-        a2, b2, c2, e2 = vfma(w, x, a2), vfma(w, y, b2), vfma(w, z, c2), vfma(w, t, e2)
-        w = vsplat(pp[p3 + i])
-        a3, b3, c3, e3 = vfma(w, x, a3), vfma(w, y, b3), vfma(w, z, c3), vfma(w, t, e3)
+    i = 0
+    while i + 4 <= n:
+        cursor = _prefetch_ahead(ahead, cursor, 16 * LANES)
+        for j in range(i, i + 4):  # unrolled: one prefetch run and one set of pointers for four keys
+            acc = _value_key(pp, p0 + j, p1 + j, p2 + j, p3 + j, v, starts[j] + col, acc)
+        i += 4
+    for i in range(i, n):
+        cursor = _prefetch_ahead(ahead, cursor, 4 * LANES)
+        acc = _value_key(pp, p0 + i, p1 + i, p2 + i, p3 + i, v, starts[i] + col, acc)
+    a0, b0, c0, e0, a1, b1, c1, e1, a2, b2, c2, e2, a3, b3, c3, e3 = acc
     _store4(o, o0, a0, b0, c0, e0)
     _store4(o, o1, a1, b1, c1, e1)
     _store4(o, o2, a2, b2, c2, e2)
     _store4(o, o3, a3, b3, c3, e3)
+    return cursor
 
 
 @njit(**_INLINE)
-def _add4(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, ahead_n, step):
+def _add4(o, dim, pp, width, r, v, starts, col, n, d, ahead, cursor):
     """Columns d .. d + LANES of accumulator rows r .. r+3 (the columns :func:`_add4_wide` leaves)."""
     o0, o1, o2, o3 = r * dim + d, (r + 1) * dim + d, (r + 2) * dim + d, (r + 3) * dim + d
     a0, a1, a2, a3 = vload(o, o0), vload(o, o1), vload(o, o2), vload(o, o3)
     p0, p1, p2, p3 = r * width, (r + 1) * width, (r + 2) * width, (r + 3) * width
     for i in range(n):
-        if i < ahead_n:
-            _prefetch_span(ahead, (ahead_rows[i] + u) * dim + d, LANES, step)
-        x = vload(v, (rows[i] + u) * dim + d)
+        cursor = _prefetch_ahead(ahead, cursor, LANES)
+        x = vload(v, starts[i] + col)
         a0 = vfma(vsplat(pp[p0 + i]), x, a0)
         a1 = vfma(vsplat(pp[p1 + i]), x, a1)
         a2 = vfma(vsplat(pp[p2 + i]), x, a2)
@@ -204,51 +249,57 @@ def _add4(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, ahead_n, st
     vstore(o, o1, a1)
     vstore(o, o2, a2)
     vstore(o, o3, a3)
+    return cursor
 
 
 @njit(**_INLINE)
-def _add1(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, ahead_n, step):
+def _add1(o, dim, pp, width, r, v, starts, col, n, d, ahead, cursor):
     """Columns d .. d + LANES of accumulator row r, four keys per pass in four independent sums."""
     a0 = vload(o, r * dim + d)
     a1 = a2 = a3 = vzero()
     p0 = r * width
     i = 0
     while i + 4 <= n:
-        for j in range(i, min(i + 4, ahead_n)):
-            _prefetch_span(ahead, (ahead_rows[j] + u) * dim + d, LANES, step)
-        a0 = vfma(vsplat(pp[p0 + i]), vload(v, (rows[i] + u) * dim + d), a0)
-        a1 = vfma(vsplat(pp[p0 + i + 1]), vload(v, (rows[i + 1] + u) * dim + d), a1)
-        a2 = vfma(vsplat(pp[p0 + i + 2]), vload(v, (rows[i + 2] + u) * dim + d), a2)
-        a3 = vfma(vsplat(pp[p0 + i + 3]), vload(v, (rows[i + 3] + u) * dim + d), a3)
+        cursor = _prefetch_ahead(ahead, cursor, 4 * LANES)
+        a0 = vfma(vsplat(pp[p0 + i]), vload(v, starts[i] + col), a0)
+        a1 = vfma(vsplat(pp[p0 + i + 1]), vload(v, starts[i + 1] + col), a1)
+        a2 = vfma(vsplat(pp[p0 + i + 2]), vload(v, starts[i + 2] + col), a2)
+        a3 = vfma(vsplat(pp[p0 + i + 3]), vload(v, starts[i + 3] + col), a3)
         i += 4
     for i in range(i, n):
-        if i < ahead_n:
-            _prefetch_span(ahead, (ahead_rows[i] + u) * dim + d, LANES, step)
-        a0 = vfma(vsplat(pp[p0 + i]), vload(v, (rows[i] + u) * dim + d), a0)
+        cursor = _prefetch_ahead(ahead, cursor, LANES)
+        a0 = vfma(vsplat(pp[p0 + i]), vload(v, starts[i] + col), a0)
     vstore(o, r * dim + d, vadd(vadd(a0, a1), vadd(a2, a3)))
+    return cursor
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def add_values(acc, p, v_rows, rows, u, n, ahead_cache, ahead_rows, ahead_n):
-    """``acc += p[:, :n] @ v[:n]``, with blocks of the accumulator held in registers over all n keys.
+def add_values(acc, p, v_cache, starts, u, n, ahead_cache, ahead_starts, ahead_n, heads, cursor):
+    """``acc += p[:, :n] @ v[:n]`` for KV head u, with blocks of the accumulator held in registers over
+    all n keys.
 
-    The same loops prefetch the rows ``ahead_rows[:ahead_n] + u`` of
-    ``ahead_cache`` (the next tile's keys; ahead_n <= n), each column block once.
+    The first pass over the keys also prefetches ``D`` elements per key of the
+    token rows ``ahead_starts[:ahead_n]`` of ``ahead_cache`` (the next tile's
+    keys, ``heads`` heads to a row), front to back from ``cursor`` (token,
+    offset), so the calls for every head together ask for the whole tile.
+    Returns the moved cursor.
     """
     m, dim = acc.shape
     width = p.shape[1]
-    o, pp, v, ahead = data_of(acc), data_of(p), data_of(v_rows), data_of(ahead_cache)
+    o, pp, v = data_of(acc), data_of(p), data_of(v_cache)
     step = max(1, 64 // ahead_cache.itemsize)
+    ahead = (data_of(ahead_cache), ahead_starts, heads * dim, ahead_n, step)
+    idle = (ahead[0], ahead_starts, heads * dim, 0, step)  # the later passes prefetch nothing
     m4 = m - m % 4
     for r in range(0, m4, 4):
-        first = ahead_n if r == 0 else 0
         d = 0
         while d + 4 * LANES <= dim:
-            _add4_wide(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, first, step)
+            cursor = _add4_wide(o, dim, pp, width, r, v, starts, u * dim + d, n, d, ahead if r == 0 else idle,
+                                cursor)
             d += 4 * LANES
         for d in range(d, dim, LANES):
-            _add4(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, first, step)
+            cursor = _add4(o, dim, pp, width, r, v, starts, u * dim + d, n, d, ahead if r == 0 else idle, cursor)
     for r in range(m4, m):
-        first = ahead_n if r == 0 else 0
         for d in range(0, dim, LANES):
-            _add1(o, dim, pp, width, r, v, rows, u, n, d, ahead, ahead_rows, first, step)
+            cursor = _add1(o, dim, pp, width, r, v, starts, u * dim + d, n, d, ahead if r == 0 else idle, cursor)
+    return cursor

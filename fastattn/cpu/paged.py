@@ -145,15 +145,15 @@ def _forward(q, k_rows, v_rows, table, lens, bs, heads_kv, kv_per_task, q_codec,
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _tile_rows(table_row, bs, heads_kv, j0, n, rows):
-    """rows[i] = the token-row index of head 0 of key j0 + i."""
+def _tile_starts(table_row, bs, row_len, j0, n, starts):
+    """starts[i] = where the row of key j0 + i (``row_len`` elements: every KV head) starts in the cache."""
     for i in range(n):
         t = j0 + i
-        rows[i] = (table_row[t // bs] * bs + t % bs) * heads_kv
+        starts[i] = (table_row[t // bs] * bs + t % bs) * row_len
 
 
 @njit(**_JIT)
-def _decode(q, k_rows, v_rows, table, lens, bs, heads_kv, q_codec, q_mult, k_mult, v_mult, wl, wr, softcap,
+def _decode(q, k_flat, v_flat, table, lens, bs, heads_kv, q_codec, q_mult, k_mult, v_mult, wl, wr, softcap,
             slopes, has_alibi, out_part, lse_part, block_k):
     """The forward for decode-sized queries (a float32 accumulator, D a multiple of ``LANES``).
 
@@ -182,21 +182,24 @@ def _decode(q, k_rows, v_rows, table, lens, bs, heads_kv, q_codec, q_mult, k_mul
                 qt[u] *= q_mult * k_mult[u]
             # 8- and 16-bit caches are read token by token (all heads of four keys at a time), which
             # measured faster; float32 head by head (docs/design.md, "The decode kernel")
-            by_token = k_rows.itemsize <= 2
-            rows = np.empty(block_k, np.int64)  # cache row of head 0 of each key of the tile
-            next_rows = np.empty(block_k, np.int64)
-            _tile_rows(table[b], bs, heads_kv, j_lo, min(block_k, j_hi - j_lo), rows)
+            by_token = k_flat.itemsize <= 2
+            row_len = heads_kv * dim
+            starts = np.empty(block_k, np.int64)  # where each key's row (all KV heads) starts
+            next_starts = np.empty(block_k, np.int64)
+            _tile_starts(table[b], bs, row_len, j_lo, min(block_k, j_hi - j_lo), starts)
             for j0 in range(j_lo, j_hi, block_k):
                 n = min(block_k, j_hi - j0)
                 s = np.empty((heads_kv, m, n), np.float32)  # C-contiguous rows: the softmax vectorises
-                scores(qt, k_rows, rows, n, s, v_rows, by_token)
+                scores(qt, k_flat, starts, n, s, v_flat, by_token)
                 next_n = min(block_k, j_hi - j0 - n)
-                _tile_rows(table[b], bs, heads_kv, j0 + n, next_n, next_rows)
+                _tile_starts(table[b], bs, row_len, j0 + n, next_n, next_starts)
+                cursor = (0, 0)  # the next tile's keys, asked for front to back over the heads' passes
                 for u in range(heads_kv):
                     softmax_tile(s[u], 0, sq, j0, sq, sk, wl, wr, softcap,
                                  slopes[b, u * group:(u + 1) * group], has_alibi, row_max[u], row_sum[u], acc[u])
-                    add_values(acc[u], s[u], v_rows, rows, u, n, k_rows, next_rows, next_n)
-                rows, next_rows = next_rows, rows
+                    cursor = add_values(acc[u], s[u], v_flat, starts, u, n, k_flat, next_starts, next_n, heads_kv,
+                                        cursor)
+                starts, next_starts = next_starts, starts
         for u in range(heads_kv):
             for r in range(m):
                 h = u * group + r // sq
@@ -367,10 +370,10 @@ def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale
     out_part = np.empty((n_split,) + q.shape, acc)
     lse_part = np.empty((n_split,) + q.shape[:3], acc)
     if q.size and _fits_decode(spec, rows_q, per_task):
-        k_rows, v_rows = (simd_view(np.ascontiguousarray(c)).reshape(-1, spec.head_dim) for c in (k_cache, v_cache))
+        k_flat, v_flat = (simd_view(np.ascontiguousarray(c)).reshape(-1) for c in (k_cache, v_cache))
         if codec_of(k_cache.dtype) == E4M3:  # the loads give e4m3 values times 2**-8
             k_mult, v_mult = k_mult * E4M3_SCALE, v_mult * E4M3_SCALE
-        _decode(bits_view(np.ascontiguousarray(q)), k_rows, v_rows, table, lens, spec.block_size, spec.heads_kv,
+        _decode(bits_view(np.ascontiguousarray(q)), k_flat, v_flat, table, lens, spec.block_size, spec.heads_kv,
                 codec_of(q.dtype), spec.scale * q_scale, k_mult, v_mult, spec.window_left, spec.window_right,
                 spec.softcap, slopes, has_alibi, out_part, lse_part, max(1, config.cpu_decode_block_k))
     elif q.size:
