@@ -5,8 +5,8 @@ import pytest
 from numba import njit
 
 from fastattn.cpu._fastmath import exp_nonpos, exp_row, max_of
-from fastattn.cpu._simd import (E4M3_SCALE, LANES, data_of, simd_view, vadd, vexp_nonpos, vfma, vlane, vload, vload2, vmax_lanes,
-                                vsplat, vstore, vstore4, vsum, vsums16, vzero)
+from fastattn.cpu._simd import (E4M3_SCALE, LANES, data_of, line_elements, simd_view, vadd, vexp_nonpos, vfma, vlane,
+                                vload, vload2, vmax_lanes, vsplat, vstore, vstore4, vsum, vsums16, vzero)
 
 
 @njit
@@ -147,3 +147,13 @@ def test_add_adds_lane_by_lane(rng):
     out = np.empty(LANES, np.float32)
     add(a, b, out)
     assert np.array_equal(out, a + b)
+
+
+@njit
+def _line_elements_of(x):
+    return line_elements(x), line_elements(data_of(x))
+
+
+@pytest.mark.parametrize("dtype, count", [(np.float64, 8), (np.float32, 16), (np.uint16, 32), (np.int8, 64)])
+def test_line_elements_counts_a_64_byte_line_for_arrays_and_pointers(dtype, count):
+    assert _line_elements_of(np.zeros(4, dtype)) == (count, count)

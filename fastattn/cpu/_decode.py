@@ -23,8 +23,8 @@ tile's keys.
 from numba import njit
 
 from ._fastmath import FASTMATH
-from ._simd import (LANES, data_of, prefetch_l2, vadd, vfma, vlane, vload, vload2, vsplat, vstore, vstore4, vsum,
-                    vsums16, vzero)
+from ._simd import (LANES, data_of, line_elements, prefetch_l2, vadd, vfma, vlane, vload, vload2, vsplat, vstore,
+                    vstore4, vsum, vsums16, vzero)
 
 _INLINE = dict(fastmath=FASTMATH, inline="always")
 
@@ -36,6 +36,12 @@ def _prefetch_span(x, start, count, step):
     A while loop: ``range`` with a step that is not a constant divides to count its passes.
     """
     end = start + count
+    while start + 3 * step < end:
+        prefetch_l2(x, start)
+        prefetch_l2(x, start + step)
+        prefetch_l2(x, start + 2 * step)
+        prefetch_l2(x, start + 3 * step)
+        start += 4 * step
     while start < end:
         prefetch_l2(x, start)
         start += step
@@ -141,32 +147,25 @@ def _score_keys(q, k, out, dim, m, width, starts, u, n, c):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def scores(qt, k_cache, starts, n, s, v_cache, by_token):
+def scores(qt, k_cache, starts, n, s, v_cache):
     """``s[u, :, i] = qt[u] @ k[i, u]`` for every KV head u and the n keys of a tile (qt [Hkv, m, D] holds
     each group's scaled queries; s is [Hkv, m, >= n]).
 
     Four keys at a time against four query rows (rows left over when m is not
-    a multiple of 4 take one row against two keys).  ``by_token`` takes every
-    head of four keys before the next four, reading the cache front to back;
-    otherwise each head runs over the whole tile in turn.  Each group of four
-    keys also prefetches the next ``4 D`` elements of the tile's values, front
-    to back, for :func:`add_values`.
+    a multiple of 4 take one row against two keys), every head of four keys
+    before the next four: the keys are read front to back.  Each group of
+    four keys and one head also prefetches the next ``4 D`` elements of the
+    tile's values, front to back, for :func:`add_values`.
     """
     heads, m, dim = qt.shape
     width = s.shape[2]
     q, k, out = data_of(qt), data_of(k_cache), data_of(s)
-    values = (data_of(v_cache), starts, heads * dim, n, max(1, 64 // v_cache.itemsize))
+    values = (data_of(v_cache), starts, heads * dim, n, line_elements(v_cache))
     cursor = (0, 0)
-    if by_token:
-        for c in range(0, n, 4):
-            for u in range(heads):
-                _score_keys(q, k, out, dim, m, width, starts, u, n, c)
-                cursor = _prefetch_ahead(values, cursor, 4 * dim)
-    else:
+    for c in range(0, n, 4):
         for u in range(heads):
-            for c in range(0, n, 4):
-                _score_keys(q, k, out, dim, m, width, starts, u, n, c)
-                cursor = _prefetch_ahead(values, cursor, 4 * dim)
+            _score_keys(q, k, out, dim, m, width, starts, u, n, c)
+            cursor = _prefetch_ahead(values, cursor, 4 * dim)
 
 
 @njit(**_INLINE)
@@ -287,7 +286,7 @@ def add_values(acc, p, v_cache, starts, u, n, ahead_cache, ahead_starts, ahead_n
     m, dim = acc.shape
     width = p.shape[1]
     o, pp, v = data_of(acc), data_of(p), data_of(v_cache)
-    step = max(1, 64 // ahead_cache.itemsize)
+    step = line_elements(ahead_cache)
     ahead = (data_of(ahead_cache), ahead_starts, heads * dim, ahead_n, step)
     idle = (ahead[0], ahead_starts, heads * dim, 0, step)  # the later passes prefetch nothing
     m4 = m - m % 4

@@ -144,6 +144,17 @@ def data_of(typingctx, arr):
 
 
 @intrinsic
+def line_elements(typingctx, x):
+    """Elements of ``x`` (an array or a pointer) to a 64-byte cache line, as a constant the compiler
+    sees (loops that step by it need no division and unroll)."""
+    dtype = x.dtype if isinstance(x, (types.Array, types.CPointer)) else None
+    if not isinstance(dtype, types.Number):
+        return None
+    count = max(1, 64 // (dtype.bitwidth // 8))
+    return types.intp(x), lambda context, builder, sig, args: context.get_constant(types.intp, count)
+
+
+@intrinsic
 def vload(typingctx, x, idx):
     """``x[idx : idx + LANES]`` as float32 lanes (x a 1-d array or a pointer; no bounds check)."""
     if _element(x) not in _STORAGE or not isinstance(idx, types.Integer):

@@ -180,9 +180,6 @@ def _decode(q, k_flat, v_flat, table, lens, bs, heads_kv, q_codec, q_mult, k_mul
             for u in range(heads_kv):
                 _group_rows(q, b, u, group, 0, sq, qt[u], q_codec)
                 qt[u] *= q_mult * k_mult[u]
-            # 8- and 16-bit caches are read token by token (all heads of four keys at a time), which
-            # measured faster; float32 head by head (docs/design.md, "The decode kernel")
-            by_token = k_flat.itemsize <= 2
             row_len = heads_kv * dim
             starts = np.empty(block_k, np.int64)  # where each key's row (all KV heads) starts
             next_starts = np.empty(block_k, np.int64)
@@ -190,7 +187,7 @@ def _decode(q, k_flat, v_flat, table, lens, bs, heads_kv, q_codec, q_mult, k_mul
             for j0 in range(j_lo, j_hi, block_k):
                 n = min(block_k, j_hi - j0)
                 s = np.empty((heads_kv, m, n), np.float32)  # C-contiguous rows: the softmax vectorises
-                scores(qt, k_flat, starts, n, s, v_flat, by_token)
+                scores(qt, k_flat, starts, n, s, v_flat)
                 next_n = min(block_k, j_hi - j0 - n)
                 _tile_starts(table[b], bs, row_len, j0 + n, next_n, next_starts)
                 cursor = (0, 0)  # the next tile's keys, asked for front to back over the heads' passes
