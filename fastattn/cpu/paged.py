@@ -147,9 +147,13 @@ def _forward(q, k_rows, v_rows, table, lens, bs, heads_kv, kv_per_task, q_codec,
 @njit(fastmath=FASTMATH, cache=True)
 def _tile_starts(table_row, bs, row_len, j0, n, starts):
     """starts[i] = where the row of key j0 + i (``row_len`` elements: every KV head) starts in the cache."""
+    block, row = j0 // bs, j0 % bs
     for i in range(n):
-        t = j0 + i
-        starts[i] = (table_row[t // bs] * bs + t % bs) * row_len
+        starts[i] = (table_row[block] * bs + row) * row_len
+        row += 1
+        if row == bs:
+            block += 1
+            row = 0
 
 
 @njit(**_JIT)
@@ -191,9 +195,10 @@ def _decode(q, k_flat, v_flat, table, lens, bs, heads_kv, q_codec, q_mult, k_mul
                 next_n = min(block_k, j_hi - j0 - n)
                 _tile_starts(table[b], bs, row_len, j0 + n, next_n, next_starts)
                 cursor = (0, 0)  # the next tile's keys, asked for front to back over the heads' passes
+                rows = heads_kv * m  # every head's rows in one call: q head = row // sq
+                softmax_tile(s.reshape(rows, n), 0, sq, j0, sq, sk, wl, wr, softcap, slopes[b], has_alibi,
+                             row_max.reshape(rows), row_sum.reshape(rows), acc.reshape(rows, dim))
                 for u in range(heads_kv):
-                    softmax_tile(s[u], 0, sq, j0, sq, sk, wl, wr, softcap,
-                                 slopes[b, u * group:(u + 1) * group], has_alibi, row_max[u], row_sum[u], acc[u])
                     cursor = add_values(acc[u], s[u], v_flat, starts, u, n, k_flat, next_starts, next_n, heads_kv,
                                         cursor)
                 starts, next_starts = next_starts, starts
