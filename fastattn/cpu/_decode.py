@@ -57,6 +57,9 @@ def _prefetch_ahead(ahead, cursor, count):
     """
     x, starts, row_len, n, step = ahead
     t, off = cursor
+    if t < n and off + count < row_len:  # the common case: inside one row
+        _prefetch_span(x, starts[t] + off, count, step)
+        return t, off + count
     while count > 0 and t < n:
         take = min(count, row_len - off)
         _prefetch_span(x, starts[t] + off, take, step)
