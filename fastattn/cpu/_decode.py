@@ -14,11 +14,11 @@ rows are offsets: an array or row view used there can cost two atomic
 reference-count updates per pass.
 
 Memory: the loops prefetch into the second-level cache (a head's rows are
-``Hkv * D`` elements apart and would evict each other in the first), front to
-back through whole token rows, a few lines per pass of arithmetic, so that
-the processor's own prefetcher follows:
-:func:`scores` asks for the tile's values, :func:`add_values` for the next
-tile's keys.
+``Hkv * D`` elements apart and would evict each other in the first), through
+whole token rows in ``STREAMS`` streams at once (each a quarter of the tile's
+tokens, front to back: a core read memory fastest with four streams), a few
+lines per pass of arithmetic: :func:`scores` asks for the tile's values,
+:func:`add_values` for the next tile's keys.
 """
 from numba import njit
 
@@ -29,19 +29,18 @@ from ._simd import (LANES, data_of, line_elements, prefetch_l2, vadd, vfma, vlan
 _INLINE = dict(fastmath=FASTMATH, inline="always")
 
 
+STREAMS = 4  # prefetch streams per tile: a core read memory fastest with four (docs/design.md)
+
+
 @njit(**_INLINE)
 def _prefetch_span(x, start, count, step):
-    """Ask for the cache lines of x[start : start + count], ``step`` elements to a line (second-level cache).
+    """Ask for the cache lines that begin in x[start : start + count], ``step`` elements to a line (second
+    level cache): successive spans ask for each line once.
 
     A while loop: ``range`` with a step that is not a constant divides to count its passes.
     """
     end = start + count
-    while start + 3 * step < end:
-        prefetch_l2(x, start)
-        prefetch_l2(x, start + step)
-        prefetch_l2(x, start + 2 * step)
-        prefetch_l2(x, start + 3 * step)
-        start += 4 * step
+    start = (start + step - 1) // step * step
     while start < end:
         prefetch_l2(x, start)
         start += step
@@ -53,17 +52,20 @@ def _prefetch_ahead(ahead, cursor, count):
 
     ``ahead`` is (pointer, starts, row_len, n, step): the tile's n token rows
     of ``row_len`` elements start at ``starts[t]``; ``step`` elements make a
-    cache line.  ``cursor`` is (t, offset into row t).
+    cache line.  The rows are read as ``STREAMS`` streams, each a quarter of
+    the tokens front to back, ``count / STREAMS`` elements from each per call;
+    ``cursor`` is (t, offset into row t) within every stream.
     """
     x, starts, row_len, n, step = ahead
     t, off = cursor
-    if t < n and off + count < row_len:  # the common case: inside one row
-        _prefetch_span(x, starts[t] + off, count, step)
-        return t, off + count
-    while count > 0 and t < n:
-        take = min(count, row_len - off)
-        _prefetch_span(x, starts[t] + off, take, step)
-        count -= take
+    quarter = (n + STREAMS - 1) // STREAMS
+    per = count // STREAMS
+    while per > 0 and t < quarter:
+        take = min(per, row_len - off)
+        for j in range(STREAMS):
+            if j * quarter + t < n:
+                _prefetch_span(x, starts[j * quarter + t] + off, take, step)
+        per -= take
         off += take
         if off == row_len:
             t += 1
@@ -87,20 +89,21 @@ def _fma16(q, dim, r, d, x0, x1, x2, x3, sums):
 
 
 @njit(**_INLINE)
-def _dots16(q, dim, r, k, k0, k1, k2, k3, ahead, ahead_at, step):
+def _dots16(q, dim, r, k, k0, k1, k2, k3, ahead, at, step):
     """Dot products of query rows r .. r+3 with the keys at offsets k0 .. k3: lane 4 t + j holds row r+t
     with key j.  Keys are loaded 2 LANES at a time (one conversion for both halves).
 
-    With ``ahead_at >= 0`` each of those passes also prefetches the next
-    8 LANES elements of ``ahead`` from there (``step`` elements to a line), so
-    that the whole pass over D asks for 4 D elements, spread over its sums.
+    Each of those passes also prefetches the next 2 LANES elements of
+    ``ahead`` from each of the four offsets in ``at`` that is not negative
+    (``step`` elements to a line): D elements from each, spread over the sums.
     """
     z = vzero()
     sums = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
     d = 0
     while d + 2 * LANES <= dim:
-        if ahead_at >= 0:
-            _prefetch_span(ahead, ahead_at + 4 * d, 8 * LANES, step)
+        for a in at:
+            if a >= 0:
+                _prefetch_span(ahead, a + d, 2 * LANES, step)
         x0, y0 = vload2(k, k0 + d)
         x1, y1 = vload2(k, k1 + d)
         x2, y2 = vload2(k, k2 + d)
@@ -112,6 +115,13 @@ def _dots16(q, dim, r, k, k0, k1, k2, k3, ahead, ahead_at, step):
         sums = _fma16(q, dim, r, d, vload(k, k0 + d), vload(k, k1 + d), vload(k, k2 + d), vload(k, k3 + d), sums)
     a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3 = sums
     return vsums16(a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
+
+
+@njit(**_INLINE)
+def _stream_at(starts, n, quarter, j, t, off):
+    """Where stream j of a tile's prefetches stands at (t, off); -1 past its end."""
+    i = j * quarter + t
+    return starts[i] + off if t < quarter and i < n else -1
 
 
 @njit(**_INLINE)
@@ -146,7 +156,7 @@ def _score_keys(q, k, out, dim, m, width, starts, u, n, c):
     k3 = starts[last] + head
     first = u * m
     for r in range(first, first + m - m % 4, 4):
-        sums = _dots16(q, dim, r, k, k0, k1, k2, k3, k, -1, 1)
+        sums = _dots16(q, dim, r, k, k0, k1, k2, k3, k, (-1, -1, -1, -1), 1)
         if last == c + 3:
             _store16(out, r * width + c, width, sums)
         else:
@@ -170,10 +180,11 @@ def scores(qt, k_cache, starts, n, s, v_cache):
     Four keys at a time against four query rows (rows left over when m is not
     a multiple of 4 take one row against two keys), every head of four keys
     before the next four: the keys are read front to back.  Each group of
-    four keys and one head also prefetches the next ``4 D`` elements of the
-    tile's values, front to back, for :func:`add_values`; in the common case
-    (one group of four rows, D a multiple of 2 LANES, four keys) spread over
-    the sums, which measured faster with the cache in memory.
+    four keys and one head also prefetches the next ``D`` elements of each of
+    the four streams of the tile's values (:func:`_prefetch_ahead`) for
+    :func:`add_values`; in the common case (one group of four rows, D a
+    multiple of 2 LANES, four keys) spread over the sums, which measured
+    faster with the cache in memory.
     """
     heads, m, dim = qt.shape
     width = s.shape[2]
@@ -181,20 +192,20 @@ def scores(qt, k_cache, starts, n, s, v_cache):
     row_len, v, step = heads * dim, data_of(v_cache), line_elements(v_cache)
     values = (v, starts, row_len, n, step)
     cursor = (0, 0)
+    quarter = (n + STREAMS - 1) // STREAMS
     common = n - n % 4 if m == 4 and dim % (2 * LANES) == 0 else 0
     for c in range(0, common, 4):
         k0, k1, k2, k3 = starts[c], starts[c + 1], starts[c + 2], starts[c + 3]
         for u in range(heads):
-            t, off = cursor
-            ahead_at = starts[t] + off if t < n and off + 4 * dim <= row_len else -1
+            t, off = cursor  # D elements of each stream: never across a row
+            at = (_stream_at(starts, n, quarter, 0, t, off), _stream_at(starts, n, quarter, 1, t, off),
+                  _stream_at(starts, n, quarter, 2, t, off), _stream_at(starts, n, quarter, 3, t, off))
             head = u * dim
-            sums = _dots16(q, dim, 4 * u, k, k0 + head, k1 + head, k2 + head, k3 + head, v, ahead_at, step)
+            sums = _dots16(q, dim, 4 * u, k, k0 + head, k1 + head, k2 + head, k3 + head, v, at, step)
             _store16(out, 4 * u * width + c, width, sums)
-            if ahead_at >= 0:
-                off += 4 * dim
+            if t < quarter:
+                off += dim
                 cursor = (t + 1, 0) if off == row_len else (t, off)
-            else:  # the values left run across token rows (or are done)
-                cursor = _prefetch_ahead(values, cursor, 4 * dim)
     for c in range(common, n, 4):
         for u in range(heads):
             _score_keys(q, k, out, dim, m, width, starts, u, n, c)
@@ -238,7 +249,7 @@ def _add4_wide(o, dim, pp, width, r, v, starts, col, n, d, ahead, cursor):
     """Columns d .. d + 4 LANES of accumulator rows r .. r+3 (value columns ``col`` on in each token
     row): sixteen sums in registers over all n keys.
 
-    Each key also prefetches the next 4 LANES elements of ``ahead``; returns the moved cursor.
+    Every key also prefetches 4 LANES elements of ``ahead``; returns the moved cursor.
     """
     o0, o1, o2, o3 = r * dim + d, (r + 1) * dim + d, (r + 2) * dim + d, (r + 3) * dim + d
     a0, b0, c0, e0 = _load4(o, o0)
@@ -248,7 +259,8 @@ def _add4_wide(o, dim, pp, width, r, v, starts, col, n, d, ahead, cursor):
     acc = (a0, b0, c0, e0, a1, b1, c1, e1, a2, b2, c2, e2, a3, b3, c3, e3)
     p0, p1, p2, p3 = r * width, (r + 1) * width, (r + 2) * width, (r + 3) * width
     for i in range(n):
-        cursor = _prefetch_ahead(ahead, cursor, 4 * LANES)
+        if i % 4 == 0:  # 4 LANES elements a key, asked for four keys at a time
+            cursor = _prefetch_ahead(ahead, cursor, 16 * LANES)
         acc = _value_key(pp, p0 + i, p1 + i, p2 + i, p3 + i, v, starts[i] + col, acc)
     a0, b0, c0, e0, a1, b1, c1, e1, a2, b2, c2, e2, a3, b3, c3, e3 = acc
     _store4(o, o0, a0, b0, c0, e0)
