@@ -318,9 +318,9 @@ def add_values(acc, p, v_cache, starts, u, n, ahead_cache, ahead_starts, ahead_n
 
     The first pass over the keys also prefetches ``D`` elements per key of the
     token rows ``ahead_starts[:ahead_n]`` of ``ahead_cache`` (the next tile's
-    keys, ``heads`` heads to a row), front to back from ``cursor`` (token,
-    offset), so the calls for every head together ask for the whole tile.
-    Returns the moved cursor.
+    keys, ``heads`` heads to a row), in the streams of :func:`_prefetch_ahead`
+    from ``cursor``, so the calls for every head together ask for the whole
+    tile.  Returns the moved cursor.
     """
     m, dim = acc.shape
     width = p.shape[1]
