@@ -249,7 +249,7 @@ def _add4_wide(o, dim, pp, width, r, v, starts, col, n, d, ahead, cursor):
     """Columns d .. d + 4 LANES of accumulator rows r .. r+3 (value columns ``col`` on in each token
     row): sixteen sums in registers over all n keys.
 
-    Every key also prefetches 4 LANES elements of ``ahead``; returns the moved cursor.
+    Also prefetches 4 LANES elements of ``ahead`` per key (16 LANES every fourth key); returns the moved cursor.
     """
     o0, o1, o2, o3 = r * dim + d, (r + 1) * dim + d, (r + 2) * dim + d, (r + 3) * dim + d
     a0, b0, c0, e0 = _load4(o, o0)
