@@ -1,4 +1,6 @@
 """Device-array plumbing shared by the CUDA kernels: adoption, allocation, grids."""
+from dataclasses import dataclass
+
 import numpy as np
 from numba import cuda
 
@@ -24,3 +26,21 @@ def to_device(x):
 
 def blocks(n, per_block):
     return max(1, -(-n // per_block))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled specialisation of a CUDA kernel, as ``cuda-report`` lists it.
+
+    ``py_func`` and ``signature`` are what ``numba.cuda.compile_ptx`` takes;
+    ``dtype`` is the NumPy/ml_dtypes name of the inputs (the cache's for paged
+    kernels), ``role`` one of ``forward``, ``decode``, ``backward``, ``other``.
+    """
+
+    kernel: str
+    role: str
+    dtype: str
+    head_dim: int
+    block_threads: int
+    py_func: object
+    signature: tuple
