@@ -1,9 +1,11 @@
-"""``python -m fastattn info | bench``: what this machine runs, and how fast.
+"""``python -m fastattn info | bench | cuda-report``: what this machine runs, and how fast.
 
 ``info`` prints versions, numba's threading layer and thread count, the CUDA
 devices numba sees, the kernel cache directory and the CPU.  ``bench`` times the
 named cases of :mod:`fastattn._bench` (the ones asv measures too) against this
-machine's sgemm rate and a plain-NumPy peer.
+machine's sgemm rate and a plain-NumPy peer.  ``cuda-report`` compiles every
+CUDA kernel for a compute capability, without a GPU, and prints what ptxas made
+of each (:mod:`fastattn._cuda_report`).
 """
 import argparse
 import sys
@@ -25,10 +27,49 @@ def _bench(args):
     return 0
 
 
+def _cuda_report_command(args):
+    import json
+
+    from . import _cuda_report
+
+    reason = _cuda_report.missing_toolchain()
+    if reason:
+        print(f"python -m fastattn cuda-report: {reason}", file=sys.stderr)
+        return 1
+    rows = _cuda_report.report(cc=args.cc, head_dims=args.head_dims, ptx_dir=args.ptx_dir)
+    print(f"CUDA kernels compiled for sm_{args.cc[0]}{args.cc[1]} (static smem in bytes, occupancy theoretical)")
+    print(_cuda_report.format_table(rows))
+    for line in _cuda_report.summary(rows):
+        print(line)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def _compute_capability(text):
+    from ._cuda_report import parse_cc
+
+    try:
+        return parse_cc(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--cc: ")) from None
+
+
+def _head_dims(text):
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, like 64,128, got {text!r}")
+    return dims
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m fastattn", description="fastattn: what this machine runs, and how fast.")
-    commands = parser.add_subparsers(dest="command", metavar="{info,bench}")
+    commands = parser.add_subparsers(dest="command", metavar="{info,bench,cuda-report}")
     commands.required = True
     info = commands.add_parser("info", help="versions, threads, CUDA devices, cache dir, CPU")
     info.set_defaults(func=_info)
@@ -42,6 +83,19 @@ def main(argv=None):
     bench.add_argument("--backend", choices=("cpu", "cuda", "all"), default="all",
                        help="which kernels to time (default: all; CUDA needs a real GPU)")
     bench.set_defaults(func=_bench)
+    report = commands.add_parser(
+        "cuda-report", help="registers, spills, occupancy and f64 count of every CUDA kernel (no GPU needed)",
+        description="Compile every CUDA kernel variant with NVVM and ptxas for one compute capability "
+                    "(no GPU needed) and print its registers, spilled bytes, stack frame, static shared "
+                    "memory, theoretical occupancy and float64 and mma instruction counts. "
+                    'Needs pip install "fastattn[cuda-check]" and the CUDA simulator off.')
+    report.add_argument("--cc", type=_compute_capability, default=(9, 0), metavar="X.Y",
+                        help="compute capability to compile for (default: 9.0)")
+    report.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    report.add_argument("--ptx-dir", metavar="DIR", help="keep each kernel's PTX in DIR")
+    report.add_argument("--head-dims", type=_head_dims, metavar="D,D", default=None,
+                        help="head-dimension buckets to compile, e.g. 64,128 (default: all)")
+    report.set_defaults(func=_cuda_report_command)
     args = parser.parse_args(argv)
     return args.func(args)
 
