@@ -317,7 +317,12 @@ def sweep(size, stream):
 
 
 def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
-    """Measure sgemm, then every case of the table on each backend; print and return the rows."""
+    """Measure sgemm, the CPU tables, then the GPU section; print and return the CPU rows.
+
+    The GPU section (:mod:`fastattn._bench_cuda`) runs only on a real GPU;
+    otherwise a note says why it was skipped.  The JSON report holds it under
+    ``"gpu"`` whenever the cuda backend was asked for.
+    """
     from . import _bench_paged, _bench_projection, _info
 
     stream = sys.stdout if stream is None else stream
@@ -336,12 +341,15 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
 
     cases = table(settings["seq"], settings["heads"], settings["head_dim"])
     rows, notes, warm, peer_ms = [], [], set(), {}
+    gpu = None
     for backend in backends:
         if backend == "cuda":
+            # a real GPU gets its own section (below); the CPU's NumPy peer means nothing beside it
             usable, reason = cuda_status()
+            gpu = dict(skipped=reason) if not usable else None
             if not usable:
                 notes.append(reason)
-                continue
+            continue
         _say(stream, f"{backend} (compiling happens once per kernel and dtype; later runs load the cache):",
              end="\n")
         for case in cases:
@@ -362,18 +370,24 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
     if "cpu" in backends:
         _say(stream, "", end="\n")
         points = sweep(size, stream)
-    paged_backends = [b for b in backends if b == "cpu" or (b == "cuda" and cuda_status()[0])]
-    _say(stream, "", end="\n")
-    paged_rows, bandwidth, paged_ratios = _bench_paged.run(size, stream, paged_backends)
-    projection_rows = []
+    paged_rows, bandwidth, paged_ratios, projection_rows = [], None, {}, []
     if "cpu" in backends:
         _say(stream, "", end="\n")
+        paged_rows, bandwidth, paged_ratios = _bench_paged.run(size, stream, ["cpu"])
+        _say(stream, "", end="\n")
         projection_rows = _bench_projection.run(size, stream)
+    if "cuda" in backends and gpu is None:
+        from . import _bench_cuda
+
+        _say(stream, "", end="\n")
+        gpu = _bench_cuda.run(size, stream)
     if json_path:
         report = dict(size=size, settings=settings, sgemm_gflops=sgemm, rows=rows, notes=notes,
                       read_bandwidth_gbs=bandwidth, paged_rows=paged_rows, paged_ratios=paged_ratios,
                       projection_rows=projection_rows, sweep=points,
                       machine=_info.machine_info())
+        if "cuda" in backends:
+            report["gpu"] = gpu
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
         _say(stream, f"wrote {json_path}", end="\n")
