@@ -4,6 +4,7 @@ Change them for tuning (``fastattn.config.cpu_block_q = 64``); tests use
 small CUDA blocks so the simulator stays quick.  Values are read at each call.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -19,8 +20,8 @@ class Config:
     cpu_split_min_keys: int = 1024  #: shortest key range worth a split of its own (split-KV decode)
     cpu_proj_block_m: int = 512     #: tokens per projection GEMM tile (fewer if the cores need tasks)
     cpu_proj_block_n: int = 1536    #: output columns per projection GEMM tile (likewise)
-    cuda_block_q: int = 64          #: threads (one query row each) per forward block
-    cuda_block_k: int = 16          #: keys staged in shared memory per step
+    cuda_threads: int = 128         #: threads per block of the element-wise CUDA kernels (delta, merge, ...)
+    cuda_tiles: Optional[tuple] = None        #: (tm, tn, ny, nx) for every dense CUDA kernel; None: the tuned table
     cuda_max_head_dim: int = 256    #: the largest head dimension the CUDA kernels take
     cuda_paged_rows: int = 16       #: stacked query rows (heads x positions) per paged block
     cuda_paged_block_k: int = 32    #: keys staged per step by the paged kernels

@@ -183,3 +183,10 @@ def narrow(x, codec):
     if codec == E4M3:
         return float(encode_bits(x, 4, 3, False, True))
     return float(encode_bits(x, 5, 2, True, True))
+
+
+def dtype_named(name):
+    """The NumPy dtype called ``name``: ``float32``, ... or an ml_dtypes one (``bfloat16``, ``float8_e4m3fn``)."""
+    if hasattr(ml_dtypes, name):
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name)

@@ -8,8 +8,10 @@ from .._dtypes import bits_view, codec_of
 
 
 def kernel_view(x):
-    """What a kernel reads: float arrays as they are, f16/bf16 as their uint16 bits."""
-    return x if codec_of(x.dtype) == 0 else x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint8)
+    """What a kernel reads: float32/float64/float16 arrays as they are, bf16 as uint16, fp8 as uint8 bits."""
+    if codec_of(x.dtype) == 0 or np.dtype(x.dtype) == np.float16:
+        return x
+    return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint8)
 
 
 def empty(shape, dtype):
@@ -18,6 +20,40 @@ def empty(shape, dtype):
     if codec_of(dtype) == 0:
         return cuda.device_array(shape, dtype)
     return cuda.device_array(shape, bits_view(np.empty(0, dtype)).dtype).view(dtype)
+
+
+@cuda.jit
+def _copy4(src, dst):
+    e = cuda.grid(1)
+    shape = dst.shape
+    if e < dst.size:
+        d = e % shape[3]
+        s = (e // shape[3]) % shape[2]
+        h = (e // (shape[3] * shape[2])) % shape[1]
+        b = e // (shape[3] * shape[2] * shape[1])
+        dst[b, h, s, d] = src[b, h, s, d]
+
+
+def contiguous(x):
+    """``x`` itself when C-contiguous, else a C-contiguous copy made on the device (4-d arrays)."""
+    if x.is_c_contiguous():
+        return x
+    dst = cuda.device_array(tuple(x.shape), x.dtype)
+    if dst.size:
+        _copy4[blocks(dst.size, 256), 256](x, dst)
+    return dst
+
+
+def rows(x):
+    """A 4-d ``[B, H, S, D]`` device array as the 2-d ``[B*H*S, D]`` view the dense kernels index."""
+    x = contiguous(kernel_view(x))
+    shape = tuple(x.shape)
+    return x.reshape(int(np.prod(shape[:-1])), shape[-1])
+
+
+def flat(x):
+    """A C-contiguous device array as 1-d."""
+    return x.reshape(int(np.prod(tuple(x.shape))))
 
 
 def to_device(x):
@@ -35,6 +71,7 @@ class Variant:
     ``py_func`` and ``signature`` are what ``numba.cuda.compile_ptx`` takes;
     ``dtype`` is the NumPy/ml_dtypes name of the inputs (the cache's for paged
     kernels), ``role`` one of ``forward``, ``decode``, ``backward``, ``other``.
+    The merge kernels' ``dtype`` is that of the partial states they read.
     """
 
     kernel: str
@@ -44,3 +81,4 @@ class Variant:
     block_threads: int
     py_func: object
     signature: tuple
+    launch_bounds: tuple = None  #: ``(threads, min_blocks)`` given to ``cuda.jit``, if any

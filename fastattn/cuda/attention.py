@@ -1,344 +1,475 @@
-"""CUDA kernels of the dense attention family (numba.cuda).
+"""CUDA kernels of the dense attention family (numba.cuda), FlashAttention-2 style.
 
-The twin of :mod:`fastattn.cpu.attention`.  Forward: one thread per query row,
-``config.cuda_block_q`` rows per block; keys and values are staged through
-shared memory ``config.cuda_block_k`` rows at a time and the online softmax
-lives in registers.  Backward: a ``delta`` kernel, a dq kernel shaped like the
-forward (no atomics: each thread owns its row of dq), and a dk/dv kernel with
-one thread per key row that stages query/dout tiles in shared memory and sums
-over the query heads of its KV group (native GQA, nothing repeated).
+The twin of :mod:`fastattn.cpu.attention`.  Every kernel is compiled per input
+dtype and per head-dimension bucket (:data:`fastattn.cuda._tiles.HEAD_DIMS`),
+so tile sizes and per-thread arrays are compile-time constants and live in
+registers; arithmetic is float32 (float64 for float64 inputs).
+
+Forward: a block owns ``tm * ny`` query rows of one (batch, head) and walks
+the visible keys ``tn * nx`` at a time.  Keys, then values, are staged in
+shared memory as whole tiles; query rows pass through in chunks of 32
+features.  Each thread computes a ``tm x tn`` block of scores in registers
+(:mod:`fastattn.cuda._tiles`), the row maxima and sums of the online softmax
+are taken one row per thread over the tile in shared memory, and each thread
+updates a ``tm x (D / nx)`` slice of the output in registers.
+
+Backward (FlashAttention-2's loop order): a ``delta`` kernel (rowwise
+``dout . out``); a dK/dV kernel where a block owns a tile of keys of one KV
+head and walks the query rows of every head of its group, recomputing
+``P = exp(S - lse)``; and a separate dQ kernel shaped like the forward.  dQ by
+a second pass rather than atomics: every output element has one writer, so the
+result is deterministic and no zeroed float32 buffer or conversion pass is
+needed, for the price of computing ``Q K^T`` and ``dO V^T`` twice.
+
+Grids are one-dimensional (tiles x batch x heads, at most 2**31 - 1 blocks);
+query tiles are issued from the last one, so causal blocks with the most keys
+start first.
 """
 import math
 
 import numpy as np
-from numba import cuda, float32, float64
+from numba import cuda, float32, float64, uint64
 
 from .._config import config
-from .. import _dtypes
-from .._dtypes import codec_of, narrow, widen
-from .._tile import alibi_bias, finish_lse, key_range, online_rescale, query_range, softcap_grad, softcap_score
-from . import _launch
+from . import _device, _launch
+from ._device import acc_type, element_type, tile_math
+from ._tiles import HEAD_DIMS, bucket, pieces, shared_bytes
 
 _kernels = {}
+_SHARED_LIMIT = 48 * 1024
 
 
-def _acc_type(spec):
-    return float64 if spec.accum_dtype == np.float64 else float32
+def tiles(kernel, acc, db):
+    """``(tm, tn, ny, nx)`` of a dense kernel for accumulation type ``acc`` and head-dim bucket ``db``.
+
+    ``forward``/``dq``: rows are queries, columns keys.  ``dkdv``: rows are keys, columns queries.
+    """
+    if config.cuda_tiles is not None:
+        return tuple(config.cuda_tiles)
+    if acc == float32:
+        if kernel == "dkdv":
+            return (2, 2, 16, 16)
+        return (4, 4, 16, 16) if db <= 64 else (4, 2, 16, 16)
+    if kernel == "dkdv":
+        return (2, 1, 16, 16) if db <= 128 else (1, 1, 16, 16)
+    return (2, 2, 16, 16)
 
 
-def _compiled(name, acc, tile, max_dim):
-    key = (name, acc, tile, max_dim)
+#: Forward blocks resident per SM that ptxas must allow (``launch_bounds``): 2 x 256 threads = 25%.
+FORWARD_MIN_BLOCKS = 2
+
+
+def launch_bounds(kernel, shape):
+    """``(threads, min_blocks)`` for the forward (registers capped for 25% occupancy), else None."""
+    if kernel != "forward" or not shape:
+        return None
+    tm, tn, ny, nx = shape
+    return (ny * nx, FORWARD_MIN_BLOCKS)
+
+
+def _compiled(name, dtype, db):
+    dtype = np.dtype(dtype)
+    acc = acc_type(dtype)
+    shape = tiles(name, acc, db) if name in _TILED else ()
+    key = (name, dtype, db, shape)
     if key not in _kernels:
-        _kernels[key] = _MAKERS[name](acc, tile, max_dim)
-    return _kernels[key]
+        bounds = launch_bounds(name, shape)
+        options = {} if bounds is None else {"launch_bounds": bounds}
+        _kernels[key] = cuda.jit(_MAKERS[name](dtype, db, *shape), **options)
+    return _kernels[key], shape
 
 
-@cuda.jit(device=True)
-def _score(q_row, keys, r, dim, i, j, sq, sk, softcap, slope, has_alibi):
-    """(score, softcapped pre-ALiBi score) of query row q_row against staged key r."""
-    x = 0.0
-    for d in range(dim):
-        x += q_row[d] * keys[r, d]
-    capped = softcap_score(x, softcap)
-    score = capped
-    if has_alibi:
-        score += alibi_bias(slope, i, j, sq, sk)
-    return score, capped
+def _make_forward(dtype, db, tm, tn, ny, nx):
+    load, store = _device.codec(dtype)
+    acc = acc_type(dtype)
+    t = tile_math(acc)
+    key_range, softcap_score, alibi_bias = t.key_range, t.softcap_score, t.alibi_bias
+    online_rescale, finish_lse = t.online_rescale, t.finish_lse
+    k_ = pieces(load, acc, db, tm, tn, ny, nx)
+    scores, accumulate, clear = k_.scores, k_.accumulate, k_.clear
+    rows, cols, threads, per_thread = k_.rows, k_.cols, k_.threads, k_.per_thread
+    zero, one, neg_inf = acc(0.0), acc(1.0), acc(-math.inf)
+    dk1, db1, cols1, vr = k_.dk + 1, db + 1, cols + 1, k_.vr
 
-
-@cuda.jit(device=True)
-def _query_rows(heads_q, heads_kv, sq):
-    """This block's (batch, head, KV head, first row, last row) and this thread's row."""
-    b = cuda.blockIdx.y // heads_q
-    h = cuda.blockIdx.y % heads_q
-    first = cuda.blockIdx.x * cuda.blockDim.x
-    last = min(sq, first + cuda.blockDim.x) - 1
-    return b, h, h // (heads_q // heads_kv), first, last, first + cuda.threadIdx.x
-
-
-@cuda.jit(device=True)
-def _stage(src, b, h, j0, n, dim, codec, dst, scale):
-    """Cooperatively copy rows j0..j0+n of src[b, h] into shared memory, times scale."""
-    for e in range(cuda.threadIdx.x, n * dim, cuda.blockDim.x):
-        r = e // dim
-        d = e - r * dim
-        dst[r, d] = widen(src[b, h, j0 + r, d], codec) * scale
-
-
-def _make_forward(acc, tile, max_dim):
-    @cuda.jit
-    def forward(q, k, v, codec, scale, wl, wr, shift, softcap, slopes, has_alibi, out, lse):
-        batch, heads_q, sq, dim = q.shape
-        heads_kv, sk = k.shape[1], k.shape[2]
-        b, h, hk, first, last, i = _query_rows(heads_q, heads_kv, sq)
+    def forward(q, k, v, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, shift, softcap, slopes, slope_stride,
+                has_alibi, out, lse):
+        n_tiles = (sq + rows - 1) // rows
+        tile = n_tiles - 1 - cuda.blockIdx.x % n_tiles
+        bh = cuda.blockIdx.x // n_tiles
+        b = bh // heads_q
+        h = bh - b * heads_q
+        q0 = bh * sq  # first row of (b, h) in the [B*Hq*Sq, D] view
+        k0 = (b * heads_kv + h // (heads_q // heads_kv)) * sk
+        tid = cuda.threadIdx.x
+        tx = tid % nx
+        ty = tid // nx
+        i0 = tile * rows
+        n_rows = min(rows, sq - i0)
         sq_d = sq - shift  # the mask helpers put row i on key i + sk - sq_d
-        keys = cuda.shared.array((tile, max_dim), acc)
-        vals = cuda.shared.array((tile, max_dim), acc)
-        q_row = cuda.local.array(max_dim, acc)
-        out_row = cuda.local.array(max_dim, acc)
-        active = i < sq
-        lo, hi = 0, 0
-        slope = 0.0
-        if active:
-            lo, hi = key_range(i, sq_d, sk, wl, wr)
-            slope = slopes[b, h]
-            for d in range(dim):
-                q_row[d] = widen(q[b, h, i, d], codec) * scale
-                out_row[d] = 0.0
-        row_max = -math.inf
-        row_sum = 0.0
-        j_lo = key_range(first, sq_d, sk, wl, wr)[0]
-        j_hi = key_range(last, sq_d, sk, wl, wr)[1]
-        for j0 in range(j_lo, j_hi, tile):
-            n = min(tile, j_hi - j0)
-            _stage(k, b, hk, j0, n, dim, codec, keys, 1.0)
-            _stage(v, b, hk, j0, n, dim, codec, vals, 1.0)
+        a_chunk = cuda.shared.array((rows, dk1), acc)
+        b_chunk = cuda.shared.array((cols, dk1), acc)
+        row_buf = cuda.shared.array((vr, db1), acc)
+        ps = cuda.shared.array((rows, cols1), acc)
+        row_max = cuda.shared.array(rows, acc)
+        row_sum = cuda.shared.array(rows, acc)
+        alpha = cuda.shared.array(rows, acc)
+        s = cuda.local.array((tm, tn), acc)
+        o = cuda.local.array((tm, per_thread), acc)
+        clear(o)
+        for r in range(tid, rows, threads):
+            row_max[r] = neg_inf
+            row_sum[r] = zero
+        slope = slopes[b * slope_stride + h] if has_alibi else zero
+        j_lo = key_range(i0, sq_d, sk, wl, wr)[0]
+        j_hi = key_range(i0 + n_rows - 1, sq_d, sk, wl, wr)[1]
+        for j0 in range(j_lo, j_hi, cols):
+            n_keys = min(cols, j_hi - j0)
+            scores(q, q0 + i0, n_rows, scale, k, k0 + j0, n_keys, one, dim, a_chunk, b_chunk, s)
+            for r in range(tm):
+                i = i0 + ty * tm + r
+                lo, hi = key_range(i, sq_d, sk, wl, wr)
+                for c in range(tn):
+                    j = j0 + tx + nx * c
+                    x = neg_inf
+                    if i < sq and lo <= j and j < hi:
+                        x = softcap_score(s[r, c], softcap)
+                        if has_alibi:
+                            x += alibi_bias(slope, i, j, sq_d, sk)
+                    ps[ty * tm + r, tx + nx * c] = x
             cuda.syncthreads()
-            if active:
-                for r in range(max(lo - j0, 0), min(hi - j0, n)):
-                    score = _score(q_row, keys, r, dim, i, j0 + r, sq_d, sk, softcap, slope, has_alibi)[0]
-                    if score > row_max:
-                        alpha = online_rescale(row_max, score)
-                        row_sum *= alpha
-                        for d in range(dim):
-                            out_row[d] *= alpha
-                        row_max = score
-                    p = math.exp(score - row_max)
-                    row_sum += p
-                    for d in range(dim):
-                        out_row[d] += p * vals[r, d]
+            for r in range(tid, rows, threads):  # the online softmax, one row per thread
+                top = row_max[r]
+                for c in range(n_keys):
+                    top = max(top, ps[r, c])
+                total = zero
+                for c in range(n_keys):
+                    p = zero
+                    if top != neg_inf:
+                        p = math.exp(ps[r, c] - top)
+                    ps[r, c] = p
+                    total += p
+                a = online_rescale(row_max[r], top)
+                alpha[r] = a
+                row_sum[r] = row_sum[r] * a + total
+                row_max[r] = top
             cuda.syncthreads()
-        if active:
-            inv = 1.0 / row_sum if row_sum > 0.0 else 0.0
-            for d in range(dim):
-                out[b, h, i, d] = narrow(out_row[d] * inv, codec)
-            lse[b, h, i] = finish_lse(row_max, row_sum)
+            for r in range(tm):
+                a = alpha[ty * tm + r]
+                for u in range(per_thread):
+                    o[r, u] *= a
+            accumulate(ps, v, k0 + j0, n_keys, dim, one, row_buf, o)
+        cuda.syncthreads()
+        for r in range(tm):
+            i = i0 + ty * tm + r
+            if i < sq:
+                total = row_sum[ty * tm + r]
+                inv = one / total if total > zero else zero
+                for u in range(per_thread):
+                    d = tx + nx * u
+                    if d < dim:
+                        out[uint64(q0 + i), uint64(d)] = store(o[r, u] * inv)
+                if tx == 0:
+                    lse[uint64(q0 + i)] = finish_lse(row_max[ty * tm + r], total)
 
     return forward
 
 
-def _make_delta(acc, tile, max_dim):
-    @cuda.jit
-    def delta_kernel(dout, out, codec, delta):
-        batch, heads, sq, dim = dout.shape
+def _make_delta(dtype, db):
+    load = _device.codec(dtype)[0]
+    acc = acc_type(dtype)
+    zero = acc(0.0)
+
+    def delta_kernel(dout, out, dim, delta):
         row = cuda.grid(1)
-        if row < batch * heads * sq:
-            i = row % sq
-            h = (row // sq) % heads
-            b = row // (sq * heads)
-            total = 0.0
+        if row < delta.shape[0]:
+            total = zero
             for d in range(dim):
-                total += widen(dout[b, h, i, d], codec) * widen(out[b, h, i, d], codec)
-            delta[b, h, i] = total
+                total += load(dout[row, d]) * load(out[row, d])
+            delta[row] = total
 
     return delta_kernel
 
 
-def _make_dq(acc, tile, max_dim):
-    @cuda.jit
-    def dq_kernel(dout, q, k, v, lse, delta, codec, scale, wl, wr, softcap, slopes, has_alibi, dq):
-        batch, heads_q, sq, dim = q.shape
-        heads_kv, sk = k.shape[1], k.shape[2]
-        b, h, hk, first, last, i = _query_rows(heads_q, heads_kv, sq)
-        keys = cuda.shared.array((tile, max_dim), acc)
-        vals = cuda.shared.array((tile, max_dim), acc)
-        q_row = cuda.local.array(max_dim, acc)
-        do_row = cuda.local.array(max_dim, acc)
-        dq_row = cuda.local.array(max_dim, acc)
-        active = i < sq
-        lo, hi = 0, 0
-        slope = 0.0
-        row_lse = -math.inf
-        row_delta = 0.0
-        if active:
-            lo, hi = key_range(i, sq, sk, wl, wr)
-            slope = slopes[b, h]
-            row_lse = lse[b, h, i]
-            row_delta = delta[b, h, i]
-            for d in range(dim):
-                q_row[d] = widen(q[b, h, i, d], codec) * scale
-                do_row[d] = widen(dout[b, h, i, d], codec)
-                dq_row[d] = 0.0
-        j_lo = key_range(first, sq, sk, wl, wr)[0]
-        j_hi = key_range(last, sq, sk, wl, wr)[1]
-        for j0 in range(j_lo, j_hi, tile):
-            n = min(tile, j_hi - j0)
-            _stage(k, b, hk, j0, n, dim, codec, keys, 1.0)
-            _stage(v, b, hk, j0, n, dim, codec, vals, 1.0)
-            cuda.syncthreads()
-            if active and row_lse != -math.inf:
-                for r in range(max(lo - j0, 0), min(hi - j0, n)):
-                    score, capped = _score(q_row, keys, r, dim, i, j0 + r, sq, sk, softcap, slope, has_alibi)
-                    p = math.exp(score - row_lse)
-                    dp = 0.0
-                    for d in range(dim):
-                        dp += do_row[d] * vals[r, d]
-                    ds = p * (dp - row_delta) * softcap_grad(capped, softcap)
-                    for d in range(dim):
-                        dq_row[d] += ds * keys[r, d]
-            cuda.syncthreads()
-        if active:
-            for d in range(dim):
-                dq[b, h, i, d] = narrow(dq_row[d] * scale, codec)
+def _make_dq(dtype, db, tm, tn, ny, nx):
+    load, store = _device.codec(dtype)
+    acc = acc_type(dtype)
+    t = tile_math(acc)
+    key_range, softcap_score, softcap_grad, alibi_bias = t.key_range, t.softcap_score, t.softcap_grad, t.alibi_bias
+    k_ = pieces(load, acc, db, tm, tn, ny, nx)
+    scores, accumulate, clear = k_.scores, k_.accumulate, k_.clear
+    rows, cols, per_thread = k_.rows, k_.cols, k_.per_thread
+    zero, one, neg_inf = acc(0.0), acc(1.0), acc(-math.inf)
+    dk1, db1, cols1, vr = k_.dk + 1, db + 1, cols + 1, k_.vr
+
+    def dq_kernel(dout, q, k, v, lse, delta, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, softcap, slopes,
+                  slope_stride, has_alibi, dq):
+        n_tiles = (sq + rows - 1) // rows
+        tile = n_tiles - 1 - cuda.blockIdx.x % n_tiles
+        bh = cuda.blockIdx.x // n_tiles
+        b = bh // heads_q
+        h = bh - b * heads_q
+        q0 = bh * sq
+        k0 = (b * heads_kv + h // (heads_q // heads_kv)) * sk
+        tx = cuda.threadIdx.x % nx
+        ty = cuda.threadIdx.x // nx
+        i0 = tile * rows
+        n_rows = min(rows, sq - i0)
+        a_chunk = cuda.shared.array((rows, dk1), acc)
+        b_chunk = cuda.shared.array((cols, dk1), acc)
+        row_buf = cuda.shared.array((vr, db1), acc)
+        ds_s = cuda.shared.array((rows, cols1), acc)
+        s = cuda.local.array((tm, tn), acc)
+        dp = cuda.local.array((tm, tn), acc)
+        g = cuda.local.array((tm, per_thread), acc)
+        row_lse = cuda.local.array(tm, acc)
+        row_delta = cuda.local.array(tm, acc)
+        clear(g)
+        for r in range(tm):
+            i = i0 + ty * tm + r
+            row_lse[r] = neg_inf
+            row_delta[r] = zero
+            if i < sq:
+                row_lse[r] = lse[uint64(q0 + i)]
+                row_delta[r] = delta[uint64(q0 + i)]
+        slope = slopes[b * slope_stride + h] if has_alibi else zero
+        j_lo = key_range(i0, sq, sk, wl, wr)[0]
+        j_hi = key_range(i0 + n_rows - 1, sq, sk, wl, wr)[1]
+        for j0 in range(j_lo, j_hi, cols):
+            n_keys = min(cols, j_hi - j0)
+            scores(dout, q0 + i0, n_rows, one, v, k0 + j0, n_keys, one, dim, a_chunk, b_chunk, dp)
+            scores(q, q0 + i0, n_rows, scale, k, k0 + j0, n_keys, one, dim, a_chunk, b_chunk, s)
+            for r in range(tm):
+                i = i0 + ty * tm + r
+                lo, hi = key_range(i, sq, sk, wl, wr)
+                for c in range(tn):
+                    j = j0 + tx + nx * c
+                    ds = zero
+                    if i < sq and lo <= j and j < hi and row_lse[r] != neg_inf:
+                        capped = softcap_score(s[r, c], softcap)
+                        x = capped
+                        if has_alibi:
+                            x += alibi_bias(slope, i, j, sq, sk)
+                        p = math.exp(x - row_lse[r])
+                        ds = p * (dp[r, c] - row_delta[r]) * softcap_grad(capped, softcap)
+                    ds_s[ty * tm + r, tx + nx * c] = ds
+            accumulate(ds_s, k, k0 + j0, n_keys, dim, one, row_buf, g)
+        for r in range(tm):
+            i = i0 + ty * tm + r
+            if i < sq:
+                for u in range(per_thread):
+                    d = tx + nx * u
+                    if d < dim:
+                        dq[uint64(q0 + i), uint64(d)] = store(g[r, u] * scale)
 
     return dq_kernel
 
 
-def _make_dkdv(acc, tile, max_dim):
-    @cuda.jit
-    def dkdv_kernel(dout, q, k, v, lse, delta, codec, scale, wl, wr, softcap, slopes, has_alibi, dk, dv):
-        batch, heads_q, sq, dim = q.shape
-        heads_kv, sk = k.shape[1], k.shape[2]
+def _make_dkdv(dtype, db, tm, tn, ny, nx):
+    load, store = _device.codec(dtype)
+    acc = acc_type(dtype)
+    t = tile_math(acc)
+    key_range, query_range, softcap_score, softcap_grad = t.key_range, t.query_range, t.softcap_score, t.softcap_grad
+    alibi_bias = t.alibi_bias
+    k_ = pieces(load, acc, db, tm, tn, ny, nx)
+    scores, accumulate, clear = k_.scores, k_.accumulate, k_.clear
+    rows, cols, threads, per_thread = k_.rows, k_.cols, k_.threads, k_.per_thread
+    zero, one, neg_inf = acc(0.0), acc(1.0), acc(-math.inf)
+    dk1, db1, cols1, vr = k_.dk + 1, db + 1, cols + 1, k_.vr
+
+    def dkdv_kernel(dout, q, k, v, lse, delta, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, softcap, slopes,
+                    slope_stride, has_alibi, dk, dv):
         group = heads_q // heads_kv
-        b = cuda.blockIdx.y // heads_kv
-        hk = cuda.blockIdx.y % heads_kv
-        first = cuda.blockIdx.x * cuda.blockDim.x
-        last = min(sk, first + cuda.blockDim.x)
-        j = first + cuda.threadIdx.x
-        queries = cuda.shared.array((tile, max_dim), acc)
-        douts = cuda.shared.array((tile, max_dim), acc)
-        row_lse = cuda.shared.array(tile, acc)
-        row_delta = cuda.shared.array(tile, acc)
-        k_row = cuda.local.array(max_dim, acc)
-        v_row = cuda.local.array(max_dim, acc)
-        dk_row = cuda.local.array(max_dim, acc)
-        dv_row = cuda.local.array(max_dim, acc)
-        active = j < sk
-        if active:
-            for d in range(dim):
-                k_row[d] = widen(k[b, hk, j, d], codec)
-                v_row[d] = widen(v[b, hk, j, d], codec)
-                dk_row[d] = 0.0
-                dv_row[d] = 0.0
-        i_lo, i_hi = query_range(first, last, sq, sk, wl, wr)
-        for h in range(hk * group, (hk + 1) * group):
-            slope = slopes[b, h]
-            for i0 in range(i_lo, i_hi, tile):
-                n = min(tile, i_hi - i0)
-                _stage(q, b, h, i0, n, dim, codec, queries, scale)
-                _stage(dout, b, h, i0, n, dim, codec, douts, 1.0)
-                for r in range(cuda.threadIdx.x, n, cuda.blockDim.x):
-                    row_lse[r] = lse[b, h, i0 + r]
-                    row_delta[r] = delta[b, h, i0 + r]
-                cuda.syncthreads()
-                if active:
-                    for r in range(n):
-                        i = i0 + r
+        n_tiles = (sk + rows - 1) // rows
+        tile = cuda.blockIdx.x % n_tiles
+        bh = cuda.blockIdx.x // n_tiles  # b * heads_kv + KV head
+        b = bh // heads_kv
+        k0 = bh * sk
+        tid = cuda.threadIdx.x
+        tx = tid % nx
+        ty = tid // nx
+        j0 = tile * rows
+        n_keys = min(rows, sk - j0)
+        a_chunk = cuda.shared.array((rows, dk1), acc)
+        b_chunk = cuda.shared.array((cols, dk1), acc)
+        row_buf = cuda.shared.array((vr, db1), acc)
+        p_s = cuda.shared.array((rows, cols1), acc)
+        ds_s = cuda.shared.array((rows, cols1), acc)
+        row_lse = cuda.shared.array(cols, acc)
+        row_delta = cuda.shared.array(cols, acc)
+        st = cuda.local.array((tm, tn), acc)
+        dpt = cuda.local.array((tm, tn), acc)
+        gk = cuda.local.array((tm, per_thread), acc)
+        gv = cuda.local.array((tm, per_thread), acc)
+        clear(gk)
+        clear(gv)
+        i_lo, i_hi = query_range(j0, j0 + n_keys, sq, sk, wl, wr)
+        for h in range((bh - b * heads_kv) * group, (bh - b * heads_kv + 1) * group):
+            slope = slopes[b * slope_stride + h] if has_alibi else zero
+            q0 = (b * heads_q + h) * sq
+            for i0 in range(i_lo, i_hi, cols):
+                n_q = min(cols, i_hi - i0)
+                for c in range(tid, cols, threads):
+                    row_lse[c] = neg_inf
+                    row_delta[c] = zero
+                    if c < n_q:
+                        row_lse[c] = lse[uint64(q0 + i0 + c)]
+                        row_delta[c] = delta[uint64(q0 + i0 + c)]
+                scores(v, k0 + j0, n_keys, one, dout, q0 + i0, n_q, one, dim, a_chunk, b_chunk, dpt)
+                scores(k, k0 + j0, n_keys, one, q, q0 + i0, n_q, scale, dim, a_chunk, b_chunk, st)
+                for r in range(tm):
+                    j = j0 + ty * tm + r
+                    for c in range(tn):
+                        ci = tx + nx * c
+                        i = i0 + ci
                         lo, hi = key_range(i, sq, sk, wl, wr)
-                        if lo <= j and j < hi and row_lse[r] != -math.inf:
-                            x = 0.0
-                            for d in range(dim):
-                                x += queries[r, d] * k_row[d]
-                            capped = softcap_score(x, softcap)
-                            score = capped
+                        p = zero
+                        ds = zero
+                        if ci < n_q and j < j0 + n_keys and lo <= j and j < hi and row_lse[ci] != neg_inf:
+                            capped = softcap_score(st[r, c], softcap)
+                            x = capped
                             if has_alibi:
-                                score += alibi_bias(slope, i, j, sq, sk)
-                            p = math.exp(score - row_lse[r])
-                            dp = 0.0
-                            for d in range(dim):
-                                dp += douts[r, d] * v_row[d]
-                            ds = p * (dp - row_delta[r]) * softcap_grad(capped, softcap)
-                            for d in range(dim):
-                                dv_row[d] += p * douts[r, d]
-                                dk_row[d] += ds * queries[r, d]
-                cuda.syncthreads()
-        if active:
-            for d in range(dim):
-                dk[b, hk, j, d] = narrow(dk_row[d], codec)
-                dv[b, hk, j, d] = narrow(dv_row[d], codec)
+                                x += alibi_bias(slope, i, j, sq, sk)
+                            p = math.exp(x - row_lse[ci])
+                            ds = p * (dpt[r, c] - row_delta[ci]) * softcap_grad(capped, softcap)
+                        p_s[ty * tm + r, ci] = p
+                        ds_s[ty * tm + r, ci] = ds
+                accumulate(ds_s, q, q0 + i0, n_q, dim, scale, row_buf, gk)
+                accumulate(p_s, dout, q0 + i0, n_q, dim, one, row_buf, gv)
+        for r in range(tm):
+            j = j0 + ty * tm + r
+            if j < sk:
+                for u in range(per_thread):
+                    d = tx + nx * u
+                    if d < dim:
+                        dk[uint64(k0 + j), uint64(d)] = store(gk[r, u])
+                        dv[uint64(k0 + j), uint64(d)] = store(gv[r, u])
 
     return dkdv_kernel
 
 
+def _make_merge(dtype, out_dtype):
+    """Merge of partial states stored in ``dtype`` into an output of ``out_dtype``."""
+    load = _device.codec(dtype)[0]
+    store = _device.codec(out_dtype)[1]
+    acc = acc_type(dtype)
+    zero, neg_inf = acc(0.0), acc(-math.inf)
+
+    def merge_kernel(outs, lses, out_mult, out, lse):
+        n_parts, n_rows, dim = outs.shape
+        r = cuda.grid(1)
+        if r < n_rows:
+            top = neg_inf
+            for p in range(n_parts):
+                top = max(top, lses[p, r])
+            total = zero
+            if top != neg_inf:
+                for p in range(n_parts):
+                    total += math.exp(lses[p, r] - top)
+            scale = zero
+            if total > zero:
+                scale = out_mult / total
+            for d in range(dim):
+                x = zero
+                for p in range(n_parts):
+                    if lses[p, r] != neg_inf:
+                        x += math.exp(lses[p, r] - top) * load(outs[p, r, d])
+                out[r, d] = store(x * scale)
+            lse[r] = top + math.log(total) if total > zero else neg_inf
+
+    return merge_kernel
+
+
 _MAKERS = {"forward": _make_forward, "delta": _make_delta, "dq": _make_dq, "dkdv": _make_dkdv}
+_TILED = ("forward", "dq", "dkdv")
 
 
-def _slopes(slopes, spec):
-    acc = spec.accum_dtype
-    if slopes is None:
-        return _launch.to_device(np.zeros((spec.batch, spec.heads_q), acc)), False
-    host = slopes.copy_to_host() if hasattr(slopes, "copy_to_host") else np.asarray(slopes)
-    return _launch.to_device(np.broadcast_to(host.astype(acc), (spec.batch, spec.heads_q))), True
+def _kernel(name, dtype, db):
+    return _compiled(name, dtype, db)[0]
 
+
+def _merge_kernel(dtype, out_dtype):
+    key = ("merge", np.dtype(dtype), np.dtype(out_dtype))
+    if key not in _kernels:
+        _kernels[key] = cuda.jit(_make_merge(dtype, out_dtype))
+    return _kernels[key]
+
+
+# --- host side ---------------------------------------------------------------------
 
 def _check_head_dim(spec):
     if spec.head_dim > config.cuda_max_head_dim:
         raise ValueError(f"q: expected head dimension D <= {config.cuda_max_head_dim} on CUDA "
                          f"(config.cuda_max_head_dim), got {spec.head_dim}")
+    return bucket(spec.head_dim)
 
 
-def _options(spec, slopes):
-    return (spec.codec, spec.scale, spec.window_left, spec.window_right, spec.softcap) + slopes
+def slopes_args(slopes, spec):
+    """``(slopes, stride, has_alibi)`` for a kernel: a flat device array read at ``b * stride + h``.
+
+    Without ALiBi a one-element array that the kernels never read.  Slopes of
+    another dtype than the accumulation's are converted through the host (the
+    one round trip, only then).
+    """
+    acc_np = np.dtype(spec.accum_dtype)
+    if slopes is None:
+        return cuda.device_array(1, acc_np), 0, False
+    shape = tuple(slopes.shape)
+    if np.dtype(slopes.dtype) != acc_np or not slopes.is_c_contiguous():
+        slopes = _launch.to_device(slopes.copy_to_host().astype(acc_np))
+    return slopes.reshape(int(np.prod(shape))), (shape[-1] if len(shape) == 2 else 0), True
+
+
+def _threads(shape):
+    tm, tn, ny, nx = shape
+    return ny * nx
+
+
+def _sizes(spec):
+    return spec.heads_q, spec.heads_kv, spec.seq_q, spec.seq_k, spec.head_dim
 
 
 def forward(q, k, v, slopes, spec):
     """Launch the forward kernel; return (out, lse) as numba device arrays."""
-    _check_head_dim(spec)
+    db = _check_head_dim(spec)
     out = _launch.empty(q.shape, spec.dtype)
     lse = _launch.empty(q.shape[:3], spec.accum_dtype)
     if spec.batch * spec.heads_q * spec.seq_q == 0:
         return out, lse
-    acc, rows = _acc_type(spec), config.cuda_block_q
-    kernel = _compiled("forward", acc, config.cuda_block_k, config.cuda_max_head_dim)
-    grid = (_launch.blocks(spec.seq_q, rows), spec.batch * spec.heads_q)
-    kernel[grid, rows](*(_launch.kernel_view(x) for x in (q, k, v)), spec.codec, spec.scale, spec.window_left,
-                       spec.window_right, spec.shift, spec.softcap, *_slopes(slopes, spec),
-                       _launch.kernel_view(out), lse)
+    acc_np = np.dtype(spec.accum_dtype).type
+    kernel, shape = _compiled("forward", spec.dtype, db)
+    grid = _launch.blocks(spec.seq_q, shape[0] * shape[2]) * spec.batch * spec.heads_q
+    kernel[grid, _threads(shape)](*(_launch.rows(x) for x in (q, k, v)), *_sizes(spec), acc_np(spec.scale),
+                                  spec.window_left, spec.window_right, spec.shift, acc_np(spec.softcap),
+                                  *slopes_args(slopes, spec), _launch.rows(out), _launch.flat(lse))
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, slopes, spec):
     """Launch the delta, dq and dk/dv kernels; return (dq, dk, dv) as device arrays."""
-    _check_head_dim(spec)
+    db = _check_head_dim(spec)
     dq = _launch.empty(q.shape, spec.dtype)
     dk = _launch.empty(k.shape, spec.dtype)
     dv = _launch.empty(v.shape, spec.dtype)
-    acc, rows, tile, max_dim = _acc_type(spec), config.cuda_block_q, config.cuda_block_k, config.cuda_max_head_dim
-    inputs = [_launch.kernel_view(x) for x in (dout, q, k, v)]
-    options = _options(spec, _slopes(slopes, spec))
+    acc_np = np.dtype(spec.accum_dtype).type
+    inputs = [_launch.rows(x) for x in (dout, q, k, v)]
+    options = (*_sizes(spec), acc_np(spec.scale), spec.window_left, spec.window_right, acc_np(spec.softcap),
+               *slopes_args(slopes, spec))
     delta = _launch.empty(q.shape[:3], spec.accum_dtype)
+    lse = _launch.flat(lse)
     n_rows = spec.batch * spec.heads_q * spec.seq_q
+    threads = config.cuda_threads
     if n_rows:
-        _compiled("delta", acc, tile, max_dim)[_launch.blocks(n_rows, rows), rows](
-            inputs[0], _launch.kernel_view(out), spec.codec, delta)
-        _compiled("dq", acc, tile, max_dim)[(_launch.blocks(spec.seq_q, rows), spec.batch * spec.heads_q), rows](
-            *inputs, lse, delta, *options, _launch.kernel_view(dq))
+        _kernel("delta", spec.dtype, db)[_launch.blocks(n_rows, threads), threads](
+            inputs[0], _launch.rows(out), spec.head_dim, _launch.flat(delta))
+        kernel, shape = _compiled("dq", spec.dtype, db)
+        grid = _launch.blocks(spec.seq_q, shape[0] * shape[2]) * spec.batch * spec.heads_q
+        kernel[grid, _threads(shape)](*inputs, lse, _launch.flat(delta), *options, _launch.rows(dq))
     if spec.batch * spec.heads_kv * spec.seq_k:
-        _compiled("dkdv", acc, tile, max_dim)[(_launch.blocks(spec.seq_k, rows), spec.batch * spec.heads_kv), rows](
-            *inputs, lse, delta, *options, _launch.kernel_view(dk), _launch.kernel_view(dv))
+        kernel, shape = _compiled("dkdv", spec.dtype, db)
+        grid = _launch.blocks(spec.seq_k, shape[0] * shape[2]) * spec.batch * spec.heads_kv
+        kernel[grid, _threads(shape)](*inputs, lse, _launch.flat(delta), *options, _launch.rows(dk),
+                                      _launch.rows(dv))
     return dq, dk, dv
-
-
-def _make_merge(acc, tile, max_dim):
-    @cuda.jit
-    def merge_kernel(outs, lses, in_codec, out_codec, out_mult, out, lse):
-        n_parts, rows, dim = outs.shape
-        r = cuda.grid(1)
-        if r < rows:
-            top = -math.inf
-            for p in range(n_parts):
-                top = max(top, lses[p, r])
-            if top == -math.inf:
-                for d in range(dim):
-                    out[r, d] = narrow(0.0, out_codec)
-                lse[r] = top
-            else:
-                total = 0.0
-                for p in range(n_parts):
-                    total += math.exp(lses[p, r] - top)
-                for d in range(dim):
-                    x = 0.0
-                    for p in range(n_parts):
-                        w = math.exp(lses[p, r] - top)
-                        if w != 0.0:
-                            x += w * widen(outs[p, r, d], in_codec)
-                    out[r, d] = narrow(x * out_mult / total, out_codec)
-                lse[r] = top + math.log(total)
-
-    return merge_kernel
-
-
-_MAKERS["merge"] = _make_merge
 
 
 def merge(outs, lses, dtype, out_mult=1.0):
@@ -352,19 +483,20 @@ def merge(outs, lses, dtype, out_mult=1.0):
     lse = _launch.empty(tuple(lses.shape)[1:], lses.dtype)
     rows = lse.size
     if rows:
-        acc = float64 if lses.dtype == np.float64 else float32
-        kernel = _compiled("merge", acc, config.cuda_block_k, config.cuda_max_head_dim)
-        kernel[_launch.blocks(rows, config.cuda_block_q), config.cuda_block_q](
+        threads = config.cuda_threads
+        acc_np = np.dtype(lses.dtype).type
+        _merge_kernel(outs.dtype, dtype)[_launch.blocks(rows, threads), threads](
             _launch.kernel_view(outs).reshape(n_parts, rows, dim), lses.reshape(n_parts, rows),
-            codec_of(outs.dtype), codec_of(dtype), out_mult,
-            _launch.kernel_view(out).reshape(rows, dim), lse.reshape(rows))
+            acc_np(out_mult), _launch.kernel_view(out).reshape(rows, dim), lse.reshape(rows))
     return out, lse
 
 
 def merge_states(outs, lses, dtype):
     """:func:`fastattn.merge_attention_states` on device arrays: stack the parts, then merge."""
+    from .._dtypes import accum_dtype
+
     stacked_out = _launch.empty((len(outs),) + tuple(outs[0].shape), dtype)
-    stacked_lse = _launch.empty((len(lses),) + tuple(lses[0].shape), _dtypes.accum_dtype(dtype))
+    stacked_lse = _launch.empty((len(lses),) + tuple(lses[0].shape), accum_dtype(dtype))
     for i, (o, x) in enumerate(zip(outs, lses)):
         _launch.kernel_view(stacked_out)[i].copy_to_device(_launch.kernel_view(o))
         if x.dtype == stacked_lse.dtype:
@@ -372,3 +504,60 @@ def merge_states(outs, lses, dtype):
         else:
             stacked_lse[i].copy_to_device(x.copy_to_host().astype(stacked_lse.dtype))
     return merge(stacked_out, stacked_lse, dtype)
+
+
+# --- what cuda-report compiles -------------------------------------------------------
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+_ROLES = {"forward": "forward", "dq": "backward", "dkdv": "backward", "delta": "backward"}
+
+
+def _dtype(name):
+    from .._dtypes import dtype_named
+
+    return dtype_named(name)
+
+
+def signature(name, dtype, db=None):
+    """The argument types a kernel is launched with (C-contiguous arrays)."""
+    from numba import boolean, int32
+
+    dtype = np.dtype(dtype)
+    acc = acc_type(dtype)
+    x2, a1 = element_type(dtype)[:, ::1], acc[::1]
+    sizes = (int32,) * 5
+    mask = (int32, int32)
+    if name == "forward":
+        return (x2, x2, x2, *sizes, acc, *mask, int32, acc, a1, int32, boolean, x2, a1)
+    if name == "delta":
+        return (x2, x2, int32, a1)
+    options = (*sizes, acc, *mask, acc, a1, int32, boolean)
+    if name == "dq":
+        return (x2, x2, x2, x2, a1, a1, *options, x2)
+    return (x2, x2, x2, x2, a1, a1, *options, x2, x2)
+
+
+def variants(head_dims=None):
+    """Every dense kernel in every dtype and head-dim bucket the dispatch launches (for ``cuda-report``)."""
+    variants = []
+    for name in ("forward", "delta", "dq", "dkdv"):
+        for dtype_name in DTYPES:
+            dtype = _dtype(dtype_name)
+            for db in (HEAD_DIMS if name != "delta" else (HEAD_DIMS[-1],)):
+                if head_dims is not None and name != "delta" and db not in head_dims:
+                    continue
+                shape = tiles(name, acc_type(dtype), db) if name in _TILED else ()
+                threads = _threads(shape) if shape else config.cuda_threads
+                variants.append(_launch.Variant(name, _ROLES[name], dtype_name, db if name != "delta" else 0,
+                                                threads, _MAKERS[name](dtype, db, *shape),
+                                                signature(name, dtype, db), launch_bounds(name, shape)))
+    for dtype_name in ("float32", "float64"):
+        dtype = _dtype(dtype_name)
+        acc = acc_type(dtype)
+        outs = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+        for out_name in outs if dtype_name == "float32" else ("float64",):
+            out = _dtype(out_name)
+            sig = (acc[:, :, ::1], acc[:, ::1], acc, element_type(out)[:, ::1], acc[::1])
+            variants.append(_launch.Variant(f"merge->{out_name}", "other", dtype_name, 0, config.cuda_threads,
+                                            _make_merge(dtype, out), sig))
+    return variants

@@ -1,22 +1,21 @@
 """CUDA kernels of the grouped-query attention family: repeat_kv and its backward.
 
 The twin of :mod:`fastattn.cpu.gqa`.  One thread per output element,
-``config.cuda_block_q`` threads per block.  ``repeat_kv`` copies bits (16-bit
+``config.cuda_threads`` threads per block.  ``repeat_kv`` copies bits (16-bit
 dtypes travel as their uint16 view); ``repeat_kv_backward`` widens each of the
 ``group_size`` terms, sums them in float32 (float64 for float64) in a fixed
 order, and narrows the sum once into the input dtype.
 """
 import numpy as np
-from numba import cuda, float32, float64
+from numba import cuda
 
 from .._config import config
-from .._dtypes import accum_dtype, codec_of, narrow, widen
-from . import _launch
+from . import _device, _launch
 
 _kernels = {}
 
 
-@cuda.jit(device=True)
+@_device.inline
 def _coords(e, shape):
     """(b, h, s, d) of flat element e of a C-ordered [B, H, S, D] array."""
     heads, seq, dim = shape[1], shape[2], shape[3]
@@ -31,24 +30,27 @@ def _repeat(kv, group_size, out):
         out[b, h, s, d] = kv[b, h // group_size, s, d]
 
 
-def _make_sum_groups(acc):
-    @cuda.jit
-    def sum_groups(dheads, group_size, codec, out):
+def _make_sum_groups(dtype):
+    load, store = _device.codec(dtype)
+    zero = _device.acc_type(dtype)(0.0)
+
+    def sum_groups(dheads, group_size, out):
         e = cuda.grid(1)
         if e < out.size:
             b, hk, s, d = _coords(e, out.shape)
-            total = acc(0.0)
+            total = zero
             for g in range(group_size):
-                total += acc(widen(dheads[b, hk * group_size + g, s, d], codec))
-            out[b, hk, s, d] = narrow(total, codec)
+                total += load(dheads[b, hk * group_size + g, s, d])
+            out[b, hk, s, d] = store(total)
 
     return sum_groups
 
 
-def _sum_groups(acc):
-    if acc not in _kernels:
-        _kernels[acc] = _make_sum_groups(acc)
-    return _kernels[acc]
+def _sum_groups(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in _kernels:
+        _kernels[dtype] = cuda.jit(_make_sum_groups(dtype))
+    return _kernels[dtype]
 
 
 class _Strided:
@@ -75,7 +77,7 @@ def _heads_shape(shape, heads):
 
 
 def _launch_1d(kernel, n, *args):
-    threads = config.cuda_block_q
+    threads = config.cuda_threads
     kernel[_launch.blocks(n, threads), threads](*args)
 
 
@@ -92,7 +94,23 @@ def repeat_kv_backward(dkv, group_size):
     """:func:`fastattn.repeat_kv_backward` on a device array (``[B, Hq, S, D]`` or ``[Hq, S, D]``)."""
     out = _launch.empty(_heads_shape(dkv.shape, tuple(dkv.shape)[-3] // group_size), dkv.dtype)
     if out.size:
-        acc = float64 if accum_dtype(dkv.dtype) == np.float64 else float32
-        _launch_1d(_sum_groups(acc), out.size, _batched(_launch.kernel_view(dkv)), group_size,
-                   codec_of(dkv.dtype), _batched(_launch.kernel_view(out)))
+        _launch_1d(_sum_groups(dkv.dtype), out.size, _batched(_launch.kernel_view(dkv)), group_size,
+                   _batched(_launch.kernel_view(out)))
+    return out
+
+
+def variants(head_dims=None):
+    """The kernels of this family in every dtype (for ``cuda-report``); they have no head-dim buckets."""
+    from numba import int64
+
+    from .._dtypes import dtype_named
+
+    out = []
+    for name in ("float32", "float64", "float16", "bfloat16"):
+        dtype = dtype_named(name)
+        x4 = _device.element_type(dtype)[:, :, :, ::1]
+        out.append(_launch.Variant("repeat_kv_backward", "backward", name, 0, config.cuda_threads,
+                                   _make_sum_groups(dtype), (x4, int64, x4)))
+        out.append(_launch.Variant("repeat_kv", "other", name, 0, config.cuda_threads, _repeat.py_func,
+                                   (x4, int64, x4)))
     return out

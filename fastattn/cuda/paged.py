@@ -1,20 +1,27 @@
 """CUDA kernels of the paged attention family (numba.cuda).
 
-The twin of :mod:`fastattn.cpu.paged`.  Forward: one thread block per
-(sequence, KV head, tile of query rows, key split).  As on the CPU, the query
-heads of a KV group are stacked into the block's rows, so each key and value
-row is staged from the cache into shared memory once per group; the threads
-then share the work of a tile: scores (one (row, key) pair each), the online
-softmax update (one row each) and the output update (one (row, d) each).
-Splits of long sequences ("flash decoding") write partial states that the
-merge kernel of :mod:`fastattn.cuda.attention` combines.
+The twin of :mod:`fastattn.cpu.paged`.  Kernels are compiled per input and
+cache dtype and per head-dimension bucket (:data:`fastattn.cuda._tiles.HEAD_DIMS`);
+arithmetic is float32 (float64 for float64 inputs), fp8 caches are decoded
+from their bits (:mod:`fastattn.cuda._device`).
 
-Backward (FlashAttention-2 style): one block per (sequence, tile of keys, KV
+Forward (decode and chunked prefill): one thread block per (tile of stacked
+query rows, sequence, KV head, key split), flattened into a one-dimensional
+grid.  The query heads of a KV group are stacked into the block's rows
+(FlashDecoding with GQA), so each key and value row is read from the cache
+once per group.  Keys, then values, pass through one shared tile; the threads
+share the work of a tile: scores (one (row, key) pair each), the online
+softmax (one row each) and the output, which each thread keeps in registers
+for ``rows * D / threads`` fixed (row, feature) pairs.  Long sequences are
+split over several blocks and the partial states merged on the GPU by
+:func:`fastattn.cuda.attention.merge`.
+
+Backward (FlashAttention-2 style): one block per (tile of keys, sequence, KV
 head) accumulates dk/dv for its keys in shared memory and adds dq with
 ``cuda.atomic.add``; the key gradients go to the physical cache rows with
 ``cuda.atomic.add`` too, so blocks shared by several sequences get the sum of
-their contributions.  Sums are float32 (float64 for float64 inputs) and are
-converted to the cache dtype at the end.
+their contributions.  The float32 (float64) sums are zeroed and converted to
+the cache dtype on the device.
 
 Cache writes: one thread per element, fp8 stored as round-to-nearest-even
 ``saturate(x / scale)``.
@@ -22,288 +29,368 @@ Cache writes: one thread per element, fp8 stored as round-to-nearest-even
 import math
 
 import numpy as np
-from numba import cuda, float32, float64
+from numba import cuda, float32, uint64
 
 from .._config import config
-from .._dtypes import codec_of, narrow, widen_fp8
-from .._tile import finish_lse, key_range, online_rescale, query_range
-from . import _launch
-from .attention import _check_head_dim, _compiled as _dense_kernel, _score, _slopes, merge
+from . import _device, _launch
+from ._device import acc_type, element_type, tile_math
+from ._tiles import HEAD_DIMS
+from .attention import _check_head_dim, merge, slopes_args
 
 _kernels = {}
 _SHARED_BYTES = 48 * 1024  # static shared memory per block
 
 
-def _acc_type(dtype):
-    return float64 if np.dtype(dtype) == np.float64 else float32
+def _fit(itemsize, db, row_arrays, tile_arrays, score_arrays):
+    """(rows, keys) per block from the config, halved until the shared arrays fit in 24 KiB.
 
-
-def _tiles(acc, max_dim, row_arrays, tile_arrays, score_arrays):
-    """(rows, keys) per block, halved from the config until the shared arrays fit."""
+    24 KiB lets eight blocks of the decode kernel share an SM on sm_80 (164 KiB), so
+    its occupancy can reach 50%; the backward takes up to the 48 KiB a block may have.
+    """
     rows, tile = config.cuda_paged_rows, config.cuda_paged_block_k
-    itemsize = 8 if acc == float64 else 4
+    limit = _SHARED_BYTES if score_arrays > 1 else _SHARED_BYTES // 2
 
     def size(r, t):
-        return ((row_arrays * r + tile_arrays * t) * (max_dim + 1) + score_arrays * r * t + 3 * r) * itemsize
-    while size(rows, tile) > _SHARED_BYTES and (rows > 1 or tile > 1):
-        if tile >= rows:
-            tile //= 2
-        else:
-            rows //= 2
+        return ((row_arrays * r + tile_arrays * t) * (db + 1) + score_arrays * r * (t + 1) + 3 * r) * itemsize
+
+    while size(rows, tile) > limit and tile > 1:
+        tile //= 2
     return rows, tile
 
 
-def _compiled(name, acc, max_dim):
-    rows, tile = _tiles(acc, max_dim, *_SHARED_USE[name])
-    key = (name, acc, rows, tile, max_dim)
+def _shape(name, acc, db):
+    itemsize = 8 if acc.bitwidth == 64 else 4
+    if name == "forward":
+        return _fit(itemsize, db, 1, 1, 1)
+    return _fit(itemsize, db, 2, 4, 2)
+
+
+def _compiled(name, dtypes, db):
+    key = (name, dtypes, db, config.cuda_paged_rows, config.cuda_paged_block_k, config.cuda_paged_threads)
     if key not in _kernels:
-        _kernels[key] = _MAKERS[name](acc, rows, tile, max_dim)
-    return _kernels[key], rows, tile
+        rows, tile = _shape(name, acc_type(dtypes[0]), db)
+        _kernels[key] = cuda.jit(_MAKERS[name](*dtypes, db, rows, tile, config.cuda_paged_threads)), rows, tile
+    return _kernels[key]
 
 
-@cuda.jit(device=True)
-def _stage(cache, table, b, hk, j0, n, dim, codec, dst, mult):
-    """Cooperatively copy tokens j0..j0+n of KV head hk of sequence b into shared memory, times mult."""
-    bs = cache.shape[1]
-    for e in range(cuda.threadIdx.x, n * dim, cuda.blockDim.x):
-        r = e // dim
-        d = e - r * dim
-        t = j0 + r
-        dst[r, d] = widen_fp8(cache[table[b, t // bs], t % bs, hk, d], codec) * mult
+def _make_forward(q_dtype, cache_dtype, db, rows, tile, threads):
+    q_load = _device.codec(q_dtype)[0]
+    kv_load = _device.codec(cache_dtype)[0]
+    acc = acc_type(q_dtype)
+    t = tile_math(acc)
+    key_range, softcap_score, alibi_bias = t.key_range, t.softcap_score, t.alibi_bias
+    online_rescale, finish_lse = t.online_rescale, t.finish_lse
+    per_thread = -(-rows * db // threads)
+    zero, one, neg_inf = acc(0.0), acc(1.0), acc(-math.inf)
+    db1, tile1 = db + 1, tile + 1
 
+    @_device.inline
+    def stage(cache, table, b, hk, heads_kv, block_size, j0, n, dim, dst):
+        """Tokens ``j0 .. j0 + n`` of KV head ``hk`` of sequence ``b`` into ``dst`` (zero past ``n`` or ``dim``)."""
+        for e in range(cuda.threadIdx.x, tile * db, threads):
+            c = e // db
+            d = e - c * db
+            x = zero
+            if c < n and d < dim:
+                tok = j0 + c
+                blk = table[b, tok // block_size]
+                x = kv_load(cache[uint64((blk * block_size + tok % block_size) * heads_kv + hk), uint64(d)])
+            dst[c, d] = x
 
-@cuda.jit(device=True)
-def _block_rows(rows, group, sq):
-    """This block's (head chunk start h0, heads n_h, first query i0, queries m_q) in its KV group."""
-    per_block = min(group, rows)
-    mq = max(1, rows // per_block)
-    n_chunks = (group + per_block - 1) // per_block
-    chunk = cuda.blockIdx.x % n_chunks
-    i0 = (cuda.blockIdx.x // n_chunks) * mq
-    return chunk * per_block, min(per_block, group - chunk * per_block), i0, min(mq, sq - i0)
-
-
-def _make_forward(acc, rows, tile, max_dim):
-    width = max_dim + 1  # a padded row: threads reading one column of many rows hit different banks
-
-    @cuda.jit
-    def forward(q, k_cache, v_cache, table, lens, q_codec, kv_codec, q_mult, k_mult, v_mult, wl, wr,
-                softcap, slopes, has_alibi, out_part, lse_part):
-        batch, heads_q, sq, dim = q.shape
-        heads_kv = k_cache.shape[2]
+    def forward(q, k_cache, v_cache, table, lens, batch, heads_q, heads_kv, sq, dim, block_size, q_mult,
+                k_scale, v_scale, has_scales, wl, wr, softcap, slopes, slope_stride, has_alibi, n_split,
+                out_part, lse_part):
         group = heads_q // heads_kv
-        b = cuda.blockIdx.y // heads_kv
-        hk = cuda.blockIdx.y % heads_kv
-        split = cuda.blockIdx.z
-        n_split = cuda.gridDim.z
-        g0, n_h, i0, m_q = _block_rows(rows, group, sq)
-        h0 = hk * group + g0
+        per_block = min(group, rows)
+        mq = max(1, rows // per_block)
+        n_chunks = (group + per_block - 1) // per_block
+        split = cuda.blockIdx.x % n_split
+        rest = cuda.blockIdx.x // n_split
+        bh = rest % (batch * heads_kv)
+        xb = rest // (batch * heads_kv)
+        b = bh // heads_kv
+        hk = bh - b * heads_kv
+        g0 = (xb % n_chunks) * per_block
+        i0 = (xb // n_chunks) * mq
+        n_h = min(per_block, group - g0)
+        m_q = min(mq, sq - i0)
         m = n_h * m_q
-        tid, nt = cuda.threadIdx.x, cuda.blockDim.x
-        qs = cuda.shared.array((rows, width), acc)
-        acc_s = cuda.shared.array((rows, width), acc)
-        ks = cuda.shared.array((tile, width), acc)
-        vs = cuda.shared.array((tile, width), acc)
-        s = cuda.shared.array((rows, tile), acc)
+        h0 = hk * group + g0
+        tid = cuda.threadIdx.x
+        qs = cuda.shared.array((rows, db1), acc)
+        kv = cuda.shared.array((tile, db1), acc)
+        s = cuda.shared.array((rows, tile1), acc)
         row_max = cuda.shared.array(rows, acc)
         row_sum = cuda.shared.array(rows, acc)
         alpha = cuda.shared.array(rows, acc)
+        o = cuda.local.array(per_thread, acc)
+        k_mult = k_scale[hk] if has_scales else one
+        v_mult = v_scale[hk] if has_scales else one
+        for e in range(tid, rows * db, threads):
+            r = e // db
+            d = e - r * db
+            x = zero
+            if r < m and d < dim:
+                x = q_load(q[uint64(((b * heads_q + h0 + r // m_q) * sq) + i0 + r % m_q), uint64(d)]) * q_mult * k_mult
+            qs[r, d] = x
+        for r in range(tid, rows, threads):
+            row_max[r] = neg_inf
+            row_sum[r] = zero
+        for u in range(per_thread):
+            o[u] = zero
         sk = lens[b]
-        for e in range(tid, m * dim, nt):
-            r = e // dim
-            d = e - r * dim
-            qs[r, d] = widen_fp8(q[b, h0 + r // m_q, i0 + r % m_q, d], q_codec) * q_mult * k_mult[hk]
-            acc_s[r, d] = 0.0
-        for r in range(tid, m, nt):
-            row_max[r] = -math.inf
-            row_sum[r] = 0.0
         chunk = (sk + n_split - 1) // n_split
         j_lo = max(key_range(i0, sq, sk, wl, wr)[0], split * chunk)
         j_hi = min(key_range(i0 + m_q - 1, sq, sk, wl, wr)[1], (split + 1) * chunk)
-        cuda.syncthreads()
         for j0 in range(j_lo, j_hi, tile):
             n = min(tile, j_hi - j0)
-            _stage(k_cache, table, b, hk, j0, n, dim, kv_codec, ks, 1.0)
-            _stage(v_cache, table, b, hk, j0, n, dim, kv_codec, vs, 1.0)
             cuda.syncthreads()
-            for e in range(tid, m * n, nt):
-                r = e // n
-                c = e - r * n
+            stage(k_cache, table, b, hk, heads_kv, block_size, j0, n, dim, kv)
+            cuda.syncthreads()
+            for e in range(tid, rows * tile, threads):
+                r = e // tile
+                c = e - r * tile
                 i = i0 + r % m_q
                 lo, hi = key_range(i, sq, sk, wl, wr)
-                s[r, c] = -math.inf
-                if lo <= j0 + c and j0 + c < hi:
-                    s[r, c] = _score(qs[r], ks, c, dim, i, j0 + c, sq, sk, softcap,
-                                     slopes[b, h0 + r // m_q], has_alibi)[0]
+                x = neg_inf
+                if r < m and c < n and lo <= j0 + c and j0 + c < hi:
+                    x = zero
+                    for d in range(dim):
+                        x += qs[r, d] * kv[c, d]
+                    x = softcap_score(x, softcap)
+                    if has_alibi:
+                        x += alibi_bias(slopes[b * slope_stride + h0 + r // m_q], i, j0 + c, sq, sk)
+                s[r, c] = x
             cuda.syncthreads()
-            for r in range(tid, m, nt):
+            for r in range(tid, m, threads):
                 top = row_max[r]
                 for c in range(n):
                     top = max(top, s[r, c])
-                total = 0.0
+                total = zero
                 for c in range(n):
-                    p = math.exp(s[r, c] - top) if s[r, c] != -math.inf else 0.0
+                    p = zero
+                    if top != neg_inf:
+                        p = math.exp(s[r, c] - top)
                     s[r, c] = p
                     total += p
-                alpha[r] = online_rescale(row_max[r], top)
-                row_sum[r] = row_sum[r] * alpha[r] + total
+                a = online_rescale(row_max[r], top)
+                alpha[r] = a
+                row_sum[r] = row_sum[r] * a + total
                 row_max[r] = top
             cuda.syncthreads()
-            for e in range(tid, m * dim, nt):
-                r = e // dim
-                d = e - r * dim
-                x = acc_s[r, d] * alpha[r]
-                for c in range(n):
-                    x += s[r, c] * vs[c, d]
-                acc_s[r, d] = x
+            stage(v_cache, table, b, hk, heads_kv, block_size, j0, n, dim, kv)
             cuda.syncthreads()
-        for e in range(tid, m * dim, nt):
-            r = e // dim
-            d = e - r * dim
-            inv = v_mult[hk] / row_sum[r] if row_sum[r] > 0.0 else 0.0
-            out_part[split, b, h0 + r // m_q, i0 + r % m_q, d] = acc_s[r, d] * inv
-        for r in range(tid, m, nt):
-            lse_part[split, b, h0 + r // m_q, i0 + r % m_q] = finish_lse(row_max[r], row_sum[r])
+            for u in range(per_thread):
+                e = tid + threads * u
+                r = e // db
+                d = e - r * db
+                if r < m:
+                    x = o[u] * alpha[r]
+                    for c in range(n):
+                        x += s[r, c] * kv[c, d]
+                    o[u] = x
+        cuda.syncthreads()
+        base = split * batch * heads_q * sq
+        for u in range(per_thread):
+            e = tid + threads * u
+            r = e // db
+            d = e - r * db
+            if r < m and d < dim:
+                total = row_sum[r]
+                inv = v_mult / total if total > zero else zero
+                out_part[uint64(base + (b * heads_q + h0 + r // m_q) * sq + i0 + r % m_q), uint64(d)] = o[u] * inv
+        for r in range(tid, m, threads):
+            lse_part[uint64(base + (b * heads_q + h0 + r // m_q) * sq + i0 + r % m_q)] = finish_lse(row_max[r],
+                                                                                                 row_sum[r])
 
     return forward
 
 
-def _make_backward(acc, rows, tile, max_dim):
-    width = max_dim + 1  # padded rows, as in the forward
+def _make_backward(dtype, cache_dtype, db, rows, tile, threads):
+    load = _device.codec(dtype)[0]
+    acc = acc_type(dtype)
+    t = tile_math(acc)
+    key_range, query_range = t.key_range, t.query_range
+    zero, neg_inf = acc(0.0), acc(-math.inf)
+    db1, tile1 = db + 1, tile + 1
 
-    @cuda.jit
-    def backward(dout, q, k_cache, v_cache, table, lens, lse, delta, codec, scale, wl, wr,
-                 dq_acc, dk_acc, dv_acc):
-        batch, heads_q, sq, dim = q.shape
-        bs, heads_kv = k_cache.shape[1], k_cache.shape[2]
+    @_device.inline
+    def stage(cache, table, b, hk, heads_kv, block_size, j0, n, dim, dst):
+        for e in range(cuda.threadIdx.x, tile * db, threads):
+            c = e // db
+            d = e - c * db
+            x = zero
+            if c < n and d < dim:
+                tok = j0 + c
+                blk = table[b, tok // block_size]
+                x = load(cache[uint64((blk * block_size + tok % block_size) * heads_kv + hk), uint64(d)])
+            dst[c, d] = x
+
+    def backward(dout, q, k_cache, v_cache, table, lens, lse, delta, batch, heads_q, heads_kv, sq, dim,
+                 block_size, scale, wl, wr, n_tiles, dq_acc, dk_acc, dv_acc):
         group = heads_q // heads_kv
-        b = cuda.blockIdx.y // heads_kv
-        hk = cuda.blockIdx.y % heads_kv
-        j0 = cuda.blockIdx.x * tile
+        tile_id = cuda.blockIdx.x % n_tiles
+        bh = cuda.blockIdx.x // n_tiles
+        b = bh // heads_kv
+        hk = bh - b * heads_kv
+        j0 = tile_id * tile
         sk = lens[b]
         if j0 >= sk:  # the whole block leaves together: no barrier is skipped by some threads only
             return
         n = min(tile, sk - j0)
-        tid, nt = cuda.threadIdx.x, cuda.blockDim.x
-        ks = cuda.shared.array((tile, width), acc)
-        vs = cuda.shared.array((tile, width), acc)
-        dks = cuda.shared.array((tile, width), acc)
-        dvs = cuda.shared.array((tile, width), acc)
-        qs = cuda.shared.array((rows, width), acc)
-        dos = cuda.shared.array((rows, width), acc)
-        p = cuda.shared.array((rows, tile), acc)
-        ds = cuda.shared.array((rows, tile), acc)
+        tid = cuda.threadIdx.x
+        ks = cuda.shared.array((tile, db1), acc)
+        vs = cuda.shared.array((tile, db1), acc)
+        dks = cuda.shared.array((tile, db1), acc)
+        dvs = cuda.shared.array((tile, db1), acc)
+        qs = cuda.shared.array((rows, db1), acc)
+        dos = cuda.shared.array((rows, db1), acc)
+        p = cuda.shared.array((rows, tile1), acc)
+        ds = cuda.shared.array((rows, tile1), acc)
         row_lse = cuda.shared.array(rows, acc)
         row_delta = cuda.shared.array(rows, acc)
-        _stage(k_cache, table, b, hk, j0, n, dim, codec, ks, 1.0)
-        _stage(v_cache, table, b, hk, j0, n, dim, codec, vs, 1.0)
-        for e in range(tid, n * dim, nt):
-            dks[e // dim, e % dim] = 0.0
-            dvs[e // dim, e % dim] = 0.0
+        stage(k_cache, table, b, hk, heads_kv, block_size, j0, n, dim, ks)
+        stage(v_cache, table, b, hk, heads_kv, block_size, j0, n, dim, vs)
+        for e in range(tid, tile * db, threads):
+            dks[e // db, e % db] = zero
+            dvs[e // db, e % db] = zero
         i_lo, i_hi = query_range(j0, j0 + n, sq, sk, wl, wr)
         for h in range(hk * group, (hk + 1) * group):
+            q0 = (b * heads_q + h) * sq
             for i0 in range(i_lo, i_hi, rows):
                 m = min(rows, i_hi - i0)
                 cuda.syncthreads()
-                for e in range(tid, m * dim, nt):
-                    r = e // dim
-                    d = e - r * dim
-                    qs[r, d] = widen_fp8(q[b, h, i0 + r, d], codec) * scale
-                    dos[r, d] = widen_fp8(dout[b, h, i0 + r, d], codec)
-                for r in range(tid, m, nt):
-                    row_lse[r] = lse[b, h, i0 + r]
-                    row_delta[r] = delta[b, h, i0 + r]
+                for e in range(tid, rows * db, threads):
+                    r = e // db
+                    d = e - r * db
+                    x = zero
+                    y = zero
+                    if r < m and d < dim:
+                        x = load(q[uint64(q0 + i0 + r), uint64(d)]) * scale
+                        y = load(dout[uint64(q0 + i0 + r), uint64(d)])
+                    qs[r, d] = x
+                    dos[r, d] = y
+                for r in range(tid, m, threads):
+                    row_lse[r] = lse[uint64(q0 + i0 + r)]
+                    row_delta[r] = delta[uint64(q0 + i0 + r)]
                 cuda.syncthreads()
-                for e in range(tid, m * n, nt):
+                for e in range(tid, m * n, threads):
                     r = e // n
                     c = e - r * n
                     lo, hi = key_range(i0 + r, sq, sk, wl, wr)
-                    p[r, c] = 0.0
-                    ds[r, c] = 0.0
-                    if lo <= j0 + c and j0 + c < hi and row_lse[r] != -math.inf:
-                        x = 0.0
-                        dp = 0.0
+                    pe = zero
+                    dse = zero
+                    if lo <= j0 + c and j0 + c < hi and row_lse[r] != neg_inf:
+                        x = zero
+                        dp = zero
                         for d in range(dim):
                             x += qs[r, d] * ks[c, d]
                             dp += dos[r, d] * vs[c, d]
-                        e_x = math.exp(x - row_lse[r])
-                        p[r, c] = e_x
-                        ds[r, c] = e_x * (dp - row_delta[r])
+                        pe = math.exp(x - row_lse[r])
+                        dse = pe * (dp - row_delta[r])
+                    p[r, c] = pe
+                    ds[r, c] = dse
                 cuda.syncthreads()
-                for e in range(tid, n * dim, nt):
-                    c = e // dim
-                    d = e - c * dim
-                    dk_x = 0.0
-                    dv_x = 0.0
+                for e in range(tid, n * db, threads):
+                    c = e // db
+                    d = e - c * db
+                    dk_x = zero
+                    dv_x = zero
                     for r in range(m):
                         dv_x += p[r, c] * dos[r, d]
                         dk_x += ds[r, c] * qs[r, d]
                     dks[c, d] += dk_x
                     dvs[c, d] += dv_x
-                for e in range(tid, m * dim, nt):
-                    r = e // dim
-                    d = e - r * dim
-                    x = 0.0
-                    for c in range(n):
-                        x += ds[r, c] * ks[c, d]
-                    cuda.atomic.add(dq_acc, (b, h, i0 + r, d), x * scale)
+                for e in range(tid, m * db, threads):
+                    r = e // db
+                    d = e - r * db
+                    if d < dim:
+                        x = zero
+                        for c in range(n):
+                            x += ds[r, c] * ks[c, d]
+                        cuda.atomic.add(dq_acc, (uint64(q0 + i0 + r), uint64(d)), x * scale)
         cuda.syncthreads()
-        for e in range(tid, n * dim, nt):
-            c = e // dim
-            d = e - c * dim
-            t = j0 + c
-            blk = table[b, t // bs]
-            cuda.atomic.add(dk_acc, (blk, t % bs, hk, d), dks[c, d])
-            cuda.atomic.add(dv_acc, (blk, t % bs, hk, d), dvs[c, d])
+        for e in range(tid, n * db, threads):
+            c = e // db
+            d = e - c * db
+            if d < dim:
+                tok = j0 + c
+                row = (table[b, tok // block_size] * block_size + tok % block_size) * heads_kv + hk
+                cuda.atomic.add(dk_acc, (uint64(row), uint64(d)), dks[c, d])
+                cuda.atomic.add(dv_acc, (uint64(row), uint64(d)), dvs[c, d])
 
     return backward
 
 
-def _make_write(acc, rows, tile, max_dim):
-    @cuda.jit
-    def write(k, v, k_cache, v_cache, slots, in_codec, cache_codec, k_scale, v_scale):
-        tokens, heads, dim = k.shape
-        bs = k_cache.shape[1]
+def _make_write(in_dtype, cache_dtype, db, rows, tile, threads):
+    load = _device.codec(in_dtype)[0]
+    store = _device.codec(cache_dtype)[1]
+
+    def write(k, v, k_cache, v_cache, slots, heads, dim, k_scale, v_scale):
         e = cuda.grid(1)
-        if e < tokens * heads * dim:
-            d = e % dim
-            h = (e // dim) % heads
-            t = e // (dim * heads)
-            slot = slots[t]
+        if e < k.shape[0] * dim:
+            t = e // dim
+            d = e - t * dim
+            h = t % heads
+            slot = slots[t // heads]
             if slot >= 0:
-                blk = slot // bs
-                row = slot - blk * bs
-                k_cache[blk, row, h, d] = narrow(widen_fp8(k[t, h, d], in_codec) / k_scale[h], cache_codec)
-                v_cache[blk, row, h, d] = narrow(widen_fp8(v[t, h, d], in_codec) / v_scale[h], cache_codec)
+                row = uint64(slot * heads + h)  # slot = block * block_size + row: the cache's flat token
+                k_cache[row, uint64(d)] = store(load(k[uint64(t), uint64(d)]) / k_scale[h])
+                v_cache[row, uint64(d)] = store(load(v[uint64(t), uint64(d)]) / v_scale[h])
 
     return write
 
 
-def _make_convert(acc, rows, tile, max_dim):
-    @cuda.jit
-    def convert(src, codec, dst):
+def _make_convert(src_dtype, dtype, db, rows, tile, threads):
+    store = _device.codec(dtype)[1]
+
+    def convert(src, dst):
         e = cuda.grid(1)
-        if e < src.size:
-            dst[e] = narrow(src[e], codec)
+        if e < src.shape[0]:
+            dst[e] = store(src[e])
 
     return convert
 
 
+def _make_zero(dtype, unused, db, rows, tile, threads):
+    zero = acc_type(dtype)(0.0)
+
+    def zero_fill(dst):
+        e = cuda.grid(1)
+        if e < dst.shape[0]:
+            dst[e] = zero
+
+    return zero_fill
+
+
 _MAKERS = {"forward": _make_forward, "backward": _make_backward, "write": _make_write,
-           "convert": _make_convert}
-#: shared arrays per kernel: (rows x D, keys x D, rows x keys) counts, for :func:`_tiles`.
-_SHARED_USE = {"forward": (2, 2, 1), "backward": (2, 4, 2), "write": (0, 0, 0), "convert": (0, 0, 0)}
+           "convert": _make_convert, "zero": _make_zero}
 
 
 # --- host side ---------------------------------------------------------------------
 
-def _max_dim(spec):
-    _check_head_dim(spec)
-    return min(config.cuda_max_head_dim, -(-spec.head_dim // 16) * 16)
+def _flat_rows(x):
+    """A 4-d device array as 2-d ``[prod(shape[:-1]), D]`` (what the kernels index)."""
+    return _launch.rows(x)
 
 
-def _to_device(x, dtype):
-    return _launch.to_device(np.asarray(x, dtype))
+def _device_ints(x):
+    """An int32 index array on the device: device arrays of that dtype as they are, else one upload."""
+    if hasattr(x, "copy_to_host") and np.dtype(x.dtype) == np.int32 and x.is_c_contiguous():
+        return x
+    host = x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
+    return _launch.to_device(host.astype(np.int32))
+
+
+def _device_slots(slots):
+    if hasattr(slots, "copy_to_host") and np.dtype(slots.dtype) == np.int64:
+        return slots
+    return _launch.to_device(np.asarray(slots.copy_to_host() if hasattr(slots, "copy_to_host") else slots,
+                                        np.int64))
+
+
+def _scales(values, acc_np):
+    return _launch.to_device(np.asarray(values, acc_np))
 
 
 def num_splits(spec, blocks):
@@ -313,68 +400,149 @@ def num_splits(spec, blocks):
     return max(1, min(want, by_length))
 
 
+def _zeros(shape, dtype):
+    out = cuda.device_array(tuple(shape), dtype)
+    size = int(np.prod(tuple(shape)))
+    if size:
+        kernel = _compiled("zero", (np.dtype(dtype), None), 16)[0]
+        kernel[_launch.blocks(size, 256), 256](out.reshape(size))
+    return out
+
+
 def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale=None, v_scale=None,
             out_dtype=None, out_scale=1.0):
     """Launch the paged forward kernel and merge its splits; return (out, lse) as device arrays."""
-    acc_np = spec.accum_dtype
-    acc = _acc_type(acc_np)
-    kernel, rows, _ = _compiled("forward", acc, _max_dim(spec))
+    db = _check_head_dim(spec)
+    acc_np = np.dtype(spec.accum_dtype)
+    kernel, rows, _ = _compiled("forward", (np.dtype(q.dtype), np.dtype(k_cache.dtype)), db)
     per_block = min(spec.group, rows)
     blocks_x = -(-spec.group // per_block) * -(-spec.seq_q // max(1, rows // per_block))
     n_split = num_splits(spec, blocks_x * spec.batch * spec.heads_kv)
-    out_part = cuda.device_array((n_split,) + tuple(q.shape), acc_np)
-    lse_part = cuda.device_array((n_split,) + tuple(q.shape[:3]), acc_np)
-    ones = np.ones(spec.heads_kv, acc_np)
-    if spec.batch * spec.heads_q * spec.seq_q:
-        kernel[(blocks_x, spec.batch * spec.heads_kv, n_split), config.cuda_paged_threads](
-            _launch.kernel_view(q), _launch.kernel_view(k_cache), _launch.kernel_view(v_cache),
-            _to_device(table, np.int32), _to_device(lens, np.int32), codec_of(q.dtype),
-            codec_of(k_cache.dtype), spec.scale * q_scale,
-            _to_device(ones if k_scale is None else k_scale, acc_np),
-            _to_device(ones if v_scale is None else v_scale, acc_np),
-            spec.window_left, spec.window_right, spec.softcap, *_slopes(slopes, spec), out_part, lse_part)
-    return merge(out_part, lse_part, spec.dtype if out_dtype is None else out_dtype, 1.0 / out_scale)
+    n_rows = spec.batch * spec.heads_q * spec.seq_q
+    out_part = cuda.device_array((n_split * n_rows, spec.head_dim), acc_np)
+    lse_part = cuda.device_array(n_split * n_rows, acc_np)
+    has_scales = k_scale is not None
+    k_dev = _scales(k_scale, acc_np) if has_scales else cuda.device_array(1, acc_np)
+    v_dev = _scales(v_scale, acc_np) if has_scales else k_dev
+    if n_rows:
+        grid = blocks_x * spec.batch * spec.heads_kv * n_split
+        kernel[grid, config.cuda_paged_threads](
+            _flat_rows(q), _flat_rows(k_cache), _flat_rows(v_cache), _device_ints(table), _device_ints(lens),
+            spec.batch, spec.heads_q, spec.heads_kv, spec.seq_q, spec.head_dim, spec.block_size,
+            acc_np.type(spec.scale * q_scale), k_dev, v_dev, has_scales, spec.window_left, spec.window_right,
+            acc_np.type(spec.softcap), *slopes_args(slopes, spec), n_split, out_part, lse_part)
+    shape = (n_split,) + tuple(q.shape)
+    out, lse = merge(out_part.reshape(*shape), lse_part.reshape(*shape[:-1]),
+                     spec.dtype if out_dtype is None else out_dtype, 1.0 / out_scale)
+    return out, lse
 
 
 def _convert(src, dtype):
     """A device array of dtype holding src (accumulation dtype), rounded to nearest even."""
     dst = _launch.empty(src.shape, dtype)
-    if src.size:
-        kernel = _compiled("convert", _acc_type(src.dtype), 16)[0]
-        kernel[_launch.blocks(src.size, 256), 256](src.reshape(src.size), codec_of(dtype),
-                                                   _launch.kernel_view(dst).reshape(src.size))
+    size = int(np.prod(tuple(src.shape)))
+    if size:
+        kernel = _compiled("convert", (np.dtype(src.dtype), np.dtype(dtype)), 16)[0]
+        kernel[_launch.blocks(size, 256), 256](src.reshape(size), _launch.kernel_view(dst).reshape(size))
     return dst
 
 
 def backward(dout, q, k_cache, v_cache, out, lse, table, lens, spec):
     """Launch the delta and backward kernels; return (dq, dk_cache, dv_cache) as device arrays."""
-    acc_np = spec.accum_dtype
-    acc = _acc_type(acc_np)
-    dq_acc = cuda.to_device(np.zeros(q.shape, acc_np))
-    dk_acc = cuda.to_device(np.zeros(k_cache.shape, acc_np))
-    dv_acc = cuda.to_device(np.zeros(v_cache.shape, acc_np))
+    from .attention import _kernel as _dense_kernel
+
+    db = _check_head_dim(spec)
+    acc_np = np.dtype(spec.accum_dtype)
     n_rows = spec.batch * spec.heads_q * spec.seq_q
+    cache_rows = int(np.prod(tuple(k_cache.shape)[:3]))
+    dq_acc = _zeros((n_rows, spec.head_dim), acc_np)
+    dk_acc = _zeros((cache_rows, spec.head_dim), acc_np)
+    dv_acc = _zeros((cache_rows, spec.head_dim), acc_np)
     if n_rows and spec.max_seq_len:
-        codec = codec_of(spec.dtype)
         threads = config.cuda_paged_threads
-        delta = cuda.device_array(q.shape[:3], acc_np)
-        inputs = [_launch.kernel_view(x) for x in (dout, q, k_cache, v_cache)]
-        _dense_kernel("delta", acc, config.cuda_block_k, config.cuda_max_head_dim)[
-            _launch.blocks(n_rows, threads), threads](inputs[0], _launch.kernel_view(out), codec, delta)
-        kernel, _, tile = _compiled("backward", acc, _max_dim(spec))
-        grid = (_launch.blocks(spec.max_seq_len, tile), spec.batch * spec.heads_kv)
-        kernel[grid, threads](*inputs, _to_device(table, np.int32), _to_device(lens, np.int32), lse, delta,
-                              codec, spec.scale, spec.window_left, spec.window_right, dq_acc, dk_acc, dv_acc)
-    return tuple(_convert(x, spec.dtype) for x in (dq_acc, dk_acc, dv_acc))
+        delta = cuda.device_array(n_rows, acc_np)
+        _dense_kernel("delta", spec.dtype, db)[_launch.blocks(n_rows, config.cuda_threads), config.cuda_threads](
+            _flat_rows(dout), _flat_rows(out), spec.head_dim, delta)
+        kernel, _, tile = _compiled("backward", (np.dtype(spec.dtype), np.dtype(k_cache.dtype)), db)
+        n_tiles = _launch.blocks(spec.max_seq_len, tile)
+        kernel[n_tiles * spec.batch * spec.heads_kv, threads](
+            _flat_rows(dout), _flat_rows(q), _flat_rows(k_cache), _flat_rows(v_cache), _device_ints(table),
+            _device_ints(lens), _launch.flat(lse), delta, spec.batch, spec.heads_q, spec.heads_kv, spec.seq_q,
+            spec.head_dim, spec.block_size, acc_np.type(spec.scale), spec.window_left, spec.window_right,
+            n_tiles, dq_acc, dk_acc, dv_acc)
+    return (_convert(dq_acc.reshape(*tuple(q.shape)), spec.dtype),
+            _convert(dk_acc.reshape(*tuple(k_cache.shape)), spec.dtype),
+            _convert(dv_acc.reshape(*tuple(v_cache.shape)), spec.dtype))
 
 
 def write(k, v, k_cache, v_cache, slots, k_scale, v_scale):
     """Write k, v [T, Hkv, D] into the device caches at ``slots`` (negative: skipped), in place."""
-    if k.size == 0:
+    size = int(np.prod(tuple(k.shape)))
+    if size == 0:
         return
-    acc_np = np.float64 if k.dtype == np.float64 and k_cache.dtype == np.float64 else np.float32
-    kernel = _compiled("write", _acc_type(acc_np), 16)[0]
-    kernel[_launch.blocks(k.size, 256), 256](
-        _launch.kernel_view(k), _launch.kernel_view(v), _launch.kernel_view(k_cache),
-        _launch.kernel_view(v_cache), _to_device(slots, np.int64), codec_of(k.dtype),
-        codec_of(k_cache.dtype), _to_device(k_scale, acc_np), _to_device(v_scale, acc_np))
+    tokens, heads, dim = (int(s) for s in k.shape)
+    kernel = _compiled("write", (np.dtype(k.dtype), np.dtype(k_cache.dtype)), 16)[0]
+    kernel[_launch.blocks(size, 256), 256](
+        _launch.kernel_view(k).reshape(tokens * heads, dim), _launch.kernel_view(v).reshape(tokens * heads, dim),
+        _flat_rows(k_cache), _flat_rows(v_cache), _device_slots(slots), heads, dim,
+        _scales(k_scale, np.float32), _scales(v_scale, np.float32))
+
+
+# --- what cuda-report compiles -------------------------------------------------------
+
+#: (q dtype, cache dtype) pairs the dispatch launches.
+PAIRS = (("float32", "float32"), ("float64", "float64"), ("float16", "float16"), ("bfloat16", "bfloat16"),
+         ("float32", "float8_e4m3fn"), ("float32", "float8_e5m2"), ("float16", "float8_e4m3fn"),
+         ("bfloat16", "float8_e5m2"))
+
+
+def signature(name, q_dtype, cache_dtype):
+    from numba import boolean, int32, int64
+
+    acc = acc_type(q_dtype)
+    q2, c2, a1 = element_type(q_dtype)[:, ::1], element_type(cache_dtype)[:, ::1], acc[::1]
+    table, lens = int32[:, ::1], int32[::1]
+    i = int32
+    if name == "forward":
+        return (q2, c2, c2, table, lens, i, i, i, i, i, i, acc, a1, a1, boolean, i, i, acc, a1, i, boolean, i,
+                acc[:, ::1], a1)
+    if name == "backward":
+        return (q2, q2, c2, c2, table, lens, a1, a1, i, i, i, i, i, i, acc, i, i, i, acc[:, ::1], acc[:, ::1],
+                acc[:, ::1])
+    if name == "write":
+        return (q2, q2, c2, c2, int64[::1], i, i, float32[::1], float32[::1])
+    return (acc[::1], element_type(cache_dtype)[::1])
+
+
+def variants(head_dims=None):
+    """Every paged kernel in every dtype pair and head-dim bucket the dispatch launches (for ``cuda-report``)."""
+    from .._dtypes import dtype_named
+
+    out = []
+    buckets = [d for d in HEAD_DIMS if head_dims is None or d in head_dims]
+    for q_name, c_name in PAIRS:
+        q_dtype, c_dtype = dtype_named(q_name), dtype_named(c_name)
+        for db in buckets:
+            rows, tile = _shape("forward", acc_type(q_dtype), db)
+            role = "decode"
+            out.append(_launch.Variant(f"paged_forward[q={q_name}]", role, c_name, db, config.cuda_paged_threads,
+                                       _make_forward(q_dtype, c_dtype, db, rows, tile, config.cuda_paged_threads),
+                                       signature("forward", q_dtype, c_dtype)))
+            if q_name == c_name:
+                rows, tile = _shape("backward", acc_type(q_dtype), db)
+                out.append(_launch.Variant("paged_backward", "backward", c_name, db, config.cuda_paged_threads,
+                                           _make_backward(q_dtype, c_dtype, db, rows, tile,
+                                                          config.cuda_paged_threads),
+                                           signature("backward", q_dtype, c_dtype)))
+    for in_name in ("float32", "float16", "bfloat16"):
+        for c_name in (in_name, "float8_e4m3fn", "float8_e5m2"):
+            in_dtype, c_dtype = dtype_named(in_name), dtype_named(c_name)
+            out.append(_launch.Variant(f"write_kv_cache[k={in_name}]", "other", c_name, 0, 256,
+                                       _make_write(in_dtype, c_dtype, 16, 0, 0, 256),
+                                       signature("write", in_dtype, c_dtype)))
+    for name in ("float32", "float16", "bfloat16", "float64"):
+        dtype = dtype_named(name)
+        src = np.dtype(np.float64 if name == "float64" else np.float32)
+        out.append(_launch.Variant("convert", "other", name, 0, 256, _make_convert(src, dtype, 16, 0, 0, 256),
+                                   signature("convert", src, dtype)))
+    return out
