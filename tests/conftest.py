@@ -34,7 +34,7 @@ TOLERANCE = {
 }
 
 #: CUDA launch config for the simulator, which runs every GPU thread as a Python thread.
-CUDA_TEST_CONFIG = dict(cuda_block_q=8, cuda_block_k=4, cuda_max_head_dim=16, cuda_paged_rows=4,
+CUDA_TEST_CONFIG = dict(cuda_threads=8, cuda_tiles=(2, 2, 2, 4), cuda_max_head_dim=16, cuda_paged_rows=4,
                         cuda_paged_block_k=4, cuda_paged_threads=8, cuda_split_min_keys=5, cuda_proj_tile=4)
 
 CUDA = pytest.mark.cuda

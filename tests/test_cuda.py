@@ -43,10 +43,10 @@ def test_head_dim_limit_follows_the_config(cuda, monkeypatch, rng):
     assert_close(out.copy_to_host(), reference.attention(q, k, v, causal=True), F32, "out")
 
 
-@pytest.mark.parametrize("block_q, block_k", [(1, 1), (3, 5), (32, 2)])
-def test_other_launch_configs_give_the_same_results(cuda, monkeypatch, block_q, block_k, rng):
-    monkeypatch.setattr(fastattn.config, "cuda_block_q", block_q)
-    monkeypatch.setattr(fastattn.config, "cuda_block_k", block_k)
+@pytest.mark.parametrize("tiles", [(1, 1, 1, 1), (1, 3, 2, 2), (4, 1, 1, 4), (2, 2, 4, 2)], ids=str)
+def test_other_tile_shapes_give_the_same_results(cuda, monkeypatch, tiles, rng):
+    """(tm, tn, ny, nx): one thread, odd score blocks, one row of threads, more rows than columns."""
+    monkeypatch.setattr(fastattn.config, "cuda_tiles", tiles)
     case = Case(Shape(1, 2, 1, 7, 11, 8), "all", F16)
     q, k, v, options = inputs(case, rng)
     dout = random(q.shape, F16, rng)

@@ -36,6 +36,13 @@ from .. import _tile
 from .._dtypes import BF16, E4M3, E5M2, F16, NATIVE
 
 
+def kernel(fn, launch_bounds=None):
+    """``cuda.jit(fn)``, with ``launch_bounds=(threads, min_blocks)`` where given (the simulator has none)."""
+    if launch_bounds is None or config.ENABLE_CUDASIM:
+        return cuda.jit(fn)
+    return cuda.jit(fn, launch_bounds=launch_bounds)
+
+
 def inline(fn):
     """Make ``fn`` a device function that numba inlines into its callers."""
     return cuda.jit(device=True, inline="always")(fn)

@@ -73,9 +73,7 @@ def _compiled(name, dtype, db):
     shape = tiles(name, acc, db) if name in _TILED else ()
     key = (name, dtype, db, shape)
     if key not in _kernels:
-        bounds = launch_bounds(name, shape)
-        options = {} if bounds is None else {"launch_bounds": bounds}
-        _kernels[key] = cuda.jit(_MAKERS[name](dtype, db, *shape), **options)
+        _kernels[key] = _device.kernel(_MAKERS[name](dtype, db, *shape), launch_bounds(name, shape))
     return _kernels[key], shape
 
 

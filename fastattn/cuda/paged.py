@@ -29,7 +29,7 @@ Cache writes: one thread per element, fp8 stored as round-to-nearest-even
 import math
 
 import numpy as np
-from numba import cuda, float32, uint64
+from numba import cuda, float32, int64, uint64
 
 from .._config import config
 from . import _device, _launch
@@ -69,8 +69,18 @@ def _compiled(name, dtypes, db):
     key = (name, dtypes, db, config.cuda_paged_rows, config.cuda_paged_block_k, config.cuda_paged_threads)
     if key not in _kernels:
         rows, tile = _shape(name, acc_type(dtypes[0]), db)
-        _kernels[key] = cuda.jit(_MAKERS[name](*dtypes, db, rows, tile, config.cuda_paged_threads)), rows, tile
+        _kernels[key] = (_device.kernel(_MAKERS[name](*dtypes, db, rows, tile, config.cuda_paged_threads),
+                                        launch_bounds(name)), rows, tile)
     return _kernels[key]
+
+
+#: Decode blocks resident per SM that ptxas must allow: 4 x 128 threads (25%; registers <= 128).
+DECODE_MIN_BLOCKS = 4
+
+
+def launch_bounds(name):
+    """``(threads, min_blocks)`` of the forward (decode) kernel, else None."""
+    return (config.cuda_paged_threads, DECODE_MIN_BLOCKS) if name == "forward" else None
 
 
 def _make_forward(q_dtype, cache_dtype, db, rows, tile, threads):
@@ -80,21 +90,20 @@ def _make_forward(q_dtype, cache_dtype, db, rows, tile, threads):
     t = tile_math(acc)
     key_range, softcap_score, alibi_bias = t.key_range, t.softcap_score, t.alibi_bias
     online_rescale, finish_lse = t.online_rescale, t.finish_lse
-    per_thread = -(-rows * db // threads)
+    lanes = threads // rows  # threads per stacked row in the output update
+    per_thread = db // lanes  # features per thread: lane, lane + lanes, ...
     zero, one, neg_inf = acc(0.0), acc(1.0), acc(-math.inf)
     db1, tile1 = db + 1, tile + 1
 
     @_device.inline
-    def stage(cache, table, b, hk, heads_kv, block_size, j0, n, dim, dst):
-        """Tokens ``j0 .. j0 + n`` of KV head ``hk`` of sequence ``b`` into ``dst`` (zero past ``n`` or ``dim``)."""
-        for e in range(cuda.threadIdx.x, tile * db, threads):
+    def stage(cache, token_rows, n, dim, dst):
+        """The cache rows ``token_rows[:n]`` into ``dst`` (zero past ``n`` or ``dim``)."""
+        for e in range(cuda.threadIdx.x, tile * db, cuda.blockDim.x):
             c = e // db
             d = e - c * db
             x = zero
             if c < n and d < dim:
-                tok = j0 + c
-                blk = table[b, tok // block_size]
-                x = kv_load(cache[uint64((blk * block_size + tok % block_size) * heads_kv + hk), uint64(d)])
+                x = kv_load(cache[uint64(token_rows[c]), uint64(d)])
             dst[c, d] = x
 
     def forward(q, k_cache, v_cache, table, lens, batch, heads_q, heads_kv, sq, dim, block_size, q_mult,
@@ -117,57 +126,76 @@ def _make_forward(q_dtype, cache_dtype, db, rows, tile, threads):
         m = n_h * m_q
         h0 = hk * group + g0
         tid = cuda.threadIdx.x
+        row = tid // lanes  # this thread's stacked row in the output update
+        lane = tid - row * lanes
         qs = cuda.shared.array((rows, db1), acc)
         kv = cuda.shared.array((tile, db1), acc)
         s = cuda.shared.array((rows, tile1), acc)
         row_max = cuda.shared.array(rows, acc)
         row_sum = cuda.shared.array(rows, acc)
         alpha = cuda.shared.array(rows, acc)
+        token_rows = cuda.shared.array(tile, int64)
+        row_i = cuda.shared.array(rows, int64)
+        row_lo = cuda.shared.array(rows, int64)
+        row_hi = cuda.shared.array(rows, int64)
+        row_out = cuda.shared.array(rows, int64)
+        row_slope = cuda.shared.array(rows, acc)
         o = cuda.local.array(per_thread, acc)
         k_mult = k_scale[hk] if has_scales else one
         v_mult = v_scale[hk] if has_scales else one
-        for e in range(tid, rows * db, threads):
+        for e in range(tid, rows * db, cuda.blockDim.x):
             r = e // db
             d = e - r * db
             x = zero
             if r < m and d < dim:
                 x = q_load(q[uint64(((b * heads_q + h0 + r // m_q) * sq) + i0 + r % m_q), uint64(d)]) * q_mult * k_mult
             qs[r, d] = x
-        for r in range(tid, rows, threads):
+        sk = lens[b]
+        for r in range(tid, rows, cuda.blockDim.x):  # per stacked row: its query, visible keys, slope, output row
             row_max[r] = neg_inf
             row_sum[r] = zero
+            i = i0 + r % m_q
+            h = h0 + r // m_q
+            row_i[r] = i
+            row_lo[r], row_hi[r] = key_range(i, sq, sk, wl, wr)
+            if r >= m:
+                row_hi[r] = row_lo[r]
+            row_slope[r] = slopes[b * slope_stride + h] if has_alibi else zero
+            row_out[r] = (b * heads_q + h) * sq + i
         for u in range(per_thread):
             o[u] = zero
-        sk = lens[b]
         chunk = (sk + n_split - 1) // n_split
         j_lo = max(key_range(i0, sq, sk, wl, wr)[0], split * chunk)
         j_hi = min(key_range(i0 + m_q - 1, sq, sk, wl, wr)[1], (split + 1) * chunk)
         for j0 in range(j_lo, j_hi, tile):
             n = min(tile, j_hi - j0)
             cuda.syncthreads()
-            stage(k_cache, table, b, hk, heads_kv, block_size, j0, n, dim, kv)
+            for c in range(tid, n, cuda.blockDim.x):
+                tok = j0 + c
+                token_rows[c] = (table[b, tok // block_size] * block_size + tok % block_size) * heads_kv + hk
             cuda.syncthreads()
-            for e in range(tid, rows * tile, threads):
+            stage(k_cache, token_rows, n, dim, kv)
+            cuda.syncthreads()
+            for e in range(tid, rows * tile, cuda.blockDim.x):
                 r = e // tile
                 c = e - r * tile
-                i = i0 + r % m_q
-                lo, hi = key_range(i, sq, sk, wl, wr)
+                j = j0 + c
                 x = neg_inf
-                if r < m and c < n and lo <= j0 + c and j0 + c < hi:
+                if c < n and row_lo[r] <= j and j < row_hi[r]:
                     x = zero
-                    for d in range(dim):
+                    for d in range(0, dim, cuda.blockDim.z):
                         x += qs[r, d] * kv[c, d]
                     x = softcap_score(x, softcap)
                     if has_alibi:
-                        x += alibi_bias(slopes[b * slope_stride + h0 + r // m_q], i, j0 + c, sq, sk)
+                        x += alibi_bias(row_slope[r], row_i[r], j, sq, sk)
                 s[r, c] = x
             cuda.syncthreads()
-            for r in range(tid, m, threads):
+            for r in range(tid, m, cuda.blockDim.x):
                 top = row_max[r]
-                for c in range(n):
+                for c in range(0, n, cuda.blockDim.z):
                     top = max(top, s[r, c])
                 total = zero
-                for c in range(n):
+                for c in range(0, n, cuda.blockDim.z):
                     p = zero
                     if top != neg_inf:
                         p = math.exp(s[r, c] - top)
@@ -178,30 +206,28 @@ def _make_forward(q_dtype, cache_dtype, db, rows, tile, threads):
                 row_sum[r] = row_sum[r] * a + total
                 row_max[r] = top
             cuda.syncthreads()
-            stage(v_cache, table, b, hk, heads_kv, block_size, j0, n, dim, kv)
+            stage(v_cache, token_rows, n, dim, kv)
             cuda.syncthreads()
-            for u in range(per_thread):
-                e = tid + threads * u
-                r = e // db
-                d = e - r * db
-                if r < m:
-                    x = o[u] * alpha[r]
-                    for c in range(n):
-                        x += s[r, c] * kv[c, d]
-                    o[u] = x
+            if row < m:  # the rows past m hold no query
+                a = alpha[row]
+                for u in range(per_thread):
+                    o[u] *= a
+                for c in range(0, n, cuda.blockDim.z):
+                    p = s[row, c]
+                    for u in range(per_thread):
+                        o[u] += p * kv[c, lane + lanes * u]
         cuda.syncthreads()
         base = split * batch * heads_q * sq
-        for u in range(per_thread):
-            e = tid + threads * u
-            r = e // db
-            d = e - r * db
-            if r < m and d < dim:
-                total = row_sum[r]
-                inv = v_mult / total if total > zero else zero
-                out_part[uint64(base + (b * heads_q + h0 + r // m_q) * sq + i0 + r % m_q), uint64(d)] = o[u] * inv
-        for r in range(tid, m, threads):
-            lse_part[uint64(base + (b * heads_q + h0 + r // m_q) * sq + i0 + r % m_q)] = finish_lse(row_max[r],
-                                                                                                 row_sum[r])
+        if row < m:
+            total = row_sum[row]
+            inv = v_mult / total if total > zero else zero
+            dst = uint64(base + row_out[row])
+            for u in range(per_thread):
+                d = lane + lanes * u
+                if d < dim:
+                    out_part[dst, uint64(d)] = o[u] * inv
+        for r in range(tid, m, cuda.blockDim.x):
+            lse_part[uint64(base + row_out[r])] = finish_lse(row_max[r], row_sum[r])
 
     return forward
 
@@ -527,7 +553,7 @@ def variants(head_dims=None):
             role = "decode"
             out.append(_launch.Variant(f"paged_forward[q={q_name}]", role, c_name, db, config.cuda_paged_threads,
                                        _make_forward(q_dtype, c_dtype, db, rows, tile, config.cuda_paged_threads),
-                                       signature("forward", q_dtype, c_dtype)))
+                                       signature("forward", q_dtype, c_dtype), launch_bounds("forward")))
             if q_name == c_name:
                 rows, tile = _shape("backward", acc_type(q_dtype), db)
                 out.append(_launch.Variant("paged_backward", "backward", c_name, db, config.cuda_paged_threads,
