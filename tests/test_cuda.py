@@ -79,3 +79,47 @@ def test_foreign_cuda_arrays_are_adopted_zero_copy(cuda, rng):
     q, k, v = (random(s, F32, rng) for s in ((1, 2, 4, 8), (1, 2, 6, 8), (1, 2, 6, 8)))
     out = fastattn.attention(*(Foreign(cuda.to_device(x)) for x in (q, k, v)), causal=True)
     assert_close(out.copy_to_host(), reference.attention(q, k, v, causal=True), F32, "out")
+
+
+BUCKET_DIMS = [13, 32, 61, 96, 125, 192, 253]  # one head dim in each bucket (16 ... 256), padded or exact
+
+
+@pytest.mark.parametrize("dtype", [F32, np.dtype(np.float64)], ids=str)
+@pytest.mark.parametrize("head_dim", BUCKET_DIMS)
+def test_every_head_dim_bucket_forward_and_backward(cuda, monkeypatch, head_dim, dtype, rng):
+    """Each head-dim specialisation of the dense kernels, causal GQA, against the reference."""
+    monkeypatch.setattr(fastattn.config, "cuda_max_head_dim", 256)
+    case = Case(Shape(1, 2, 1, 3, 5, head_dim), "causal", dtype)
+    q, k, v, options = inputs(case, rng)
+    dout = random(q.shape, dtype, rng)
+    dev = [cuda.to_device(x) for x in (dout, q, k, v)]
+    out, lse = fastattn.attention(*dev[1:], return_lse=True, **options)
+    grads = fastattn.attention_backward(*dev, out, lse, **options)
+    ref_out, ref_lse = reference.attention(q, k, v, return_lse=True, **options)
+    assert_close(out.copy_to_host(), ref_out, dtype, "out")
+    assert_close(lse.copy_to_host(), ref_lse, dtype, "lse")
+    expected, magnitudes = backward_reference(dout, q, k, v, **options)
+    for name, got, ref, mag in zip(("dq", "dk", "dv"), grads, expected, magnitudes):
+        assert_close(got.copy_to_host(), ref, dtype, name, magnitude=mag)
+
+
+@pytest.mark.parametrize("head_dim", BUCKET_DIMS)
+def test_every_head_dim_bucket_paged(cuda, monkeypatch, head_dim, rng):
+    """Each head-dim specialisation of the paged forward and backward."""
+    from paged_cases import PagedCase, paged_inputs
+
+    monkeypatch.setattr(fastattn.config, "cuda_max_head_dim", 256)
+    case = PagedCase((5, 3), 2, 1, head_dim, 2, seq_q=2, option="causal")
+    q, k_cache, v_cache, table, lens, options = paged_inputs(case, rng)
+    dev = [cuda.to_device(x) for x in (q, k_cache, v_cache, table, lens)]
+    out, lse = fastattn.paged_attention(*dev, return_lse=True, **options)
+    ref_out, ref_lse = reference.paged_attention(q, k_cache, v_cache, table, lens, return_lse=True, **options)
+    assert_close(out.copy_to_host(), ref_out, F32, "out")
+    assert_close(lse.copy_to_host(), ref_lse, F32, "lse")
+    dout = random(q.shape, F32, rng)
+    got = fastattn.paged_attention_backward(cuda.to_device(dout), dev[0], dev[1], dev[2], out, lse, dev[3], dev[4],
+                                            **options)
+    want = fastattn.paged_attention_backward(dout, q, k_cache, v_cache, out.copy_to_host(), lse.copy_to_host(),
+                                             table, lens, **options)
+    for name, g, w in zip(("dq", "dk_cache", "dv_cache"), got, want):
+        assert_close(g.copy_to_host(), w, F32, name)
