@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _dtypes
-from ._dispatch import as_array
+from ._dispatch import as_array, is_cuda_array
 
 
 @dataclass(frozen=True)
@@ -269,6 +269,47 @@ def block_table_values(block_table, batch, num_blocks, block_size, seq_lens=None
     return np.ascontiguousarray(table, dtype=np.int32)
 
 
+def device_index_values(block_table, seq_lens, batch, seq_q, num_blocks, block_size, capacity):
+    """The checks of :func:`seq_len_values` and :func:`block_table_values` for a table on the GPU.
+
+    The table is checked where it lives: one small kernel finds the first bad
+    length and the first bad entry that is read, and the longest sequence; the
+    only transfer back is those three numbers (and, on error, the bad value).
+    Returns ``(table, lens, max_len)`` with ``table`` and ``lens`` device arrays.
+    """
+    from .cuda.paged import check_indices, device_ints
+
+    if np.dtype(block_table.dtype).kind not in "iu":
+        raise TypeError(f"block_table: expected an integer array [B, max_blocks], got dtype "
+                        f"{np.dtype(block_table.dtype)}")
+    if tuple(block_table.shape)[0] != batch:
+        raise ValueError(f"block_table: expected shape [B, max_blocks] with B={batch}, "
+                         f"got {tuple(block_table.shape)}")
+    if is_cuda_array(seq_lens):
+        if np.dtype(seq_lens.dtype).kind not in "iu":
+            raise TypeError(f"seq_lens: expected an integer array [B] or an int, got dtype {np.dtype(seq_lens.dtype)}")
+        if tuple(seq_lens.shape) != (batch,):
+            raise ValueError(f"seq_lens: expected shape [B] = ({batch},) or an int, got {tuple(seq_lens.shape)}")
+        lens = device_ints(seq_lens)
+    else:
+        lens = device_ints(seq_len_values(seq_lens, batch, seq_q, capacity))
+    table = device_ints(block_table)
+    bad_len, bad_entry, max_len = check_indices(table, lens, num_blocks, block_size, seq_q, capacity)
+    if bad_len < batch:
+        n = int(lens[bad_len:bad_len + 1].copy_to_host()[0])
+        expected = ("lengths >= 0" if n < 0 else f"lengths <= {capacity} (block_table columns x block_size)"
+                    if n > capacity else
+                    f"lengths of 0 or >= Sq={seq_q} (the queries are each sequence's last Sq tokens)")
+        raise ValueError(f"seq_lens: expected {expected}, got {n} for sequence {bad_len}")
+    width = tuple(table.shape)[1]
+    if bad_entry < batch * width:
+        b, j = divmod(bad_entry, width)
+        value = int(table[b, j:j + 1].copy_to_host()[0])
+        raise ValueError(f"block_table: expected entries in [0, {num_blocks}) (num_blocks) for the "
+                         f"blocks that are read, got {value} at [{b}, {j}]")
+    return table, lens, max_len
+
+
 def paged_args(q, k_cache, v_cache, block_table, seq_lens, *, causal, scale, window, softcap,
                alibi_slopes, fp8=False, fp8_hint=True):
     """Check paged attention arguments; return (q, k_cache, v_cache, table, lens, slopes, spec).
@@ -292,12 +333,16 @@ def paged_args(q, k_cache, v_cache, block_table, seq_lens, *, causal, scale, win
         dtype = float_dtype("q", q)
         if kv_dtype != dtype:
             raise TypeError(f"k_cache: expected dtype {dtype} (the dtype of q), got {kv_dtype}")
-    lens = seq_len_values(seq_lens, b, sq, _shape("block_table", block_table, 2, "[B, max_blocks]")[1]
-                          * block_size)
-    table = block_table_values(block_table, b, num_blocks, block_size, lens)
+    capacity = _shape("block_table", block_table, 2, "[B, max_blocks]")[1] * block_size
+    if is_cuda_array(block_table):
+        table, lens, max_len = device_index_values(block_table, seq_lens, b, sq, num_blocks, block_size, capacity)
+    else:
+        lens = seq_len_values(seq_lens, b, sq, capacity)
+        table = block_table_values(block_table, b, num_blocks, block_size, lens)
+        max_len = int(lens.max(initial=0))
     slopes = alibi_values(alibi_slopes, b, hq)
     spec = PagedSpec(b, hq, hkv, sq, d, num_blocks, block_size, dtype, kv_dtype, scale_value(scale, d),
-                     *window_values(window, causal), softcap_value(softcap), int(lens.max(initial=0)))
+                     *window_values(window, causal), softcap_value(softcap), max_len)
     return q, k_cache, v_cache, table, lens, slopes, spec
 
 

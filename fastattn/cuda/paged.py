@@ -400,12 +400,58 @@ def _flat_rows(x):
     return _launch.rows(x)
 
 
-def _device_ints(x):
-    """An int32 index array on the device: device arrays of that dtype as they are, else one upload."""
-    if hasattr(x, "copy_to_host") and np.dtype(x.dtype) == np.int32 and x.is_c_contiguous():
+@cuda.jit
+def _cast_int32(src, dst):
+    e = cuda.grid(1)
+    if e < dst.size:
+        width = dst.shape[1]
+        dst[e // width, e % width] = src[e // width, e % width]
+
+
+def device_ints(x):
+    """An int32 index array on the device: int32 device arrays as they are, other device arrays cast
+    there, host arrays uploaded once."""
+    if not hasattr(x, "copy_to_host"):
+        return _launch.to_device(np.asarray(x, np.int32))
+    if np.dtype(x.dtype) == np.int32 and x.is_c_contiguous():
         return x
-    host = x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
-    return _launch.to_device(host.astype(np.int32))
+    shape = tuple(x.shape)
+    as2d = x.reshape(shape[0], 1) if len(shape) == 1 and x.is_c_contiguous() else x
+    dst = cuda.device_array(tuple(as2d.shape), np.int32)
+    if dst.size:
+        _cast_int32[_launch.blocks(dst.size, 256), 256](as2d, dst)
+    return dst.reshape(*shape)
+
+
+@cuda.jit
+def _check_indices(table, lens, num_blocks, block_size, seq_q, capacity, out):
+    """out = [first bad length's sequence, first bad entry read (flat), longest length], by atomics."""
+    e = cuda.grid(1)
+    batch, width = table.shape
+    if e < batch:
+        n = lens[e]
+        if n < 0 or n > capacity or (n > 0 and n < seq_q):
+            cuda.atomic.min(out, 0, e)
+        else:
+            cuda.atomic.max(out, 2, n)
+    if e < batch * width:
+        b = e // width
+        j = e - b * width
+        n = lens[b]
+        if 0 <= n and n <= capacity and j * block_size < n:  # an entry the kernels read
+            t = table[b, j]
+            if t < 0 or t >= num_blocks:
+                cuda.atomic.min(out, 1, e)
+
+
+def check_indices(table, lens, num_blocks, block_size, seq_q, capacity):
+    """``(bad_len, bad_entry, max_len)`` of int32 device index arrays; ``bad_*`` past the end when none."""
+    batch, width = (int(s) for s in table.shape)
+    out = cuda.to_device(np.array([batch, batch * width, 0], np.int64))
+    n = max(batch * width, batch)
+    if n:
+        _check_indices[_launch.blocks(n, 256), 256](table, lens, num_blocks, block_size, seq_q, capacity, out)
+    return tuple(int(x) for x in out.copy_to_host())
 
 
 def _device_slots(slots):
@@ -453,7 +499,7 @@ def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale
     if n_rows:
         grid = blocks_x * spec.batch * spec.heads_kv * n_split
         kernel[grid, config.cuda_paged_threads](
-            _flat_rows(q), _flat_rows(k_cache), _flat_rows(v_cache), _device_ints(table), _device_ints(lens),
+            _flat_rows(q), _flat_rows(k_cache), _flat_rows(v_cache), device_ints(table), device_ints(lens),
             spec.batch, spec.heads_q, spec.heads_kv, spec.seq_q, spec.head_dim, spec.block_size,
             acc_np.type(spec.scale * q_scale), k_dev, v_dev, has_scales, spec.window_left, spec.window_right,
             acc_np.type(spec.softcap), *slopes_args(slopes, spec), n_split, out_part, lse_part)
@@ -492,8 +538,8 @@ def backward(dout, q, k_cache, v_cache, out, lse, table, lens, spec):
         kernel, _, tile = _compiled("backward", (np.dtype(spec.dtype), np.dtype(k_cache.dtype)), db)
         n_tiles = _launch.blocks(spec.max_seq_len, tile)
         kernel[n_tiles * spec.batch * spec.heads_kv, threads](
-            _flat_rows(dout), _flat_rows(q), _flat_rows(k_cache), _flat_rows(v_cache), _device_ints(table),
-            _device_ints(lens), _launch.flat(lse), delta, spec.batch, spec.heads_q, spec.heads_kv, spec.seq_q,
+            _flat_rows(dout), _flat_rows(q), _flat_rows(k_cache), _flat_rows(v_cache), device_ints(table),
+            device_ints(lens), _launch.flat(lse), delta, spec.batch, spec.heads_q, spec.heads_kv, spec.seq_q,
             spec.head_dim, spec.block_size, acc_np.type(spec.scale), spec.window_left, spec.window_right,
             n_tiles, dq_acc, dk_acc, dv_acc)
     return (_convert(dq_acc.reshape(*tuple(q.shape)), spec.dtype),
