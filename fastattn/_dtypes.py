@@ -164,14 +164,6 @@ def widen(x, codec):
 
 
 @register_jitable
-def widen_fp8(x, codec):
-    """:func:`widen` that reads fp8 bytes through :data:`FP8_TABLE` (a lookup, not arithmetic)."""
-    if codec >= E4M3:
-        return FP8_TABLE[codec - E4M3, int(x)]
-    return widen(x, codec)
-
-
-@register_jitable
 def narrow(x, codec):
     """Value to store for a float: itself for native floats, else the encoded bits."""
     if codec == NATIVE:

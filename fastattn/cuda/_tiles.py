@@ -128,10 +128,3 @@ def pieces(load, acc, db, tm, tn, ny, nx):
     return SimpleNamespace(scores=scores, accumulate=accumulate, clear=clear, rows=rows,
                            cols=cols, threads=threads, per_thread=per_thread, dk=dk, vr=vr)
 
-
-def shared_bytes(itemsize, db, tm, tn, ny, nx, score_tiles=1):
-    """Static shared memory of a dense kernel (chunks, row buffer, score tiles, three row statistics)."""
-    rows, cols = tm * ny, tn * nx
-    dk = min(32, db)
-    return itemsize * ((rows + cols) * (dk + 1) + row_chunk(db, itemsize) * (db + 1)
-                       + score_tiles * rows * (cols + 1) + 3 * rows)

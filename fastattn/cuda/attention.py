@@ -28,12 +28,12 @@ start first.
 import math
 
 import numpy as np
-from numba import cuda, float32, float64, uint64
+from numba import cuda, float32, uint64
 
 from .._config import config
 from . import _device, _launch
 from ._device import acc_type, element_type, tile_math
-from ._tiles import HEAD_DIMS, bucket, pieces, shared_bytes
+from ._tiles import HEAD_DIMS, bucket, pieces
 
 _kernels = {}
 _SHARED_LIMIT = 48 * 1024
