@@ -8,6 +8,7 @@ CUDA kernel for a compute capability, without a GPU, and prints what ptxas made
 of each (:mod:`fastattn._cuda_report`).
 """
 import argparse
+import os
 import sys
 
 
@@ -36,7 +37,7 @@ def _cuda_report_command(args):
     if reason:
         print(f"python -m fastattn cuda-report: {reason}", file=sys.stderr)
         return 1
-    rows = _cuda_report.report(cc=args.cc, head_dims=args.head_dims, ptx_dir=args.ptx_dir)
+    rows = _cuda_report.report(cc=args.cc, head_dims=args.head_dims, ptx_dir=args.ptx_dir, jobs=args.jobs)
     print(f"CUDA kernels compiled for sm_{args.cc[0]}{args.cc[1]} (static smem in bytes, occupancy theoretical)")
     print(_cuda_report.format_table(rows))
     for line in _cuda_report.summary(rows):
@@ -93,6 +94,8 @@ def main(argv=None):
                         help="compute capability to compile for (default: 9.0)")
     report.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     report.add_argument("--ptx-dir", metavar="DIR", help="keep each kernel's PTX in DIR")
+    report.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
+                        help="processes that compile the kernels (default: one per core)")
     report.add_argument("--head-dims", type=_head_dims, metavar="D,D", default=None,
                         help="head-dimension buckets to compile, e.g. 64,128 (default: all)")
     report.set_defaults(func=_cuda_report_command)

@@ -23,7 +23,7 @@ class Config:
     cuda_threads: int = 128         #: threads per block of the element-wise CUDA kernels (delta, merge, ...)
     cuda_tiles: Optional[tuple] = None        #: (tm, tn, ny, nx) for every dense CUDA kernel; None: the tuned table
     cuda_max_head_dim: int = 256    #: the largest head dimension the CUDA kernels take
-    cuda_paged_rows: int = 16       #: stacked query rows (heads x positions) per paged block
+    cuda_paged_rows: int = 8        #: stacked query rows (heads x positions) per paged block
     cuda_paged_block_k: int = 32    #: keys staged per step by the paged kernels
     cuda_paged_threads: int = 128   #: threads per paged block
     cuda_proj_tile: int = 16        #: projection GEMM: T x T threads, 2T x 2T outputs per block

@@ -119,6 +119,8 @@ def compile_variant(variant, cc):
     >>> ".target sm_80" in ptx and count_f64(ptx)
     0
     """
+    if _ptx_key(variant, cc) in _from_workers:
+        return _from_workers[_ptx_key(variant, cc)]
     func = variant.py_func
     jit_options = getattr(func, "targetoptions", {})
 
@@ -144,7 +146,42 @@ def row_id(row):
     return f"{get('kernel')}-{get('dtype')}-d{get('head_dim')}"
 
 
-def report(cc=(9, 0), head_dims=None, ptx_dir=None, *, variants=None, ptx_cc=None):
+#: PTX that worker processes compiled, by :func:`_ptx_key`, for :func:`compile_variant` to reuse.
+_from_workers = {}
+
+
+def _ptx_key(variant, cc):
+    return (row_id(variant), repr(tuple(variant.signature)), variant.launch_bounds, tuple(cc))
+
+
+def _compile_listed(head_dims, ptx_cc, indices):
+    """Worker of :func:`report`: ``{index: PTX or the exception}`` for some collected variants."""
+    variants = collect_variants(head_dims)
+    out = {}
+    for i in indices:
+        try:
+            out[i] = compile_variant(variants[i], ptx_cc)
+        except Exception as err:  # reported in the row, like a compile in the parent
+            out[i] = err
+    return out
+
+
+def _compile_in_parallel(head_dims, ptx_cc, indices, jobs):
+    """NVVM compiles of some collected variants in ``jobs`` fresh processes (spawned: each imports
+    fastattn and lists the variants itself, so nothing unpicklable crosses)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    head_dims = None if head_dims is None else tuple(head_dims)
+    shares = [indices[k::jobs] for k in range(jobs)]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = {}
+        for part in pool.map(_compile_listed, [head_dims] * jobs, [ptx_cc] * jobs, shares):
+            done.update(part)
+    return done
+
+
+def report(cc=(9, 0), head_dims=None, ptx_dir=None, *, variants=None, ptx_cc=None, jobs=1):
     """Compile every CUDA kernel variant for ``cc`` and report what ptxas made of it.
 
     Parameters
@@ -162,6 +199,9 @@ def report(cc=(9, 0), head_dims=None, ptx_dir=None, *, variants=None, ptx_cc=Non
         Compute capability NVVM targets (default ``cc``).  PTX for an older
         target assembles for a newer one, so reports for several ``cc`` can
         share one NVVM compile (the f64/mma counts then come from that PTX).
+    jobs : int, default 1
+        Processes that run the NVVM compiles of the collected variants (the slow
+        part); ignored with ``variants``, which may not be picklable.
 
     Returns
     -------
@@ -191,29 +231,41 @@ def report(cc=(9, 0), head_dims=None, ptx_dir=None, *, variants=None, ptx_cc=Non
     sm_limits(cc)
     cc = tuple(cc)
     ptx_cc = cc if ptx_cc is None else tuple(ptx_cc)
-    variants = collect_variants(head_dims) if variants is None else list(variants)
+    compiled = {}
+    if variants is None:
+        variants = collect_variants(head_dims)
+        todo = [i for i, v in enumerate(variants) if _ptx_key(v, ptx_cc) not in _from_workers]
+        if jobs > 1 and len(todo) > 1:
+            compiled = _compile_in_parallel(head_dims, ptx_cc, todo, min(jobs, len(todo)))
+            _from_workers.update((_ptx_key(variants[i], ptx_cc), ptx) for i, ptx in compiled.items()
+                                 if isinstance(ptx, str))
+    variants = list(variants)
     ptxas = find_ptxas()
     with tempfile.TemporaryDirectory(prefix="fastattn-cuda-report-") as scratch:
         folder = Path(scratch) if ptx_dir is None else Path(ptx_dir)
         folder.mkdir(parents=True, exist_ok=True)
         rows, used = [], set()
-        for v in variants:
+        for i, v in enumerate(variants):
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", row_id(v))  # merge->float16: no '>' in a file name
             path = folder / f"{name}.ptx"
             n = 2
             while path.name in used:
                 path, n = folder / f"{name}-{n}.ptx", n + 1
             used.add(path.name)
-            rows.append(_measure(v, cc, ptx_cc, path, Path(scratch), ptxas, keep=ptx_dir is not None))
+            rows.append(_measure(v, cc, ptx_cc, path, Path(scratch), ptxas, keep=ptx_dir is not None,
+                                 ptx=compiled.get(i)))
     return rows
 
 
-def _measure(variant, cc, ptx_cc, path, scratch, ptxas, keep):
+def _measure(variant, cc, ptx_cc, path, scratch, ptxas, keep, ptx=None):
     row = dict.fromkeys(KEYS)
     row.update(kernel=variant.kernel, role=variant.role, dtype=variant.dtype, head_dim=variant.head_dim,
                block_threads=variant.block_threads, compiles=False)
     try:
-        ptx = compile_variant(variant, ptx_cc)
+        if isinstance(ptx, Exception):
+            raise ptx
+        if ptx is None:
+            ptx = compile_variant(variant, ptx_cc)
     except Exception as err:
         row["error"] = f"compile_ptx: {type(err).__name__}: {err}".strip()
         return row

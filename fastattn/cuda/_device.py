@@ -23,13 +23,19 @@ accumulation type (float32, or float64 for float64 inputs):
   encoded with a round-to-nearest-even on the float32 bits, saturating: no
   table, so a warp's loads never serialise.
 
-The CUDA simulator has no bodies for libdevice's bit casts; only those two
-functions (:func:`as_float32`, :func:`bits_of`) have a simulator fallback.
+Vector loads.  :func:`load16` reads 16 bytes of a row (8 float16/bf16
+values, 16 fp8 bytes, 4 float32) with one ``ld.global.v4``-class instruction,
+the widest load a thread can issue; kernels use it where rows are 16-byte
+aligned (:func:`vector_width`).
+
+The CUDA simulator has no bodies for libdevice's bit casts or for LLVM
+intrinsics; only those functions (:func:`as_float32`, :func:`bits_of`,
+:func:`load16`) have a simulator fallback.
 """
 import math
 
 import numpy as np
-from numba import config, cuda, float32, float64, int32, uint8, uint16, uint32
+from numba import config, cuda, float32, float64, int32, int64, uint8, uint16, uint32
 from numba.types import float16
 
 from .. import _tile
@@ -48,6 +54,28 @@ def inline(fn):
     return cuda.jit(device=True, inline="always")(fn)
 
 
+if config.ENABLE_CUDASIM:  # numba's scalar types are slow Python callables under the simulator
+    def udiv(a, b):
+        return a // b
+
+    def umod(a, b):
+        return a % b
+else:
+    @inline
+    def udiv(a, b):
+        """``a // b`` for indices ``0 <= a, b < 2**32``, as one 32-bit unsigned division (an int64).
+
+        Python's ``//`` on numba's int64 is a 64-bit floor division: a long instruction
+        sequence on the GPU and many registers; indices never need it.
+        """
+        return int64(uint32(a) // uint32(b))
+
+    @inline
+    def umod(a, b):
+        """``a % b`` for indices ``0 <= a, b < 2**32`` (see :func:`udiv`)."""
+        return int64(uint32(a) % uint32(b))
+
+
 #: Tile math (:mod:`fastattn._tile`) with float32 and float64 constants.
 TILE32 = _tile.build(float32, inline)
 TILE64 = _tile.build(float64, inline)
@@ -57,14 +85,49 @@ def tile_math(acc):
     return TILE64 if acc == float64 else TILE32
 
 
+VECTOR_BYTES = 16
+
+
+def vector_width(itemsize):
+    """Elements of ``itemsize`` bytes in one 16-byte vector load."""
+    return VECTOR_BYTES // itemsize
+
+
 if config.ENABLE_CUDASIM:  # the simulator runs kernels as Python: NumPy views stand in for the casts
     def as_float32(bits):
         return np.uint32(bits).view(np.float32)
 
     def bits_of(x):
         return np.uint32(np.float32(x).view(np.uint32))
+
+    def load16(array, row, col):
+        """The 16 bytes of ``array[row, col:]`` as a tuple of elements."""
+        return tuple(array[row, col:col + vector_width(array.dtype.itemsize)])
 else:
-    from numba.cuda import libdevice
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda import cgutils, libdevice
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def load16(typingctx, array, row, col):
+        """The 16 bytes of ``array[row, col:]`` (2-d, C-contiguous, 16-byte aligned there) as one
+        vector load, returned as a tuple of ``16 // itemsize`` elements."""
+        width = vector_width(array.dtype.bitwidth // 8)
+        signature = types.UniTuple(array.dtype, width)(array, row, col)
+
+        def codegen(context, builder, sig, args):
+            array_type = sig.args[0]
+            ary = context.make_array(array_type)(context, builder, value=args[0])
+            r = context.cast(builder, args[1], sig.args[1], types.intp)
+            c = context.cast(builder, args[2], sig.args[2], types.intp)
+            ptr = cgutils.get_item_pointer(context, builder, array_type, ary, [r, c], wraparound=False)
+            element = context.get_value_type(array_type.dtype)
+            vec = builder.load(builder.bitcast(ptr, ir.VectorType(element, width).as_pointer()), align=16)
+            items = [builder.extract_element(vec, ir.Constant(ir.IntType(32), k)) for k in range(width)]
+            return context.make_tuple(builder, sig.return_type, items)
+
+        return signature, codegen
 
     @inline
     def as_float32(bits):

@@ -33,25 +33,25 @@ from numba import cuda, float32, int64, uint64
 
 from .._config import config
 from . import _device, _launch
-from ._device import acc_type, element_type, tile_math
+from ._device import acc_type, element_type, tile_math, udiv, umod
 from ._tiles import HEAD_DIMS
 from .attention import _check_head_dim, merge, slopes_args
 
 _kernels = {}
 _SHARED_BYTES = 48 * 1024  # static shared memory per block
+#: Static shared memory of a decode block: eight blocks an SM on sm_80 (164 KiB, 1 KiB each reserved).
+DECODE_SHARED_BYTES = 164 * 1024 // 8 - 1024
+#: Decode blocks resident per SM that ptxas must allow: 8 x 128 threads (50%; registers <= 64).
+DECODE_MIN_BLOCKS = 8
 
 
-def _fit(itemsize, db, row_arrays, tile_arrays, score_arrays):
-    """(rows, keys) per block from the config, halved until the shared arrays fit in 24 KiB.
-
-    24 KiB lets eight blocks of the decode kernel share an SM on sm_80 (164 KiB), so
-    its occupancy can reach 50%; the backward takes up to the 48 KiB a block may have.
-    """
-    rows, tile = config.cuda_paged_rows, config.cuda_paged_block_k
-    limit = _SHARED_BYTES if score_arrays > 1 else _SHARED_BYTES // 2
+def _fit(itemsize, db, rows, row_arrays, tile_arrays, score_arrays, limit):
+    """(rows, keys) per block: the configured key tile halved until the shared arrays fit in ``limit``."""
+    tile = config.cuda_paged_block_k
 
     def size(r, t):
-        return ((row_arrays * r + tile_arrays * t) * (db + 1) + score_arrays * r * (t + 1) + 3 * r) * itemsize
+        values = (row_arrays * r + tile_arrays * t) * (db + 1) + score_arrays * r * (t + 1) + 4 * r
+        return values * itemsize + (4 * r + t) * 8  # and the int64 row and token indices
 
     while size(rows, tile) > limit and tile > 1:
         tile //= 2
@@ -59,10 +59,16 @@ def _fit(itemsize, db, row_arrays, tile_arrays, score_arrays):
 
 
 def _shape(name, acc, db):
+    """(rows, keys) of a kernel.  The decode kernel keeps its query and output rows in shared memory
+    and fits :data:`DECODE_SHARED_BYTES` up to D = 128 (float64 stacks half the rows: its values are
+    twice as wide); larger head dimensions and the backward take up to the 48 KiB a block may have."""
     itemsize = 8 if acc.bitwidth == 64 else 4
+    rows = config.cuda_paged_rows
     if name == "forward":
-        return _fit(itemsize, db, 1, 1, 1)
-    return _fit(itemsize, db, 2, 4, 2)
+        if itemsize == 8:
+            rows = max(1, rows // 2)
+        return _fit(itemsize, db, rows, 2, 1, 1, DECODE_SHARED_BYTES if db <= 128 else _SHARED_BYTES)
+    return _fit(itemsize, db, rows, 2, 4, 2, _SHARED_BYTES)
 
 
 def _compiled(name, dtypes, db):
@@ -72,10 +78,6 @@ def _compiled(name, dtypes, db):
         _kernels[key] = (_device.kernel(_MAKERS[name](*dtypes, db, rows, tile, config.cuda_paged_threads),
                                         launch_bounds(name)), rows, tile)
     return _kernels[key]
-
-
-#: Decode blocks resident per SM that ptxas must allow: 4 x 128 threads (25%; registers <= 128).
-DECODE_MIN_BLOCKS = 4
 
 
 def launch_bounds(name):
@@ -91,42 +93,59 @@ def _make_forward(q_dtype, cache_dtype, db, rows, tile, threads):
     key_range, softcap_score, alibi_bias = t.key_range, t.softcap_score, t.alibi_bias
     online_rescale, finish_lse = t.online_rescale, t.finish_lse
     lanes = threads // rows  # threads per stacked row in the output update
-    per_thread = db // lanes  # features per thread: lane, lane + lanes, ...
     zero, one, neg_inf = acc(0.0), acc(1.0), acc(-math.inf)
     db1, tile1 = db + 1, tile + 1
 
+    width = _device.vector_width(np.dtype(cache_dtype).itemsize)
+    per_row = db // width  # vectors in a row of the bucket
+
     @_device.inline
-    def stage(cache, token_rows, n, dim, dst):
-        """The cache rows ``token_rows[:n]`` into ``dst`` (zero past ``n`` or ``dim``)."""
-        for e in range(cuda.threadIdx.x, tile * db, cuda.blockDim.x):
-            c = e // db
-            d = e - c * db
-            x = zero
-            if c < n and d < dim:
-                x = kv_load(cache[uint64(token_rows[c]), uint64(d)])
-            dst[c, d] = x
+    def stage(cache, token_rows, n, dim, vector, dst):
+        """The cache rows ``token_rows[:n]`` into ``dst`` (zero past ``n`` or ``dim``): 16-byte
+        vector loads when ``vector`` (rows 16-byte aligned, ``dim`` a multiple of the width)."""
+        if vector:
+            e = cuda.threadIdx.x
+            while e < tile * per_row:  # a while loop: no trip-count division
+                c = udiv(e, per_row)
+                d0 = (e - c * per_row) * width
+                if c < n and d0 < dim:
+                    xs = _device.load16(cache, uint64(token_rows[c]), uint64(d0))
+                    for k in range(width):
+                        dst[c, d0 + k] = kv_load(xs[k])
+                else:
+                    for k in range(width):
+                        dst[c, d0 + k] = zero
+                e += cuda.blockDim.x
+        else:
+            for e in range(cuda.threadIdx.x, tile * db, cuda.blockDim.x):
+                c = udiv(e, db)
+                d = e - c * db
+                x = zero
+                if c < n and d < dim:
+                    x = kv_load(cache[uint64(token_rows[c]), uint64(d)])
+                dst[c, d] = x
 
     def forward(q, k_cache, v_cache, table, lens, batch, heads_q, heads_kv, sq, dim, block_size, q_mult,
                 k_scale, v_scale, has_scales, wl, wr, softcap, slopes, slope_stride, has_alibi, n_split,
-                out_part, lse_part):
-        group = heads_q // heads_kv
+                vector, out_part, lse_part):
+        group = udiv(heads_q, heads_kv)
         per_block = min(group, rows)
         mq = max(1, rows // per_block)
-        n_chunks = (group + per_block - 1) // per_block
-        split = cuda.blockIdx.x % n_split
-        rest = cuda.blockIdx.x // n_split
-        bh = rest % (batch * heads_kv)
-        xb = rest // (batch * heads_kv)
-        b = bh // heads_kv
+        n_chunks = udiv(group + per_block - 1, per_block)
+        split = umod(cuda.blockIdx.x, n_split)
+        rest = udiv(cuda.blockIdx.x, n_split)
+        bh = umod(rest, batch * heads_kv)
+        xb = udiv(rest, batch * heads_kv)
+        b = udiv(bh, heads_kv)
         hk = bh - b * heads_kv
-        g0 = (xb % n_chunks) * per_block
-        i0 = (xb // n_chunks) * mq
+        g0 = umod(xb, n_chunks) * per_block
+        i0 = udiv(xb, n_chunks) * mq
         n_h = min(per_block, group - g0)
         m_q = min(mq, sq - i0)
         m = n_h * m_q
         h0 = hk * group + g0
         tid = cuda.threadIdx.x
-        row = tid // lanes  # this thread's stacked row in the output update
+        row = udiv(tid, lanes)  # this thread's stacked row in the output update
         lane = tid - row * lanes
         qs = cuda.shared.array((rows, db1), acc)
         kv = cuda.shared.array((tile, db1), acc)
@@ -140,31 +159,32 @@ def _make_forward(q_dtype, cache_dtype, db, rows, tile, threads):
         row_hi = cuda.shared.array(rows, int64)
         row_out = cuda.shared.array(rows, int64)
         row_slope = cuda.shared.array(rows, acc)
-        o = cuda.local.array(per_thread, acc)
+        o = cuda.shared.array((rows, db1), acc)  # the output rows, in shared memory: registers stay few
         k_mult = k_scale[hk] if has_scales else one
         v_mult = v_scale[hk] if has_scales else one
         for e in range(tid, rows * db, cuda.blockDim.x):
-            r = e // db
+            r = udiv(e, db)
             d = e - r * db
             x = zero
             if r < m and d < dim:
-                x = q_load(q[uint64(((b * heads_q + h0 + r // m_q) * sq) + i0 + r % m_q), uint64(d)]) * q_mult * k_mult
+                x = q_load(q[uint64(((b * heads_q + h0 + udiv(r, m_q)) * sq) + i0 + umod(r, m_q)), uint64(d)]) * q_mult * k_mult
             qs[r, d] = x
         sk = lens[b]
         for r in range(tid, rows, cuda.blockDim.x):  # per stacked row: its query, visible keys, slope, output row
             row_max[r] = neg_inf
             row_sum[r] = zero
-            i = i0 + r % m_q
-            h = h0 + r // m_q
+            i = i0 + umod(r, m_q)
+            h = h0 + udiv(r, m_q)
             row_i[r] = i
             row_lo[r], row_hi[r] = key_range(i, sq, sk, wl, wr)
             if r >= m:
                 row_hi[r] = row_lo[r]
             row_slope[r] = slopes[b * slope_stride + h] if has_alibi else zero
             row_out[r] = (b * heads_q + h) * sq + i
-        for u in range(per_thread):
-            o[u] = zero
-        chunk = (sk + n_split - 1) // n_split
+        for e in range(tid, rows * db, cuda.blockDim.x):
+            r = udiv(e, db)
+            o[r, e - r * db] = zero
+        chunk = udiv(sk + n_split - 1, n_split)
         j_lo = max(key_range(i0, sq, sk, wl, wr)[0], split * chunk)
         j_hi = min(key_range(i0 + m_q - 1, sq, sk, wl, wr)[1], (split + 1) * chunk)
         for j0 in range(j_lo, j_hi, tile):
@@ -172,12 +192,12 @@ def _make_forward(q_dtype, cache_dtype, db, rows, tile, threads):
             cuda.syncthreads()
             for c in range(tid, n, cuda.blockDim.x):
                 tok = j0 + c
-                token_rows[c] = (table[b, tok // block_size] * block_size + tok % block_size) * heads_kv + hk
+                token_rows[c] = (table[b, udiv(tok, block_size)] * block_size + umod(tok, block_size)) * heads_kv + hk
             cuda.syncthreads()
-            stage(k_cache, token_rows, n, dim, kv)
+            stage(k_cache, token_rows, n, dim, vector, kv)
             cuda.syncthreads()
             for e in range(tid, rows * tile, cuda.blockDim.x):
-                r = e // tile
+                r = udiv(e, tile)
                 c = e - r * tile
                 j = j0 + c
                 x = neg_inf
@@ -206,26 +226,23 @@ def _make_forward(q_dtype, cache_dtype, db, rows, tile, threads):
                 row_sum[r] = row_sum[r] * a + total
                 row_max[r] = top
             cuda.syncthreads()
-            stage(v_cache, token_rows, n, dim, kv)
+            stage(v_cache, token_rows, n, dim, vector, kv)
             cuda.syncthreads()
             if row < m:  # the rows past m hold no query
                 a = alpha[row]
-                for u in range(per_thread):
-                    o[u] *= a
-                for c in range(0, n, cuda.blockDim.z):
-                    p = s[row, c]
-                    for u in range(per_thread):
-                        o[u] += p * kv[c, lane + lanes * u]
+                for d in range(lane, db, lanes):
+                    x = o[row, d] * a
+                    for c in range(0, n, cuda.blockDim.z):
+                        x += s[row, c] * kv[c, d]
+                    o[row, d] = x
         cuda.syncthreads()
         base = split * batch * heads_q * sq
         if row < m:
             total = row_sum[row]
             inv = v_mult / total if total > zero else zero
             dst = uint64(base + row_out[row])
-            for u in range(per_thread):
-                d = lane + lanes * u
-                if d < dim:
-                    out_part[dst, uint64(d)] = o[u] * inv
+            for d in range(lane, dim, lanes):
+                out_part[dst, uint64(d)] = o[row, d] * inv
         for r in range(tid, m, cuda.blockDim.x):
             lse_part[uint64(base + row_out[r])] = finish_lse(row_max[r], row_sum[r])
 
@@ -243,21 +260,21 @@ def _make_backward(dtype, cache_dtype, db, rows, tile, threads):
     @_device.inline
     def stage(cache, table, b, hk, heads_kv, block_size, j0, n, dim, dst):
         for e in range(cuda.threadIdx.x, tile * db, threads):
-            c = e // db
+            c = udiv(e, db)
             d = e - c * db
             x = zero
             if c < n and d < dim:
                 tok = j0 + c
-                blk = table[b, tok // block_size]
-                x = load(cache[uint64((blk * block_size + tok % block_size) * heads_kv + hk), uint64(d)])
+                blk = table[b, udiv(tok, block_size)]
+                x = load(cache[uint64((blk * block_size + umod(tok, block_size)) * heads_kv + hk), uint64(d)])
             dst[c, d] = x
 
     def backward(dout, q, k_cache, v_cache, table, lens, lse, delta, batch, heads_q, heads_kv, sq, dim,
                  block_size, scale, wl, wr, n_tiles, dq_acc, dk_acc, dv_acc):
-        group = heads_q // heads_kv
-        tile_id = cuda.blockIdx.x % n_tiles
-        bh = cuda.blockIdx.x // n_tiles
-        b = bh // heads_kv
+        group = udiv(heads_q, heads_kv)
+        tile_id = umod(cuda.blockIdx.x, n_tiles)
+        bh = udiv(cuda.blockIdx.x, n_tiles)
+        b = udiv(bh, heads_kv)
         hk = bh - b * heads_kv
         j0 = tile_id * tile
         sk = lens[b]
@@ -278,8 +295,8 @@ def _make_backward(dtype, cache_dtype, db, rows, tile, threads):
         stage(k_cache, table, b, hk, heads_kv, block_size, j0, n, dim, ks)
         stage(v_cache, table, b, hk, heads_kv, block_size, j0, n, dim, vs)
         for e in range(tid, tile * db, threads):
-            dks[e // db, e % db] = zero
-            dvs[e // db, e % db] = zero
+            dks[udiv(e, db), umod(e, db)] = zero
+            dvs[udiv(e, db), umod(e, db)] = zero
         i_lo, i_hi = query_range(j0, j0 + n, sq, sk, wl, wr)
         for h in range(hk * group, (hk + 1) * group):
             q0 = (b * heads_q + h) * sq
@@ -287,7 +304,7 @@ def _make_backward(dtype, cache_dtype, db, rows, tile, threads):
                 m = min(rows, i_hi - i0)
                 cuda.syncthreads()
                 for e in range(tid, rows * db, threads):
-                    r = e // db
+                    r = udiv(e, db)
                     d = e - r * db
                     x = zero
                     y = zero
@@ -301,7 +318,7 @@ def _make_backward(dtype, cache_dtype, db, rows, tile, threads):
                     row_delta[r] = delta[uint64(q0 + i0 + r)]
                 cuda.syncthreads()
                 for e in range(tid, m * n, threads):
-                    r = e // n
+                    r = udiv(e, n)
                     c = e - r * n
                     lo, hi = key_range(i0 + r, sq, sk, wl, wr)
                     pe = zero
@@ -318,7 +335,7 @@ def _make_backward(dtype, cache_dtype, db, rows, tile, threads):
                     ds[r, c] = dse
                 cuda.syncthreads()
                 for e in range(tid, n * db, threads):
-                    c = e // db
+                    c = udiv(e, db)
                     d = e - c * db
                     dk_x = zero
                     dv_x = zero
@@ -328,7 +345,7 @@ def _make_backward(dtype, cache_dtype, db, rows, tile, threads):
                     dks[c, d] += dk_x
                     dvs[c, d] += dv_x
                 for e in range(tid, m * db, threads):
-                    r = e // db
+                    r = udiv(e, db)
                     d = e - r * db
                     if d < dim:
                         x = zero
@@ -337,11 +354,11 @@ def _make_backward(dtype, cache_dtype, db, rows, tile, threads):
                         cuda.atomic.add(dq_acc, (uint64(q0 + i0 + r), uint64(d)), x * scale)
         cuda.syncthreads()
         for e in range(tid, n * db, threads):
-            c = e // db
+            c = udiv(e, db)
             d = e - c * db
             if d < dim:
                 tok = j0 + c
-                row = (table[b, tok // block_size] * block_size + tok % block_size) * heads_kv + hk
+                row = (table[b, udiv(tok, block_size)] * block_size + umod(tok, block_size)) * heads_kv + hk
                 cuda.atomic.add(dk_acc, (uint64(row), uint64(d)), dks[c, d])
                 cuda.atomic.add(dv_acc, (uint64(row), uint64(d)), dvs[c, d])
 
@@ -472,6 +489,15 @@ def num_splits(spec, blocks):
     return max(1, min(want, by_length))
 
 
+def _vector_rows(cache, dim):
+    """Whether 16-byte vector loads can read the rows (of ``dim`` values) of ``cache``: an aligned base,
+    whole vectors a row."""
+    width = _device.vector_width(cache.dtype.itemsize)
+    face = getattr(cache, "__cuda_array_interface__", None)  # None under the simulator, which needs no alignment
+    aligned = face is None or face["data"][0] % _device.VECTOR_BYTES == 0
+    return dim % width == 0 and aligned
+
+
 def _zeros(shape, dtype):
     out = cuda.device_array(tuple(shape), dtype)
     size = int(np.prod(tuple(shape)))
@@ -502,7 +528,8 @@ def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale
             _flat_rows(q), _flat_rows(k_cache), _flat_rows(v_cache), device_ints(table), device_ints(lens),
             spec.batch, spec.heads_q, spec.heads_kv, spec.seq_q, spec.head_dim, spec.block_size,
             acc_np.type(spec.scale * q_scale), k_dev, v_dev, has_scales, spec.window_left, spec.window_right,
-            acc_np.type(spec.softcap), *slopes_args(slopes, spec), n_split, out_part, lse_part)
+            acc_np.type(spec.softcap), *slopes_args(slopes, spec), n_split,
+            _vector_rows(k_cache, spec.head_dim) and _vector_rows(v_cache, spec.head_dim), out_part, lse_part)
     shape = (n_split,) + tuple(q.shape)
     out, lse = merge(out_part.reshape(*shape), lse_part.reshape(*shape[:-1]),
                      spec.dtype if out_dtype is None else out_dtype, 1.0 / out_scale)
@@ -577,7 +604,7 @@ def signature(name, q_dtype, cache_dtype):
     i = int32
     if name == "forward":
         return (q2, c2, c2, table, lens, i, i, i, i, i, i, acc, a1, a1, boolean, i, i, acc, a1, i, boolean, i,
-                acc[:, ::1], a1)
+                boolean, acc[:, ::1], a1)
     if name == "backward":
         return (q2, q2, c2, c2, table, lens, a1, a1, i, i, i, i, i, i, acc, i, i, i, acc[:, ::1], acc[:, ::1],
                 acc[:, ::1])
