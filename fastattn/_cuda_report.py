@@ -155,14 +155,17 @@ def _ptx_key(variant, cc):
 
 
 def _compile_listed(head_dims, ptx_cc, indices):
-    """Worker of :func:`report`: ``{index: PTX or the exception}`` for some collected variants."""
+    """Worker of :func:`report`: ``{index: (key, PTX or the exception)}`` for some collected variants."""
     variants = collect_variants(head_dims)
     out = {}
     for i in indices:
+        if i >= len(variants):
+            continue
         try:
-            out[i] = compile_variant(variants[i], ptx_cc)
+            ptx = compile_variant(variants[i], ptx_cc)
         except Exception as err:  # reported in the row, like a compile in the parent
-            out[i] = err
+            ptx = err
+        out[i] = (_ptx_key(variants[i], ptx_cc), ptx)
     return out
 
 
@@ -236,7 +239,9 @@ def report(cc=(9, 0), head_dims=None, ptx_dir=None, *, variants=None, ptx_cc=Non
         variants = collect_variants(head_dims)
         todo = [i for i, v in enumerate(variants) if _ptx_key(v, ptx_cc) not in _from_workers]
         if jobs > 1 and len(todo) > 1:
-            compiled = _compile_in_parallel(head_dims, ptx_cc, todo, min(jobs, len(todo)))
+            done = _compile_in_parallel(head_dims, ptx_cc, todo, min(jobs, len(todo)))
+            # a worker's variant list may differ from this one (a patched or configured list): match keys
+            compiled = {i: ptx for i, (key, ptx) in done.items() if key == _ptx_key(variants[i], ptx_cc)}
             _from_workers.update((_ptx_key(variants[i], ptx_cc), ptx) for i, ptx in compiled.items()
                                  if isinstance(ptx, str))
     variants = list(variants)
