@@ -239,7 +239,11 @@ def report(cc=(9, 0), head_dims=None, ptx_dir=None, *, variants=None, ptx_cc=Non
         variants = collect_variants(head_dims)
         todo = [i for i, v in enumerate(variants) if _ptx_key(v, ptx_cc) not in _from_workers]
         if jobs > 1 and len(todo) > 1:
-            done = _compile_in_parallel(head_dims, ptx_cc, todo, min(jobs, len(todo)))
+            try:
+                done = _compile_in_parallel(head_dims, ptx_cc, todo, min(jobs, len(todo)))
+            except (OSError, RuntimeError) as err:  # e.g. a __main__ that spawned workers cannot import
+                warnings.warn(f"cuda-report: compiling in one process ({type(err).__name__}: {err})")
+                done = {}
             # a worker's variant list may differ from this one (a patched or configured list): match keys
             compiled = {i: ptx for i, (key, ptx) in done.items() if key == _ptx_key(variants[i], ptx_cc)}
             _from_workers.update((_ptx_key(variants[i], ptx_cc), ptx) for i, ptx in compiled.items()
