@@ -13,7 +13,6 @@ the bits (see :data:`NATIVE`, :data:`F16`, ...).
 """
 import math
 
-import ml_dtypes
 import numpy as np
 from numba.extending import register_jitable
 
@@ -23,43 +22,29 @@ NATIVE, F16, BF16, E4M3, E5M2 = 0, 1, 2, 3, 4
 # (exponent bits, mantissa bits, has inf) for each codec.
 _FORMATS = {F16: (5, 10, True), BF16: (8, 7, True), E4M3: (4, 3, False), E5M2: (5, 2, True)}
 
-_CODEC_OF_DTYPE = {
-    np.dtype(np.float32): NATIVE,
-    np.dtype(np.float64): NATIVE,
-    np.dtype(np.float16): F16,
-    np.dtype(ml_dtypes.bfloat16): BF16,
-    np.dtype(ml_dtypes.float8_e4m3fn): E4M3,
-    np.dtype(ml_dtypes.float8_e5m2): E5M2,
-}
-FLOAT_DTYPES = tuple(d for d, c in _CODEC_OF_DTYPE.items() if c in (NATIVE, F16, BF16))
-FP8_DTYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
+# Dtypes are recognised by name, so that ml_dtypes (0.6 s to import) loads only
+# when a caller needs one of its dtypes: an array of bfloat16 comes with it.
+_CODEC_OF_NAME = {"float32": NATIVE, "float64": NATIVE, "float16": F16, "bfloat16": BF16,
+                  "float8_e4m3fn": E4M3, "float8_e5m2": E5M2}
+#: Names of the input dtypes, and of the fp8 cache dtypes.
+FLOAT_NAMES = ("float32", "float64", "float16", "bfloat16")
+FP8_NAMES = ("float8_e4m3fn", "float8_e5m2")
 
 
-#: float32 values of every fp8 byte: row 0 float8_e4m3fn, row 1 float8_e5m2 (index codec - E4M3).
-FP8_TABLE = np.stack([np.arange(256, dtype=np.uint8).view(d).astype(np.float32) for d in FP8_DTYPES])
+def _name(dtype):
+    """The name of a native-byte-order dtype, else None."""
+    dtype = np.dtype(dtype)
+    return dtype.name if dtype.isnative else None
 
 
-def codec_of(dtype):
-    """Return the codec number for a NumPy dtype (KeyError if unsupported)."""
-    return _CODEC_OF_DTYPE[np.dtype(dtype)]
+def is_float(dtype):
+    """Whether ``dtype`` is float32, float64, float16 or (ml_dtypes) bfloat16."""
+    return _name(dtype) in FLOAT_NAMES
 
 
-def accum_dtype(dtype):
-    """float64 for float64 inputs, float32 for everything else."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
-def bits_view(x):
-    """View an array as what a kernel reads: floats as they are, small formats as uint bits."""
-    codec = codec_of(x.dtype)
-    if codec == NATIVE:
-        return x
-    return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint8)
-
-
-def format_of(codec):
-    """(exponent bits, mantissa bits, has_inf) for a non-native codec."""
-    return _FORMATS[codec]
+def is_fp8(dtype):
+    """Whether ``dtype`` is ml_dtypes' float8_e4m3fn or float8_e5m2."""
+    return _name(dtype) in FP8_NAMES
 
 
 @register_jitable
@@ -83,6 +68,36 @@ def decode_bits(bits, ebits, mbits, has_inf):
     if e == 0:
         return sign * math.ldexp(float(f), 1 - bias - mbits)
     return sign * math.ldexp(float(f + (1 << mbits)), e - bias - mbits)
+
+
+#: float32 values of every fp8 byte: row 0 float8_e4m3fn, row 1 float8_e5m2 (index codec - E4M3).
+FP8_TABLE = np.array([[decode_bits(b, *_FORMATS[c]) for b in range(256)] for c in (E4M3, E5M2)], np.float32)
+
+
+def codec_of(dtype):
+    """Return the codec number for a NumPy dtype (KeyError if unsupported)."""
+    codec = _CODEC_OF_NAME.get(_name(dtype))
+    if codec is None:
+        raise KeyError(np.dtype(dtype))
+    return codec
+
+
+def accum_dtype(dtype):
+    """float64 for float64 inputs, float32 for everything else."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def bits_view(x):
+    """View an array as what a kernel reads: floats as they are, small formats as uint bits."""
+    codec = codec_of(x.dtype)
+    if codec == NATIVE:
+        return x
+    return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint8)
+
+
+def format_of(codec):
+    """(exponent bits, mantissa bits, has_inf) for a non-native codec."""
+    return _FORMATS[codec]
 
 
 @register_jitable
@@ -179,6 +194,8 @@ def narrow(x, codec):
 
 def dtype_named(name):
     """The NumPy dtype called ``name``: ``float32``, ... or an ml_dtypes one (``bfloat16``, ``float8_e4m3fn``)."""
-    if hasattr(ml_dtypes, name):
+    if name in ("bfloat16",) + FP8_NAMES:
+        import ml_dtypes
+
         return np.dtype(getattr(ml_dtypes, name))
     return np.dtype(name)

@@ -55,7 +55,7 @@ def _shape(name, x, rank, layout):
 def float_dtype(name, x):
     """Check that x holds float32/float64/float16/bfloat16 and return its dtype."""
     dtype = np.dtype(x.dtype)
-    if dtype not in _dtypes.FLOAT_DTYPES:
+    if not _dtypes.is_float(dtype):
         raise TypeError(f"{name}: expected float32, float64, float16 or bfloat16, got {dtype}")
     return dtype
 
@@ -226,10 +226,10 @@ def cache_shapes(k_cache, v_cache, heads_kv=None, head_dim=None):
 def cache_dtype(k_cache, fp8, fp8_hint=True):
     """The caches' dtype: fp8 formats for the fp8 functions, float formats otherwise."""
     dtype = np.dtype(k_cache.dtype)
-    if fp8 and dtype not in _dtypes.FP8_DTYPES:
+    if fp8 and not _dtypes.is_fp8(dtype):
         raise TypeError(f"k_cache: expected float8_e4m3fn or float8_e5m2 (ml_dtypes), got {dtype}")
-    if not fp8 and dtype not in _dtypes.FLOAT_DTYPES:
-        extra = " (use paged_attention_fp8 for fp8 caches)" if fp8_hint and dtype in _dtypes.FP8_DTYPES else ""
+    if not fp8 and not _dtypes.is_float(dtype):
+        extra = " (use paged_attention_fp8 for fp8 caches)" if fp8_hint and _dtypes.is_fp8(dtype) else ""
         raise TypeError(f"k_cache: expected float32, float64, float16 or bfloat16{extra}, got {dtype}")
     return dtype
 
@@ -327,7 +327,7 @@ def paged_args(q, k_cache, v_cache, block_table, seq_lens, *, causal, scale, win
     kv_dtype = cache_dtype(k_cache, fp8, fp8_hint)
     if fp8:
         dtype = np.dtype(q.dtype)
-        if dtype not in (*_dtypes.FP8_DTYPES, *_dtypes.FLOAT_DTYPES) or dtype == np.float64:
+        if not (_dtypes.is_fp8(dtype) or _dtypes.is_float(dtype)) or dtype == np.float64:
             raise TypeError(f"q: expected float32, float16, bfloat16 or fp8, got {dtype}")
     else:
         dtype = float_dtype("q", q)
@@ -386,9 +386,9 @@ def write_kv_args(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
     dtype = float_dtype("k", k)
     float_dtype("v", v)
     kv_dtype = np.dtype(k_cache.dtype)
-    if kv_dtype not in (*_dtypes.FLOAT_DTYPES, *_dtypes.FP8_DTYPES):
+    if not (_dtypes.is_float(kv_dtype) or _dtypes.is_fp8(kv_dtype)):
         raise TypeError(f"k_cache: expected a float or fp8 dtype, got {kv_dtype}")
-    cache_dtype(v_cache, kv_dtype in _dtypes.FP8_DTYPES)
+    cache_dtype(v_cache, _dtypes.is_fp8(kv_dtype))
     if np.dtype(v.dtype) != dtype:
         raise TypeError(f"v: expected dtype {dtype} (the dtype of k), got {np.dtype(v.dtype)}")
     slots = _integer_array("slot_mapping", slot_mapping, "[T]")
@@ -404,7 +404,7 @@ def write_kv_args(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
         raise ValueError(f"slot_mapping: expected each slot at most once, got slot {int(values[counts > 1][0])} "
                          f"{int(counts.max())} times")
     scales = [positive_scale(n, s, hkv) for n, s in (("k_scale", k_scale), ("v_scale", v_scale))]
-    if kv_dtype not in _dtypes.FP8_DTYPES:
+    if not _dtypes.is_fp8(kv_dtype):
         for name, s in zip(("k_scale", "v_scale"), scales):
             if (s != 1).any():
                 raise ValueError(f"{name}: expected 1.0 for a {kv_dtype} cache (scales apply to fp8 "
@@ -625,7 +625,7 @@ def layer_args(embed_dim, num_heads, num_kv_heads, dtype):
         dtype = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"dtype: expected a NumPy dtype, got {dtype!r}") from None
-    if dtype not in _dtypes.FLOAT_DTYPES:
+    if not _dtypes.is_float(dtype):
         raise TypeError(f"dtype: expected float32, float64, float16 or bfloat16, got {dtype}")
     return e, hq, hkv, dtype
 
