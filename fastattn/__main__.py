@@ -48,6 +48,24 @@ def _cuda_report_command(args):
     return 0
 
 
+def _precompile_command(args):
+    from ._precompile import precompile
+
+    precompile(args.ops, args.dtypes, jobs=args.jobs)
+    return 0
+
+
+def _names(choices):
+    def parse(text):
+        names = tuple(t for t in text.split(",") if t)
+        bad = [n for n in names if n not in choices]
+        if not names or bad:
+            raise argparse.ArgumentTypeError(f"expected names from {','.join(choices)} separated by commas, "
+                                             f"got {text!r}")
+        return names
+    return parse
+
+
 def _compute_capability(text):
     from ._cuda_report import parse_cc
 
@@ -70,7 +88,7 @@ def _head_dims(text):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m fastattn", description="fastattn: what this machine runs, and how fast.")
-    commands = parser.add_subparsers(dest="command", metavar="{info,bench,cuda-report}")
+    commands = parser.add_subparsers(dest="command", metavar="{info,bench,precompile,cuda-report}")
     commands.required = True
     info = commands.add_parser("info", help="versions, threads, CUDA devices, cache dir, CPU")
     info.set_defaults(func=_info)
@@ -84,6 +102,19 @@ def main(argv=None):
     bench.add_argument("--backend", choices=("cpu", "cuda", "all"), default="all",
                        help="which kernels to time (default: all; CUDA needs a real GPU)")
     bench.set_defaults(func=_bench)
+    from ._precompile import DTYPES, OPS
+
+    pre = commands.add_parser(
+        "precompile", help="fill the compile cache with every CPU kernel (run once, e.g. in a Docker image)",
+        description="Call every CPU operation on tiny inputs in each dtype, so that numba compiles and "
+                    "caches its kernels now rather than on a first call later; prints the seconds of each.")
+    pre.add_argument("--ops", type=_names(OPS), default=OPS, metavar="OP,OP",
+                     help=f"operation groups (default: all of {','.join(OPS)})")
+    pre.add_argument("--dtypes", type=_names(DTYPES), default=DTYPES, metavar="DTYPE,DTYPE",
+                     help=f"input dtypes (default: all of {','.join(DTYPES)})")
+    pre.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
+                     help="processes to compile in (default: one per core)")
+    pre.set_defaults(func=_precompile_command)
     report = commands.add_parser(
         "cuda-report", help="registers, spills, occupancy and f64 count of every CUDA kernel (no GPU needed)",
         description="Compile every CUDA kernel variant with NVVM and ptxas for one compute capability "

@@ -173,3 +173,15 @@ def test_projection_bench_peers_compute_the_same(op):
     expected = _bench_projection.unfused(case, x)()
     for a, b in zip(got if op == "qkv" else [got], expected if op == "qkv" else [expected]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_precompile_calls_the_chosen_operations(capsys):
+    assert main(["precompile", "--ops", "gqa,attention", "--dtypes", "float32", "--jobs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] gqa" in out and "[2/2] attention" in out and "precompiled 2 operation groups" in out, out
+
+
+def test_precompile_rejects_an_unknown_operation(capsys):
+    with pytest.raises(SystemExit):
+        main(["precompile", "--ops", "everything"])
+    assert "expected names from attention,paged" in capsys.readouterr().err
