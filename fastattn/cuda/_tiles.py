@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 from numba import cuda, uint64
 
-from ._device import inline
+from ._device import inline, udiv, umod
 
 #: Head dimensions the kernels are specialised for; others are padded up to the next one.
 HEAD_DIMS = (16, 32, 64, 96, 128, 192, 256)
@@ -57,15 +57,18 @@ def pieces(load, acc, db, tm, tn, ny, nx):
 
         The loop steps by ``blockDim.x``, a value the compiler cannot see: it stays
         a plain loop instead of being unrolled into many loads in flight, which
-        would cost registers the product loops need.
+        would cost registers the product loops need.  A ``while`` loop, since a
+        ``range`` with a runtime step divides (in 64 bits) for its trip count.
         """
-        for e in range(cuda.threadIdx.x, count * width, cuda.blockDim.x):
-            r = e // width
+        e = cuda.threadIdx.x
+        while e < count * width:  # a while loop: no trip-count division
+            r = udiv(e, width)
             d = e - r * width
             x = zero
             if r < n and d0 + d < dim:
                 x = load(src[uint64(r0 + r), uint64(d0 + d)]) * mult
             dst[r, d] = x
+            e += cuda.blockDim.x
 
     @inline
     def scores(a_src, a0, na, a_mult, b_src, b0, nb, b_mult, dim, a_chunk, b_chunk, s):
@@ -73,8 +76,8 @@ def pieces(load, acc, db, tm, tn, ny, nx):
 
         ``A = load(a_src) * a_mult`` and ``B`` likewise, rows of 2-d ``[rows, D]`` arrays.
         """
-        tx = cuda.threadIdx.x % nx
-        ty = cuda.threadIdx.x // nx
+        tx = umod(cuda.threadIdx.x, nx)
+        ty = udiv(cuda.threadIdx.x, nx)
         a = cuda.local.array(tm, acc)
         w = cuda.local.array(tn, acc)
         for r in range(tm):
@@ -101,8 +104,8 @@ def pieces(load, acc, db, tm, tn, ny, nx):
         ``C = load(src) * mult`` (a 2-d ``[rows, D]`` array), staged ``vr`` whole rows at a time.  Starts
         with a barrier, so ``p`` may have been written just before.
         """
-        tx = cuda.threadIdx.x % nx
-        ty = cuda.threadIdx.x // nx
+        tx = umod(cuda.threadIdx.x, nx)
+        ty = udiv(cuda.threadIdx.x, nx)
         a = cuda.local.array(tm, acc)
         w = cuda.local.array(per_thread, acc)
         for c0 in range(0, n, vr):

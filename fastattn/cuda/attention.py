@@ -32,7 +32,7 @@ from numba import cuda, float32, uint64
 
 from .._config import config
 from . import _device, _launch
-from ._device import acc_type, element_type, tile_math
+from ._device import acc_type, element_type, tile_math, udiv, umod
 from ._tiles import HEAD_DIMS, bucket, pieces
 
 _kernels = {}
@@ -49,7 +49,7 @@ def tiles(kernel, acc, db):
     if acc == float32:
         if kernel == "dkdv":
             return (2, 2, 16, 16)
-        return (4, 4, 16, 16) if db <= 64 else (4, 2, 16, 16)
+        return (4, 4, 16, 16) if db <= 128 else (4, 2, 16, 16)
     if kernel == "dkdv":
         return (2, 1, 16, 16) if db <= 128 else (1, 1, 16, 16)
     return (2, 2, 16, 16)
@@ -91,16 +91,16 @@ def _make_forward(dtype, db, tm, tn, ny, nx):
 
     def forward(q, k, v, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, shift, softcap, slopes, slope_stride,
                 has_alibi, out, lse):
-        n_tiles = (sq + rows - 1) // rows
-        tile = n_tiles - 1 - cuda.blockIdx.x % n_tiles
-        bh = cuda.blockIdx.x // n_tiles
-        b = bh // heads_q
+        n_tiles = udiv(sq + rows - 1, rows)
+        tile = n_tiles - 1 - umod(cuda.blockIdx.x, n_tiles)
+        bh = udiv(cuda.blockIdx.x, n_tiles)
+        b = udiv(bh, heads_q)
         h = bh - b * heads_q
         q0 = bh * sq  # first row of (b, h) in the [B*Hq*Sq, D] view
-        k0 = (b * heads_kv + h // (heads_q // heads_kv)) * sk
+        k0 = (b * heads_kv + udiv(h, udiv(heads_q, heads_kv))) * sk
         tid = cuda.threadIdx.x
-        tx = tid % nx
-        ty = tid // nx
+        tx = umod(tid, nx)
+        ty = udiv(tid, nx)
         i0 = tile * rows
         n_rows = min(rows, sq - i0)
         sq_d = sq - shift  # the mask helpers put row i on key i + sk - sq_d
