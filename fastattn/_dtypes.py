@@ -192,6 +192,13 @@ def narrow(x, codec):
     return float(encode_bits(x, 5, 2, True, True))
 
 
+def as_dtype(dtype):
+    """``np.dtype(dtype)``, where a name may also be one of ml_dtypes' (``"bfloat16"``), loading it then."""
+    if isinstance(dtype, str):
+        return dtype_named(dtype)
+    return np.dtype(dtype)
+
+
 def dtype_named(name):
     """The NumPy dtype called ``name``: ``float32``, ... or an ml_dtypes one (``bfloat16``, ``float8_e4m3fn``)."""
     if name in ("bfloat16",) + FP8_NAMES:

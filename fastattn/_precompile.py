@@ -108,7 +108,7 @@ def run_one(op, dtypes):
     return done
 
 
-def precompile(ops=OPS, dtypes=DTYPES, jobs=1, out=sys.stdout):
+def precompile(ops=OPS, dtypes=DTYPES, jobs=1, out=None):
     """Compile (or load from the cache) every CPU kernel of ``ops`` in ``dtypes``.
 
     Parameters
@@ -119,8 +119,8 @@ def precompile(ops=OPS, dtypes=DTYPES, jobs=1, out=sys.stdout):
         Input dtype names from :data:`DTYPES`.
     jobs : int
         Processes to spread the operation groups over.
-    out : file
-        Where the progress lines go.
+    out : file, optional
+        Where the progress lines go (default: ``sys.stdout`` at the call).
 
     Returns
     -------
@@ -134,6 +134,7 @@ def precompile(ops=OPS, dtypes=DTYPES, jobs=1, out=sys.stdout):
     >>> [(op, dtype) for op, dtype, _ in rows]
     [('gqa', 'float32')]
     """
+    out = sys.stdout if out is None else out
     bad = [o for o in ops if o not in OPS] + [d for d in dtypes if d not in DTYPES]
     if bad:
         raise ValueError(f"precompile: expected ops from {OPS} and dtypes from {DTYPES}, got {bad}")

@@ -601,12 +601,12 @@ def kv_cache_args(batch, seq_len, dtype=np.float16):
     try:
         if dtype is None:
             raise TypeError
-        itemsize = np.dtype(dtype).itemsize
-        kind = np.dtype(dtype).kind
+        dtype = _dtypes.as_dtype(dtype)
+        itemsize, kind = dtype.itemsize, dtype.kind
     except TypeError:
         raise TypeError(f"dtype: expected a NumPy or ml_dtypes numeric dtype, got {dtype!r}") from None
     if kind not in "biufcV" or itemsize == 0:
-        raise TypeError(f"dtype: expected a NumPy or ml_dtypes numeric dtype, got {np.dtype(dtype)}")
+        raise TypeError(f"dtype: expected a NumPy or ml_dtypes numeric dtype, got {dtype}")
     return batch, seq_len, itemsize
 
 
@@ -622,7 +622,7 @@ def layer_args(embed_dim, num_heads, num_kv_heads, dtype):
     if hq % hkv:
         raise ValueError(f"num_kv_heads: expected a divisor of num_heads={hq}, got {hkv}")
     try:
-        dtype = np.dtype(dtype)
+        dtype = _dtypes.as_dtype(dtype)
     except TypeError:
         raise TypeError(f"dtype: expected a NumPy dtype, got {dtype!r}") from None
     if not _dtypes.is_float(dtype):

@@ -300,7 +300,7 @@ class DecodeWorker:
             self.cache.append(seq_id, k[row:row + 1], v[row:row + 1])
         cache = self.cache
         table, lens = cache.block_table(seq_ids), cache.seq_lens(seq_ids)
-        if cache.dtype in _dtypes.FP8_DTYPES:
+        if _dtypes.is_fp8(cache.dtype):
             return paged_attention_fp8(q, cache.k_cache, cache.v_cache, table, lens,
                                        k_scale=cache.k_scale, v_scale=cache.v_scale, **options)
         return paged_attention(q, cache.k_cache, cache.v_cache, table, lens, **options)

@@ -43,10 +43,10 @@ def _int(name, value, minimum=None):
 
 def _cache_dtype(dtype):
     try:
-        dtype = np.dtype(dtype)
+        dtype = _dtypes.as_dtype(dtype)
     except TypeError:
         raise TypeError(f"dtype: expected {_DTYPE_NAMES}, got {dtype!r}") from None
-    if dtype not in _dtypes.FLOAT_DTYPES and dtype not in _dtypes.FP8_DTYPES:
+    if not (_dtypes.is_float(dtype) or _dtypes.is_fp8(dtype)):
         raise TypeError(f"dtype: expected {_DTYPE_NAMES}, got {dtype}")
     return dtype
 
@@ -66,7 +66,7 @@ def _scale_value(name, scale, dtype, num_kv_heads):
                          f"got shape {values.shape}")
     if not (np.isfinite(values).all() and (values > 0).all()):
         raise ValueError(f"{name}: expected a finite float > 0 (or an array [Hkv] of them), got {scale}")
-    if dtype not in _dtypes.FP8_DTYPES and (values != 1.0).any():
+    if not _dtypes.is_fp8(dtype) and (values != 1.0).any():
         raise ValueError(f"{name}: only fp8 caches are scaled; expected 1.0 for a {dtype} cache, "
                          f"got {scale}")
     if values.ndim == 0:

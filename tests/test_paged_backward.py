@@ -22,14 +22,19 @@ def put_all(device, *arrays):
 def gradient_magnitudes(dout, q, k_cache, v_cache, table, lens, options):
     """Largest sums of absolute terms of dq, dk and dv (what rounding errors scale with).
 
-    The same formula as the reference, applied to |.| of every factor.
+    The same formula as the reference, applied to |.| of every factor.  A key or
+    value gradient sums over the query heads of its group and over every sequence
+    whose table holds its block, so those sums are scattered into the cache's
+    physical rows before the maximum; dq sums over neither.
     """
     scale = options.get("scale") or 1.0 / np.sqrt(q.shape[-1])
     out, lse = reference.paged_attention(q, k_cache, v_cache, table, lens, return_lse=True, **options)
     dout, q = dout.astype(np.float64), q.astype(np.float64)
     delta = np.abs((dout * out).sum(-1))
-    mags = np.zeros(3)
-    group = q.shape[1] // k_cache.shape[2]
+    dq_mag = 0.0
+    dk_mag, dv_mag = np.zeros(k_cache.shape), np.zeros(v_cache.shape)
+    heads_kv, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = q.shape[1] // heads_kv
     for b, length in enumerate(lens):
         if not length:
             continue
@@ -38,10 +43,14 @@ def gradient_magnitudes(dout, q, k_cache, v_cache, table, lens, options):
         mask = reference.visible_mask(q.shape[2], length, causal=options.get("causal", False))
         p = np.where(mask, np.exp(scale * q[b] @ k.swapaxes(1, 2) - lse[b][..., None]), 0.0)
         terms = p * (np.abs(dout[b] @ v.swapaxes(1, 2)) + delta[b][..., None])
-        mags = np.maximum(mags, [(scale * terms @ np.abs(k)).max(), (scale * terms.swapaxes(1, 2) @ np.abs(q[b])).max(),
-                                 (p.swapaxes(1, 2) @ np.abs(dout[b])).max()])
-    # a shared block sums over sequences: allow for every sequence adding its share
-    return mags * max(1, int((np.asarray(lens) > 0).sum()))
+        dq_mag = max(dq_mag, (scale * terms @ np.abs(k)).max())
+        per_key = [(scale * terms.swapaxes(1, 2) @ np.abs(q[b])), p.swapaxes(1, 2) @ np.abs(dout[b])]
+        tokens = np.arange(length)
+        blocks, slots = np.asarray(table[b])[tokens // block_size], tokens % block_size
+        for mag, acc in zip(per_key, (dk_mag, dv_mag)):  # [Hq, Sk, D] -> summed over the group, per cache row
+            by_head = mag.reshape(heads_kv, group, length, -1).sum(axis=1)
+            np.add.at(acc, (blocks, slots), by_head.transpose(1, 0, 2))
+    return np.array([dq_mag, dk_mag.max(), dv_mag.max()])
 
 
 BACKWARD_CPU = [
