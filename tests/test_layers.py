@@ -125,15 +125,15 @@ def test_forward_and_gradients_match_reference(device, case, rng):
     ref_y, ref_grads, mags = reference_layer(params, layer, query, key, value, causal, dout)
     y = device.get(y)
     assert y.dtype == dtype
-    # half formats: the projections' inputs are rounded to the dtype between the steps
-    loose = {F16: 4.0, BF16: 4.0}.get(np.dtype(dtype), 1.0)
-    assert_close(y, ref_y, dtype, "y", magnitude=loose * np.abs(ref_y).max())
+    # the dtype's tolerance (a few epsilons) covers the roundings of q, k, v and the attention output
+    # between the steps; gradients are scaled by their sums of absolute terms (reference_layer)
+    assert_close(y, ref_y, dtype, "y")
     expected_names = {n for n in params} | ({"input"} if key is None else {"query", "key", "value"})
     assert set(grads) == expected_names
     for name, ref in ref_grads.items():
         got = device.get(grads[name])
         assert got.dtype == dtype and got.shape == ref.shape, name
-        assert_close(got, ref, dtype, name, magnitude=loose * 4 * mags[name])
+        assert_close(got, ref, dtype, name, magnitude=mags[name])
 
 
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
