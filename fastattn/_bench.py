@@ -130,14 +130,36 @@ def kernel(case, x):
     return forward_backward
 
 
+def peer_dtype(dtype):
+    """What the NumPy peer computes in: float32 for float16 and bfloat16 inputs (NumPy has no BLAS for
+    float16 and no bfloat16 arithmetic, so a NumPy user converts), else the inputs' own dtype."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.name in ("float16", "bfloat16") else dtype
+
+
+def as_peer(*arrays):
+    """The arrays converted to :func:`peer_dtype` (no copy when they already are)."""
+    return [a.astype(peer_dtype(a.dtype), copy=False) for a in arrays]
+
+
 def peer(case, x):
-    """A zero-argument callable that runs the plain-NumPy peer on the host inputs."""
+    """A zero-argument callable that runs the plain-NumPy peer on the host inputs.
+
+    Half formats are converted to float32 inside the timed call and the results back
+    (:func:`peer_dtype`); with ``Hkv < Hq`` the peer repeats K and V to ``Hq`` heads.
+    """
     h, causal = x["host"], case.causal
+    dtype = h["q"].dtype
+
+    def back(*arrays):
+        return [a.astype(dtype, copy=False) for a in arrays]
+
     if case.op == "forward":
-        return lambda: naive_attention(h["q"], h["k"], h["v"], causal=causal)
+        return lambda: back(naive_attention(*as_peer(h["q"], h["k"], h["v"]), causal=causal))[0]
     if case.op == "backward":
-        return lambda: naive_attention_backward(h["dout"], h["q"], h["k"], h["v"], h["out"], causal=causal)
-    return lambda: naive_forward_backward(h["dout"], h["q"], h["k"], h["v"], causal=causal)
+        return lambda: back(*naive_attention_backward(*as_peer(h["dout"], h["q"], h["k"], h["v"], h["out"]),
+                                                      causal=causal))
+    return lambda: back(*naive_forward_backward(*as_peer(h["dout"], h["q"], h["k"], h["v"]), causal=causal))
 
 
 # --- the plain-NumPy backward peer ------------------------------------------
@@ -359,8 +381,9 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
         _say(stream, "", end="\n")
         _say(stream, format_table(rows), end="\n")
         _say(stream, f"% sgemm: of the {sgemm:.1f} GFLOP/s measured above; vs NumPy: time of "
-                     "fastattn.reference.naive_attention (or the NumPy backward peer) / time of fastattn",
-             end="\n")
+                     "fastattn.reference.naive_attention (or the NumPy backward peer) / time of fastattn; "
+                     "the peer computes float16/bfloat16 in float32 (converting in the timed call) and "
+                     "repeats K/V to Hq heads for GQA (np.repeat)", end="\n")
     if any((r["pct_sgemm"] or 0) > 100 for r in rows):
         notes.append("a row beats the measured sgemm rate: the machine was probably busy while sgemm "
                      "ran; rerun on an idle machine")

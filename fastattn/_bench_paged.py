@@ -12,7 +12,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange, set_num_threads
 
 import fastattn
-from fastattn._bench import best_time, numpy_dtype
+from fastattn._bench import as_peer, best_time, numpy_dtype
 from fastattn._bench_projection import interleaved
 from fastattn.reference import naive_attention
 
@@ -185,15 +185,17 @@ def peer(case, x):
 
         def backward():
             k, v = (gather_dense(x[n], x["block_table"], case.context) for n in ("k_cache", "v_cache"))
-            return naive_attention_backward(x["dout"], x["q"], k, v, x["out"], causal=True)
+            grads = naive_attention_backward(*as_peer(x["dout"], x["q"], k, v, x["out"]), causal=True)
+            return [g.astype(x["q"].dtype, copy=False) for g in grads]
         return backward
-    work = np.float32 if case.itemsize == 1 else None  # NumPy has no fp8 arithmetic: decode first
+    fp8 = case.itemsize == 1  # NumPy has no fp8 arithmetic: decode first
 
     def forward():
         k, v = (gather_dense(x[n], x["block_table"], case.context) for n in ("k_cache", "v_cache"))
-        if work is not None:
-            k, v = k.astype(work) * 0.5, v.astype(work) * 0.5
-        return naive_attention(x["q"], k, v, causal=case.seq_q > 1)
+        if fp8:
+            k, v = k.astype(np.float32) * 0.5, v.astype(np.float32) * 0.5
+        q, k, v = as_peer(x["q"], k, v)  # half formats in float32, the way a NumPy user computes them
+        return naive_attention(q, k, v, causal=case.seq_q > 1).astype(x["q"].dtype, copy=False)
     return forward
 
 
@@ -361,7 +363,10 @@ def run(size, stream, backends=("cpu",)):
                  if backend == "cpu" or not case.threads]
     stream.write("\n" + format_table(rows) + "\n")
     stream.write(f"% read bw: KV bytes read per second over the {bandwidth:.1f} GB/s measured above; "
-                 "vs NumPy: time of a fancy-indexing gather + plain NumPy attention / time of fastattn\n")
+                 "vs NumPy: time of a fancy-indexing gather + plain NumPy attention (float16 and fp8 caches "
+                 "converted to float32 in the timed call, K/V repeated to Hq heads) / time of fastattn; "
+                 "dense decode: fastattn.attention on the gathered cache, which reads each KV head once "
+                 "per query head\n")
     lines, ratios = summary(size) if "cpu" in backends else ([], {})
     for line in lines:
         stream.write(line + "\n")
