@@ -513,3 +513,32 @@ def test_blocks_merge_to_the_whole(device, options, rng):
         out, lse = fastattn.merge_attention_states([p[0] for p in parts], [p[1] for p in parts])
         assert_close(device.get(out), ref_out[:, :, q0:q1], F32, "out")
         assert_close(device.get(lse), ref_lse[:, :, q0:q1], F32, "lse")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("seq_q, options", [
+    (1, {}),
+    (3, dict(causal=True)),
+    (2, dict(window=(5, 0), softcap=3.0)),
+    (1, dict(alibi="per-batch")),
+    (4, dict(causal=True, alibi="per-head", scale=0.2)),
+], ids=["decode", "causal-chunk", "window-softcap", "alibi-batch", "causal-alibi-scale"])
+def test_decode_sized_calls_read_each_kv_row_once_per_group(seq_q, options, dtype, rng):
+    """Few query rows (Sq x group <= 16) take the paged decode kernel, one task per KV head's group."""
+    from fastattn._validate import attention_args
+    from fastattn.cpu import attention as cpu_attention
+
+    b, hq, hkv, sk, d = 2, 8, 2, 37, 64
+    q, k, v = (random(s, dtype, rng) for s in ((b, hq, seq_q, d), (b, hkv, sk, d), (b, hkv, sk, d)))
+    options = dict(options)
+    alibi = options.pop("alibi", None)
+    if alibi is not None:
+        shape = (b, hq) if alibi == "per-batch" else (hq,)
+        options["alibi_slopes"] = rng.uniform(0.01, 0.5, shape)
+    defaults = dict(causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None)
+    spec = attention_args(q, k, v, **dict(defaults, **options))[-1]
+    assert cpu_attention._few_rows(k, v, spec), "the case should take the decode path"
+    out, lse = fastattn.attention(q, k, v, return_lse=True, **options)
+    ref_out, ref_lse = fastattn.reference.attention(q, k, v, return_lse=True, **options)
+    assert_close(out, ref_out, dtype, "out")
+    assert_close(lse, ref_lse, dtype, "lse")

@@ -143,13 +143,48 @@ def _inputs(*arrays):
     return [bits_view(np.ascontiguousarray(a)) for a in arrays]
 
 
+def _few_rows(k, v, spec):
+    """Whether a call is decode-sized for the paged decode kernel: every query head of a KV group
+    stacked into one task's few rows (``Sq x group``), each KV row read once per group."""
+    from . import paged
+
+    return (spec.shift == 0 and 0 < spec.seq_q <= spec.seq_k and spec.accum_dtype == np.float32
+            and spec.seq_q * spec.group <= min(paged._SMALL_M, config.cpu_block_q)
+            and spec.head_dim % paged.LANES == 0 and k.flags.c_contiguous and v.flags.c_contiguous)
+
+
+def _forward_as_paged(q, k, v, slopes, spec):
+    """The forward of a decode-sized call through :func:`fastattn.paged_attention`: each (batch, KV head)
+    is a sequence of one block holding its ``Sk`` keys, with the group's query heads as its heads."""
+    from ..paged import paged_attention
+
+    n = spec.batch * spec.heads_kv
+    d = spec.head_dim
+    queries = np.ascontiguousarray(q).reshape(n, spec.group, spec.seq_q, d)
+    caches = [x.reshape(n, spec.seq_k, 1, d) for x in (k, v)]
+    table = np.arange(n, dtype=np.int32).reshape(n, 1)
+    lens = np.full(n, spec.seq_k, np.int32)
+    if slopes is not None:
+        slopes = np.broadcast_to(slopes, (spec.batch, spec.heads_q)).reshape(n, spec.group)
+    out, lse = paged_attention(queries, *caches, table, lens, scale=spec.scale,
+                               window=(spec.window_left, spec.window_right), softcap=spec.softcap,
+                               alibi_slopes=slopes, return_lse=True)
+    return out.reshape(q.shape), lse.reshape(q.shape[:3])
+
+
 def forward(q, k, v, slopes, spec):
-    """Run the forward kernel; return (out, lse) as NumPy arrays."""
+    """Run the forward kernel; return (out, lse) as NumPy arrays.
+
+    Decode-sized calls (:func:`_few_rows`) go through the paged decode kernel, which
+    reads each key and value row once for all query heads of its group.
+    """
     out = np.empty(q.shape, spec.dtype)
     lse = np.empty(q.shape[:3], spec.accum_dtype)
     if out.size == 0:
         lse.fill(-np.inf)
         return out, lse
+    if _few_rows(k, v, spec):
+        return _forward_as_paged(q, k, v, slopes, spec)
     slopes, has_alibi = _slopes(slopes, spec)
     qb, kb, vb = _inputs(q, k, v)
     with single_threaded_blas():
