@@ -30,7 +30,9 @@ aligned (:func:`vector_width`).
 
 The CUDA simulator has no bodies for libdevice's bit casts or for LLVM
 intrinsics; only those functions (:func:`as_float32`, :func:`bits_of`,
-:func:`load16`) have a simulator fallback.
+:func:`load16`) have a simulator fallback, and the index divisions
+(:func:`udiv`, :func:`umod`) are Python's ``//`` and ``%`` there, since numba's
+scalar types are slow Python callables in the simulator.
 """
 import math
 

@@ -9,12 +9,14 @@ Forward (decode and chunked prefill): one thread block per (tile of stacked
 query rows, sequence, KV head, key split), flattened into a one-dimensional
 grid.  The query heads of a KV group are stacked into the block's rows
 (FlashDecoding with GQA), so each key and value row is read from the cache
-once per group.  Keys, then values, pass through one shared tile; the threads
-share the work of a tile: scores (one (row, key) pair each), the online
-softmax (one row each) and the output, which each thread keeps in registers
-for ``rows * D / threads`` fixed (row, feature) pairs.  Long sequences are
-split over several blocks and the partial states merged on the GPU by
-:func:`fastattn.cuda.attention.merge`.
+once per group.  Keys, then values, pass through one shared tile, read from
+the cache with 16-byte vector loads where the rows allow it; the threads share
+the work of a tile: scores (one (row, key) pair each), the online softmax (one
+row each) and the output rows, which stay in shared memory (each thread owns
+one row's every ``threads / rows``-th feature).  Index division is 32-bit
+(:func:`fastattn.cuda._device.udiv`), so the kernel fits 64 registers and
+runs at 50% occupancy.  Long sequences are split over several blocks and the
+partial states merged on the GPU by :func:`fastattn.cuda.attention.merge`.
 
 Backward (FlashAttention-2 style): one block per (tile of keys, sequence, KV
 head) accumulates dk/dv for its keys in shared memory and adds dq with
