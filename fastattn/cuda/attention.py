@@ -47,8 +47,8 @@ def tiles(kernel, acc, db):
     if config.cuda_tiles is not None:
         return tuple(config.cuda_tiles)
     if acc == float32:
-        if kernel == "dkdv":
-            return (2, 2, 16, 16)
+        if kernel == "dkdv":  # two accumulators (dK, dV) of tm x D/16 each: 4 x 2 only while D <= 64
+            return (4, 2, 16, 16) if db <= 64 else (2, 2, 16, 16)
         return (4, 4, 16, 16) if db <= 128 else (4, 2, 16, 16)
     if kernel == "dkdv":
         return (2, 1, 16, 16) if db <= 128 else (1, 1, 16, 16)
