@@ -264,7 +264,12 @@ def _say(stream, text, end=""):
 
 
 def measure(case, backend, settings, warm, peer_ms, sgemm, stream):
-    """Time one case on one backend and return its table row (a dict)."""
+    """Time one case on one backend and return its table row (a dict).
+
+    ``first_call_s`` is the first call's time, inputs included: the compile time of the
+    kernels in ``new_kernels`` (those this process had not called yet) with an empty
+    cache, the time to load them with a warm one.
+    """
     sync = cuda_sync if backend == "cuda" else None
     _say(stream, f"  {case.label} {backend} {case.dtype} {case.shape}:")
     new = [name for name in _KERNELS[case.op] if (backend, name, case.dtype) not in warm]
@@ -276,9 +281,10 @@ def measure(case, backend, settings, warm, peer_ms, sgemm, stream):
     run()
     if sync:
         sync()
+    first_call_s = time.perf_counter() - t0
     if new:
         warm.update((backend, name, case.dtype) for name in new)
-        _say(stream, f" {time.perf_counter() - t0:.1f} s;")
+        _say(stream, f" {first_call_s:.1f} s;")
     seconds = best_time(run, settings["repeats"], settings["budget_s"], sync)
     _say(stream, f" {seconds * 1e3:.1f} ms;")
     if case not in peer_ms:
@@ -290,7 +296,8 @@ def measure(case, backend, settings, warm, peer_ms, sgemm, stream):
     return dict(name=case.label, op=case.op, causal=case.causal, backend=backend, dtype=case.dtype,
                 shape=case.shape, case=asdict(case), time_ms=seconds * 1e3, gflops=gflops,
                 pct_sgemm=100.0 * gflops / sgemm if backend == "cpu" else None,
-                peer_ms=peer_ms[case], speedup=peer_ms[case] / (seconds * 1e3))
+                peer_ms=peer_ms[case], speedup=peer_ms[case] / (seconds * 1e3),
+                first_call_s=first_call_s, new_kernels=new)
 
 
 def format_table(rows):
