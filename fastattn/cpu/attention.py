@@ -154,9 +154,10 @@ def _few_rows(k, v, spec):
 
 
 def _forward_as_paged(q, k, v, slopes, spec):
-    """The forward of a decode-sized call through :func:`fastattn.paged_attention`: each (batch, KV head)
-    is a sequence of one block holding its ``Sk`` keys, with the group's query heads as its heads."""
-    from ..paged import paged_attention
+    """The forward of a decode-sized call through the paged decode kernel: each (batch, KV head) is a
+    sequence of one block holding its ``Sk`` keys, with the group's query heads as its heads (views)."""
+    from .._validate import PagedSpec
+    from . import paged
 
     n = spec.batch * spec.heads_kv
     d = spec.head_dim
@@ -166,9 +167,11 @@ def _forward_as_paged(q, k, v, slopes, spec):
     lens = np.full(n, spec.seq_k, np.int32)
     if slopes is not None:
         slopes = np.broadcast_to(slopes, (spec.batch, spec.heads_q)).reshape(n, spec.group)
-    out, lse = paged_attention(queries, *caches, table, lens, scale=spec.scale,
-                               window=(spec.window_left, spec.window_right), softcap=spec.softcap,
-                               alibi_slopes=slopes, return_lse=True)
+    as_paged = PagedSpec(batch=n, heads_q=spec.group, heads_kv=1, seq_q=spec.seq_q, head_dim=d, num_blocks=n,
+                         block_size=spec.seq_k, dtype=spec.dtype, cache_dtype=spec.dtype, scale=spec.scale,
+                         window_left=spec.window_left, window_right=spec.window_right, softcap=spec.softcap,
+                         max_seq_len=spec.seq_k)
+    out, lse = paged.forward(queries, *caches, table, lens, slopes, as_paged)
     return out.reshape(q.shape), lse.reshape(q.shape[:3])
 
 
