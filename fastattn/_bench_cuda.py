@@ -296,15 +296,16 @@ def _seconds(samples):
 
 
 def dense_row(case, seconds, best, torch_seconds=None, torch_best=None, calls=None, error=None,
-              torch_error=None):
-    """One dense row: times, TFLOP/s, PyTorch's figures and the fastattn/torch throughput ratio."""
+              torch_error=None, torch_diff=None):
+    """One dense row: times, TFLOP/s, PyTorch's figures, the fastattn/torch throughput ratio and
+    ``torch_diff``, the largest :func:`relative_diff` of the results from PyTorch's."""
     tflops = None if seconds is None else case.flops / seconds / 1e12
     torch_tflops = None if torch_seconds is None else case.flops / torch_seconds / 1e12
     return dict(name=case.label, op=case.op, causal=case.causal, dtype=case.dtype, shape=case.shape,
                 case=asdict(case), flops=case.flops, seconds=seconds, best_seconds=best, tflops=tflops,
                 torch_seconds=torch_seconds, torch_best_seconds=torch_best, torch_tflops=torch_tflops,
                 ratio=None if tflops is None or torch_tflops is None else tflops / torch_tflops,
-                calls=calls, error=error, torch_error=torch_error)
+                calls=calls, error=error, torch_error=torch_error, torch_diff=torch_diff)
 
 
 def paged_row(case, seconds, best, copy_gbs, calls=None, error=None):
@@ -337,6 +338,22 @@ def measure_decode(case, settings, copy_gbs, stream):
     return row
 
 
+def relative_diff(ours, theirs):
+    """``max|a - b| / max|b|`` over the pairs of results (device arrays and PyTorch tensors), in float64.
+
+    A check at the benchmark's own sizes that fastattn computes what PyTorch
+    does: float16 and bfloat16 results agree to a few units of their rounding.
+    """
+    if not isinstance(ours, (tuple, list)):
+        ours, theirs = (ours,), (theirs,)
+    worst = 0.0
+    for a, b in zip(ours, theirs):
+        a = np.asarray(a.copy_to_host()).astype(np.float64)
+        b = b.detach().float().cpu().numpy().astype(np.float64)
+        worst = max(worst, float(np.abs(a - b).max() / max(np.abs(b).max(), np.finfo(np.float64).tiny)))
+    return worst
+
+
 def measure_dense(case, x, settings, torch, stream):
     """Time one dense case, fastattn and PyTorch in turn, on shared inputs; return its row."""
     _say(stream, f"  {case.label} {case.dtype} {case.shape}:")
@@ -360,10 +377,19 @@ def measure_dense(case, x, settings, torch, stream):
             torch_error = _error(exc)
     samples = in_turn(timers, settings["repeats"], settings["case_budget_s"])
     peer = _seconds(samples[1]) if len(samples) > 1 else (None, None)
-    row = dense_row(case, *_seconds(samples[0]), *peer, calls=len(samples[0]), torch_error=torch_error)
+    diff = None
+    if len(timers) > 1:
+        try:
+            diff = relative_diff(ours(), theirs())
+        except Exception as exc:
+            torch_error = f"results not compared: {_error(exc)}"
+    row = dense_row(case, *_seconds(samples[0]), *peer, calls=len(samples[0]), torch_error=torch_error,
+                    torch_diff=diff)
     text = f" {row['seconds'] * 1e3:.3f} ms, {row['tflops']:.1f} TFLOP/s"
     if row["torch_tflops"] is not None:
         text += f"; torch {row['torch_seconds'] * 1e3:.3f} ms, {row['torch_tflops']:.1f} TFLOP/s"
+    if diff is not None:
+        text += f"; max diff from torch {diff:.2g}"
     if torch_error:
         text += f"; torch failed: {torch_error}"
     _say(stream, text, end="\n")
@@ -392,10 +418,11 @@ def _align(head, body, right_from):
 def format_dense(rows):
     """The dense rows as an aligned plain-text table (a failed row says so in its time column)."""
     head = ("op", "dtype", "shape (B×Hq×Hkv×N×D)", "time ms", "TFLOP/s", "torch ms", "torch TFLOP/s",
-            "fastattn/torch")
+            "fastattn/torch", "diff")
     body = [(r["name"], r["dtype"], r["shape"], "failed" if r["error"] else _cell(_ms(r["seconds"]), ".3f"),
              _cell(r["tflops"], ".2f"), _cell(_ms(r["torch_seconds"]), ".3f"),
-             _cell(r["torch_tflops"], ".2f"), _cell(r["ratio"], ".2f")) for r in rows]
+             _cell(r["torch_tflops"], ".2f"), _cell(r["ratio"], ".2f"), _cell(r.get("torch_diff"), ".1g"))
+            for r in rows]
     return _align(head, body, 3)
 
 
@@ -474,7 +501,8 @@ def run(size, stream):
     if section["dense_rows"]:
         _say(stream, "\n" + format_dense(section["dense_rows"]), end="\n")
         _say(stream, "time: median of samples timed in turn with PyTorch (CUDA events); "
-                     "fastattn/torch: fastattn's TFLOP/s over PyTorch's scaled_dot_product_attention's", end="\n")
+                     "fastattn/torch: fastattn's TFLOP/s over PyTorch's scaled_dot_product_attention's; "
+                     "diff: max|fastattn - torch| / max|torch| of the results", end="\n")
     for note in notes:
         _say(stream, note, end="\n")
     return section

@@ -7,15 +7,21 @@
 # section of the benchmark.  Everything goes under OUTDIR:
 #   summary.txt        one line per step: ok / FAILED / TIMED OUT / skipped, and its seconds
 #   nvidia-smi.txt     nvidia-smi (when present)
-#   info.txt           python -m fastattn info (and which fastattn was imported)
-#   pytest_cuda.log    python -m pytest -m cuda -q -x, NUMBA_ENABLE_CUDASIM unset
-#   pytest_cuda.xml    the same as JUnit XML
+#   info.txt           python -m fastattn info
+#   gpu.txt            which fastattn was imported; numba, numba-cuda, NVVM and driver versions
+#   pytest_cuda_default.log   python -m pytest -m cuda -q, NUMBA_ENABLE_CUDASIM unset, with the
+#                      package's own launch config (FASTATTN_TEST_CUDA_CONFIG=default: the kernels users run)
+#   pytest_cuda.log    the same with the tests' small launch config (many tiles on tiny shapes)
 #   cuda_report.log, cuda_report.json   python -m fastattn cuda-report (when the checkout has it)
 #   bench_cuda.log, bench_cuda.json     python -m fastattn bench --backend cuda
-# Each step has its own time limit, cut to what is left of 7.5 minutes; a
-# failing step is recorded and the next one runs; the exit status is non-zero
-# if any step failed.  The checkout's fastattn is imported through PYTHONPATH
-# (nothing is installed).  Set PYTHON to choose the interpreter.
+# Each step has its own time limit, cut to what is left of GPU_CHECK_SECONDS
+# (default 450); a failing step is recorded and the next one runs; the exit
+# status is non-zero if any step failed.  The pytest steps stop after 20
+# failures and use pytest-xdist (one worker per core, at most 16) where it is
+# installed.  GPU_CHECK_REPORT=0 leaves out the kernel report (it needs no GPU)
+# and GPU_CHECK_BENCH=--quick runs the bench's quick grid.  The checkout's
+# fastattn is imported through PYTHONPATH (nothing is installed).  Set PYTHON
+# to choose the interpreter.
 set -uo pipefail
 
 if [ "$#" -ne 1 ]; then
@@ -34,11 +40,16 @@ fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONIOENCODING=utf-8
 unset NUMBA_ENABLE_CUDASIM   # the real device, never the simulator
+# numba-cuda finds NVVM in pip's CUDA packages or in CUDA_HOME; point it at a system toolkit if needed
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda/nvvm ] \
+        && ! "$python" -c "from numba.cuda.cudadrv import nvvm; nvvm.NVVM()" > /dev/null 2>&1; then
+    export CUDA_HOME=/usr/local/cuda
+fi
 
 summary="$out/summary.txt"
 : > "$summary"
 failed=0
-deadline=$((SECONDS + 450))   # every step's limit is cut to what is left of 7.5 minutes
+deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-450}))   # every step's limit is cut to what is left
 
 # step NAME SECONDS LOG COMMAND...: run COMMAND with a time limit (SIGINT first,
 # so that pytest and the bench still write what they have), its output to the
@@ -87,29 +98,44 @@ step info 20 "$out/info.txt" "$python" -m fastattn info
 step gpu 30 "$out/gpu.txt" "$python" -c '
 import os, sys
 import fastattn
+import numba
 from numba import config, cuda
+from importlib.metadata import version
 print("fastattn imported from", fastattn.__file__)
+print("numba", numba.__version__, "numba-cuda", version("numba-cuda"))
 here = os.path.realpath(os.path.join(sys.argv[1], "fastattn"))
 assert os.path.realpath(os.path.dirname(fastattn.__file__)) == here, "expected the checkout fastattn in " + here
 assert not config.ENABLE_CUDASIM, "the CUDA simulator is on"
 assert cuda.is_available(), "numba sees no CUDA GPU"
 cuda.detect()
+from numba.cuda.cudadrv import nvvm
+print("NVVM", nvvm.NVVM().get_version(), "driver", cuda.cudadrv.driver.driver.get_version())
 ' "$repo"
 
-# 2. the CUDA tests on the device
-step "pytest -m cuda" 180 "$out/pytest_cuda.log" \
-    "$python" -m pytest -m cuda -q -x -p no:cacheprovider --junitxml="$out/pytest_cuda.xml"
+# 2. the CUDA tests on the device: first with the launch config users get, then the tests' small one
+workers=()
+if "$python" -c "import xdist" > /dev/null 2>&1; then
+    n="$(nproc 2>/dev/null || echo 1)"
+    workers=(-n "$((n < 16 ? n : 16))")
+fi
+FASTATTN_TEST_CUDA_CONFIG=default step "pytest -m cuda (default config)" 150 "$out/pytest_cuda_default.log" \
+    "$python" -m pytest -m cuda -q --maxfail=20 -p no:cacheprovider "${workers[@]}"
 
-# 3. the kernel report (registers, spills, float64, mma), where the checkout has it
-if timeout 30 "$python" -m fastattn cuda-report --help > /dev/null 2>&1; then
+# 3. the GPU section of the benchmark (its own deadline; compiling comes first)
+step "bench --backend cuda" 170 "$out/bench_cuda.log" \
+    "$python" -m fastattn bench --backend cuda ${GPU_CHECK_BENCH:-} --json "$out/bench_cuda.json"
+
+step "pytest -m cuda" 150 "$out/pytest_cuda.log" \
+    "$python" -m pytest -m cuda -q --maxfail=20 -p no:cacheprovider "${workers[@]}"
+
+# 4. the kernel report (registers, spills, float64, mma), where the checkout has it
+if [ "${GPU_CHECK_REPORT:-1}" = "0" ]; then
+    skip cuda-report "GPU_CHECK_REPORT=0"
+elif timeout 30 "$python" -m fastattn cuda-report --help > /dev/null 2>&1; then
     step cuda-report 60 "$out/cuda_report.log" "$python" -m fastattn cuda-report --json "$out/cuda_report.json"
 else
     skip cuda-report "python -m fastattn cuda-report is not in this checkout"
 fi
-
-# 4. the GPU section of the benchmark (its own deadline is 120 s; compiling comes first)
-step "bench --backend cuda" 160 "$out/bench_cuda.log" \
-    "$python" -m fastattn bench --backend cuda --json "$out/bench_cuda.json"
 
 echo "== summary ($out/summary.txt) =="
 cat "$summary"

@@ -5,6 +5,7 @@ Run the CPU suite with ``pytest -m "not cuda"`` and the CUDA suite with
 before numba is imported, hence two invocations).  On a machine with a GPU the
 second command without the variable runs the same tests on the hardware.
 """
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -38,6 +39,19 @@ CUDA_TEST_CONFIG = dict(cuda_threads=8, cuda_tiles=(2, 2, 2, 4), cuda_max_head_d
                         cuda_paged_block_k=4, cuda_paged_threads=8, cuda_split_min_keys=5, cuda_proj_tile=4)
 
 CUDA = pytest.mark.cuda
+
+
+def use_test_cuda_config(monkeypatch):
+    """Shrink the CUDA launch config to :data:`CUDA_TEST_CONFIG` for this test (undone after it).
+
+    ``FASTATTN_TEST_CUDA_CONFIG=default`` keeps the package's own config, so that
+    on a real GPU the same tests check the kernels as users launch them
+    (``scripts/gpu_check.sh`` runs the suite both ways).
+    """
+    if os.environ.get("FASTATTN_TEST_CUDA_CONFIG", "small") == "default":
+        return
+    for name, value in CUDA_TEST_CONFIG.items():
+        monkeypatch.setattr(fastattn.config, name, value)
 
 
 def pytest_configure(config):
@@ -138,8 +152,7 @@ def device(request, monkeypatch):
         reason = cuda_unavailable_reason()
         if reason:
             pytest.skip(reason)
-        for name, value in CUDA_TEST_CONFIG.items():
-            monkeypatch.setattr(fastattn.config, name, value)
+        use_test_cuda_config(monkeypatch)
     return Device(request.param)
 
 

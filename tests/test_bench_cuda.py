@@ -130,15 +130,15 @@ def test_in_turn_stops_once_the_budget_is_spent_after_a_whole_round():
 
 def test_tables_format_rows_failures_and_missing_peers():
     case = Case("forward", seq=1024, causal=True, heads_q=16, heads_kv=16, batch=4, head_dim=64)
-    rows = [_bench_cuda.dense_row(case, 2e-3, 1e-3, torch_seconds=1e-3, torch_best=1e-3),
+    rows = [_bench_cuda.dense_row(case, 2e-3, 1e-3, torch_seconds=1e-3, torch_best=1e-3, torch_diff=3e-4),
             _bench_cuda.dense_row(case, 2e-3, 1e-3),
             _bench_cuda.dense_row(case, None, None, error="CudaAPIError: out of memory")]
     lines = _bench_cuda.format_dense(rows).splitlines()
     assert len(lines) == 5 and lines[0].startswith("op") and set(lines[1]) <= {"-", " "}
     tflops = f"{case.flops / 2e-3 / 1e12:.2f}"
-    assert lines[2].split()[-5:] == ["2.000", tflops, "1.000", f"{case.flops / 1e-3 / 1e12:.2f}", "0.50"]
-    assert lines[3].split()[-5:] == ["2.000", tflops, "—", "—", "—"]
-    assert lines[4].split()[-5:] == ["failed", "—", "—", "—", "—"]
+    assert lines[2].split()[-6:] == ["2.000", tflops, "1.000", f"{case.flops / 1e-3 / 1e12:.2f}", "0.50", "0.0003"]
+    assert lines[3].split()[-6:] == ["2.000", tflops, "—", "—", "—", "—"]
+    assert lines[4].split()[-6:] == ["failed", "—", "—", "—", "—", "—"]
     paged = PagedCase("decode", "float8_e4m3fn", batch=8, context=4096, heads_q=32, heads_kv=8, head_dim=128)
     lines = _bench_cuda.format_decode([_bench_cuda.paged_row(paged, paged.kv_bytes / 1e12, None, 4000.0),
                                        _bench_cuda.paged_row(paged, None, None, 4000.0, error="x")]).splitlines()
@@ -181,9 +181,10 @@ def test_gpu_check_script_parses():
 def test_gpu_check_script_names_each_step():
     text = SCRIPT.read_text(encoding="utf-8")
     assert "bash scripts/gpu_check.sh /tmp/gpu_out" in text.splitlines()[1]
-    for step in ("nvidia-smi", '-m fastattn info', "-m pytest -m cuda -q -x", "unset NUMBA_ENABLE_CUDASIM",
+    for step in ("nvidia-smi", '-m fastattn info', "-m pytest -m cuda -q", "unset NUMBA_ENABLE_CUDASIM",
+                 "FASTATTN_TEST_CUDA_CONFIG=default",
                  "-m fastattn cuda-report --help", 'cuda-report --json "$out/cuda_report.json"',
-                 'bench --backend cuda --json "$out/bench_cuda.json"', "timeout", 'PYTHONPATH="$repo'):
+                 'bench --backend cuda ${GPU_CHECK_BENCH:-} --json "$out/bench_cuda.json"', "timeout", 'PYTHONPATH="$repo'):
         assert step in text, f"scripts/gpu_check.sh: expected {step!r}"
     assert "pip install" not in text, "the GPU machine has no network"
 
@@ -208,14 +209,17 @@ def test_gpu_check_script_runs_every_step_records_failures_and_goes_on(tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
     summary = (out / "summary.txt").read_text(encoding="utf-8").splitlines()
     assert [line.split(":")[0] for line in summary] == [
-        "nvidia-smi", "info", "gpu", "pytest -m cuda", "cuda-report", "bench --backend cuda"]
-    assert summary[3].startswith("pytest -m cuda: FAILED (exit 1"), summary
-    assert all(line.split(": ")[1].startswith("ok") for line in summary[4:]), summary
+        "nvidia-smi", "info", "gpu", "pytest -m cuda (default config)", "bench --backend cuda", "pytest -m cuda",
+        "cuda-report"]
+    for failed in (3, 5):
+        assert summary[failed].split(": ")[1].startswith("FAILED (exit 1"), summary
+    assert all(summary[ok].split(": ")[1].startswith("ok") for ok in (4, 6)), summary
     calls = log.read_text(encoding="utf-8").splitlines()
     assert all(call.endswith(f"sim=unset | path={ROOT}") for call in calls), calls
-    assert calls[-1].startswith(f"-m fastattn bench --backend cuda --json {out}/bench_cuda.json")
-    assert any(c.startswith(f"-m fastattn cuda-report --json {out}/cuda_report.json") for c in calls), calls
-    assert "1 failed" in (out / "pytest_cuda.log").read_text(encoding="utf-8")
+    assert any(c.startswith(f"-m fastattn bench --backend cuda --json {out}/bench_cuda.json") for c in calls), calls
+    assert calls[-1].startswith(f"-m fastattn cuda-report --json {out}/cuda_report.json"), calls
+    for name in ("pytest_cuda.log", "pytest_cuda_default.log"):
+        assert "1 failed" in (out / name).read_text(encoding="utf-8")
 
 
 # --- the builders under the simulator (tiny shapes) ---------------------------------------

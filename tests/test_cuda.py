@@ -8,7 +8,7 @@ import pytest
 
 import fastattn
 from cases import F16, F32, Case, Shape, backward_reference, inputs, random
-from conftest import CUDA, CUDA_TEST_CONFIG, assert_close, cuda_unavailable_reason
+from conftest import CUDA, use_test_cuda_config, assert_close, cuda_unavailable_reason
 from fastattn import reference
 
 pytestmark = CUDA
@@ -19,8 +19,7 @@ def cuda(monkeypatch):
     reason = cuda_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    for name, value in CUDA_TEST_CONFIG.items():
-        monkeypatch.setattr(fastattn.config, name, value)
+    use_test_cuda_config(monkeypatch)
     from numba import cuda
 
     return cuda

@@ -4,7 +4,7 @@ import pytest
 
 import fastattn
 from cases import BF16, DTYPE_ID, F16, F32, F64, backward_reference, random
-from conftest import CUDA, CUDA_TEST_CONFIG, Device, assert_close, cuda_unavailable_reason, on_devices
+from conftest import CUDA, use_test_cuda_config, Device, assert_close, cuda_unavailable_reason, on_devices
 from fastattn import reference
 
 
@@ -250,8 +250,7 @@ def test_layer_and_inputs_on_different_devices_are_rejected(monkeypatch):
     reason = cuda_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    for name, value in CUDA_TEST_CONFIG.items():
-        monkeypatch.setattr(fastattn.config, name, value)
+    use_test_cuda_config(monkeypatch)
     device = Device("cuda")
     layer = fastattn.MultiheadAttention(8, 2, seed=0)
     with pytest.raises(TypeError, match=r"^query: expected an array on the layer's device \(cpu\)"):
