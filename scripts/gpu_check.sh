@@ -118,6 +118,9 @@ if "$python" -c "import xdist" > /dev/null 2>&1; then
     n="$(nproc 2>/dev/null || echo 1)"
     workers=(-n "$((n < 16 ? n : 16))")
 fi
+if ! "$python" -c "import dask, distributed" > /dev/null 2>&1; then
+    workers+=(--ignore=tests/test_dask.py)   # its module imports dask (no CUDA tests there)
+fi
 FASTATTN_TEST_CUDA_CONFIG=default step "pytest -m cuda (default config)" 150 "$out/pytest_cuda_default.log" \
     "$python" -m pytest -m cuda -q --maxfail=20 -p no:cacheprovider "${workers[@]}"
 
