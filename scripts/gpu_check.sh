@@ -113,23 +113,23 @@ print("NVVM", nvvm.NVVM().get_version(), "driver", cuda.cudadrv.driver.driver.ge
 ' "$repo"
 
 # 2. the CUDA tests on the device: first with the launch config users get, then the tests' small one
-workers=()
+pytest_args=()
 if "$python" -c "import xdist" > /dev/null 2>&1; then
     n="$(nproc 2>/dev/null || echo 1)"
-    workers=(-n "$((n < 16 ? n : 16))")
+    pytest_args=(-n "$((n < 16 ? n : 16))")
 fi
 if ! "$python" -c "import dask, distributed" > /dev/null 2>&1; then
-    workers+=(--ignore=tests/test_dask.py)   # its module imports dask (no CUDA tests there)
+    pytest_args+=(--ignore=tests/test_dask.py)   # its module imports dask (no CUDA tests there)
 fi
 FASTATTN_TEST_CUDA_CONFIG=default step "pytest -m cuda (default config)" 150 "$out/pytest_cuda_default.log" \
-    "$python" -m pytest -m cuda -q --maxfail=20 -p no:cacheprovider "${workers[@]}"
+    "$python" -m pytest -m cuda -q --maxfail=20 -p no:cacheprovider "${pytest_args[@]}"
 
 # 3. the GPU section of the benchmark (its own deadline; compiling comes first)
 step "bench --backend cuda" 170 "$out/bench_cuda.log" \
     "$python" -m fastattn bench --backend cuda ${GPU_CHECK_BENCH:-} --json "$out/bench_cuda.json"
 
 step "pytest -m cuda" 150 "$out/pytest_cuda.log" \
-    "$python" -m pytest -m cuda -q --maxfail=20 -p no:cacheprovider "${workers[@]}"
+    "$python" -m pytest -m cuda -q --maxfail=20 -p no:cacheprovider "${pytest_args[@]}"
 
 # 4. the kernel report (registers, spills, float64, mma), where the checkout has it
 if [ "${GPU_CHECK_REPORT:-1}" = "0" ]; then
