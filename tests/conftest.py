@@ -113,11 +113,11 @@ class Device:
         """A CPU array stays as it is; on CUDA it becomes a device array (None stays None)."""
         if self.name == "cpu" or x is None:
             return x
-        x = np.asarray(x)
-        if x.dtype.kind == "V":  # numba knows no ml_dtypes (bfloat16, fp8): move the bits, then view them
-            bits = np.dtype(f"uint{8 * x.dtype.itemsize}")
-            return cuda.to_device(np.ascontiguousarray(x).view(bits)).view(x.dtype)
-        return cuda.to_device(x)
+        x = np.ascontiguousarray(x)
+        # numba knows no ml_dtypes (bfloat16, fp8; float8_e5m2's kind is even "f"): move the bits, then view them
+        bits = fastattn._dtypes.bits_view(x) if x.dtype.kind in "fV" else x
+        dev = cuda.to_device(bits)
+        return dev if bits.dtype == x.dtype else dev.view(x.dtype)
 
     def get(self, x):
         """The NumPy array of a result, checking that it lives on this device."""

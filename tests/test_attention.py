@@ -300,11 +300,11 @@ def test_strided_views_are_accepted(device, rng):
     big_kv = random((1, 2, 18, 16), dtype, rng)
     big_dout = random((1, 4, 7, 16), dtype, rng)
     slopes = random((8,), np.float64, rng) ** 2
-    q, k, v, dout = big_q[:, :, ::2], big_kv[:, :, ::2, :8], big_kv[:, :, 1::2, 8:], big_dout[..., ::2]
+    q, k, v, dout = big_q[:, :, ::2], big_kv[:, :, ::2, :8], big_kv[:, :, 1::2, 8:], big_dout[:, :, :, ::2]
     assert q.shape == shape.q and k.shape == v.shape == shape.kv and dout.shape == shape.q
     options = {"causal": True, "softcap": 2.0}
     dev_q, dev_kv, dev_dout = device.put(big_q), device.put(big_kv), device.put(big_dout)
-    dq_, dk_, dv_, ddout = dev_q[:, :, ::2], dev_kv[:, :, ::2, :8], dev_kv[:, :, 1::2, 8:], dev_dout[..., ::2]
+    dq_, dk_, dv_, ddout = dev_q[:, :, ::2], dev_kv[:, :, ::2, :8], dev_kv[:, :, 1::2, 8:], dev_dout[:, :, :, ::2]
     dslopes = device.put(slopes)[::2]
     out, lse = fastattn.attention(dq_, dk_, dv_, return_lse=True, alibi_slopes=dslopes, **options)
     grads = fastattn.attention_backward(ddout, dq_, dk_, dv_, out, lse, alibi_slopes=dslopes, **options)
