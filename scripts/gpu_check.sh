@@ -12,6 +12,7 @@
 #   pytest_cuda_default.log   python -m pytest -m cuda -q, NUMBA_ENABLE_CUDASIM unset, with the
 #                      package's own launch config (FASTATTN_TEST_CUDA_CONFIG=default: the kernels users run)
 #   pytest_cuda.log    the same with the tests' small launch config (many tiles on tiny shapes)
+#   profile.txt        python scripts/gpu_profile.py: kernel time against wall time per call
 #   cuda_report.log, cuda_report.json   python -m fastattn cuda-report (when the checkout has it)
 #   bench_cuda.log, bench_cuda.json     python -m fastattn bench --backend cuda
 # Each step has its own time limit, cut to what is left of GPU_CHECK_SECONDS
@@ -130,6 +131,8 @@ step "bench --backend cuda" 170 "$out/bench_cuda.log" \
 
 step "pytest -m cuda" 150 "$out/pytest_cuda.log" \
     "$python" -m pytest -m cuda -q --maxfail=20 -p no:cacheprovider "${pytest_args[@]}"
+
+step profile 90 "$out/profile.txt" "$python" scripts/gpu_profile.py
 
 # 4. the kernel report (registers, spills, float64, mma), where the checkout has it
 if [ "${GPU_CHECK_REPORT:-1}" = "0" ]; then

@@ -210,10 +210,10 @@ def test_gpu_check_script_runs_every_step_records_failures_and_goes_on(tmp_path)
     summary = (out / "summary.txt").read_text(encoding="utf-8").splitlines()
     assert [line.split(":")[0] for line in summary] == [
         "nvidia-smi", "info", "gpu", "pytest -m cuda (default config)", "bench --backend cuda", "pytest -m cuda",
-        "cuda-report"]
+        "profile", "cuda-report"]
     for failed in (3, 5):
         assert summary[failed].split(": ")[1].startswith("FAILED (exit 1"), summary
-    assert all(summary[ok].split(": ")[1].startswith("ok") for ok in (4, 6)), summary
+    assert all(summary[ok].split(": ")[1].startswith("ok") for ok in (4, 6, 7)), summary
     calls = log.read_text(encoding="utf-8").splitlines()
     assert all(call.endswith(f"sim=unset | path={ROOT}") for call in calls), calls
     assert any(c.startswith(f"-m fastattn bench --backend cuda --json {out}/bench_cuda.json") for c in calls), calls

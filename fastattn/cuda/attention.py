@@ -353,25 +353,27 @@ def _make_merge(dtype, out_dtype):
     zero, neg_inf = acc(0.0), acc(-math.inf)
 
     def merge_kernel(outs, lses, out_mult, out, lse):
+        """One block a row: every thread weighs the parts (the row's lse values are read by the
+        whole block at once), then the threads share the row's features, reads coalesced."""
         n_parts, n_rows, dim = outs.shape
-        r = cuda.grid(1)
-        if r < n_rows:
-            top = neg_inf
+        r = cuda.blockIdx.x
+        top = neg_inf
+        for p in range(n_parts):
+            top = max(top, lses[p, r])
+        total = zero
+        if top != neg_inf:
             for p in range(n_parts):
-                top = max(top, lses[p, r])
-            total = zero
-            if top != neg_inf:
-                for p in range(n_parts):
-                    total += math.exp(lses[p, r] - top)
-            scale = zero
-            if total > zero:
-                scale = out_mult / total
-            for d in range(dim):
-                x = zero
-                for p in range(n_parts):
-                    if lses[p, r] != neg_inf:
-                        x += math.exp(lses[p, r] - top) * load(outs[p, r, d])
-                out[r, d] = store(x * scale)
+                total += math.exp(lses[p, r] - top)
+        scale = zero
+        if total > zero:
+            scale = out_mult / total
+        for d in range(cuda.threadIdx.x, dim, cuda.blockDim.x):
+            x = zero
+            for p in range(n_parts):
+                if lses[p, r] != neg_inf:
+                    x += math.exp(lses[p, r] - top) * load(outs[p, r, d])
+            out[r, d] = store(x * scale)
+        if cuda.threadIdx.x == 0:
             lse[r] = top + math.log(total) if total > zero else neg_inf
 
     return merge_kernel
@@ -481,9 +483,9 @@ def merge(outs, lses, dtype, out_mult=1.0):
     lse = _launch.empty(tuple(lses.shape)[1:], lses.dtype)
     rows = lse.size
     if rows:
-        threads = config.cuda_threads
+        threads = min(config.cuda_threads, max(1, -(-dim // 32)) * 32)  # one block a row, a warp per 32 features
         acc_np = np.dtype(lses.dtype).type
-        _merge_kernel(outs.dtype, dtype)[_launch.blocks(rows, threads), threads](
+        _merge_kernel(outs.dtype, dtype)[rows, threads](
             _launch.kernel_view(outs).reshape(n_parts, rows, dim), lses.reshape(n_parts, rows),
             acc_np(out_mult), _launch.kernel_view(out).reshape(rows, dim), lse.reshape(rows))
     return out, lse
