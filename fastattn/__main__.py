@@ -24,7 +24,7 @@ def _bench(args):
 
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     backends = ("cpu", "cuda") if args.backend == "all" else (args.backend,)
-    _bench.run(size, backends, json_path=args.json)
+    _bench.run(size, backends, json_path=args.json, peers=args.peers)
     return 0
 
 
@@ -101,6 +101,8 @@ def main(argv=None):
     bench.add_argument("--json", metavar="FILE", help="also write the rows and machine info as JSON")
     bench.add_argument("--backend", choices=("cpu", "cuda", "all"), default="all",
                        help="which kernels to time (default: all; CUDA needs a real GPU)")
+    bench.add_argument("--peers", action="store_true",
+                       help="add PyTorch side by side on the CPU (needs torch: pip install \"fastattn[compare]\")")
     bench.set_defaults(func=_bench)
     from ._precompile import DTYPES, OPS
 

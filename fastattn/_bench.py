@@ -345,8 +345,11 @@ def sweep(size, stream):
     return points
 
 
-def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
+def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None, peers=False):
     """Measure sgemm, the CPU tables, then the GPU section; print and return the CPU rows.
+
+    ``peers=True`` adds the PyTorch section (:mod:`fastattn._bench_torch`) after the
+    CPU tables, kept under ``"torch"`` in the JSON report.
 
     The GPU section (:mod:`fastattn._bench_cuda`) runs only on a real GPU;
     otherwise a note says why it was skipped.  The JSON report holds it under
@@ -406,6 +409,12 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
         paged_rows, bandwidth, paged_ratios = _bench_paged.run(size, stream, ["cpu"])
         _say(stream, "", end="\n")
         projection_rows = _bench_projection.run(size, stream)
+    torch_section = None
+    if peers and "cpu" in backends:
+        from . import _bench_torch
+
+        _say(stream, "", end="\n")
+        torch_section = _bench_torch.run(size, stream)
     if "cuda" in backends and gpu is None:
         from . import _bench_cuda
 
@@ -418,6 +427,8 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None):
                       machine=_info.machine_info())
         if "cuda" in backends:
             report["gpu"] = gpu
+        if peers:
+            report["torch"] = torch_section
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
         _say(stream, f"wrote {json_path}", end="\n")

@@ -187,3 +187,57 @@ def test_precompile_rejects_an_unknown_operation(capsys):
     with pytest.raises(SystemExit):
         main(["precompile", "--ops", "everything"])
     assert "expected names from attention,paged" in capsys.readouterr().err
+
+
+# --- bench --peers: PyTorch side by side ----------------------------------------------------
+
+def test_peers_section_says_why_without_torch(monkeypatch):
+    import io
+
+    from fastattn import _bench_torch
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    stream = io.StringIO()
+    section = _bench_torch.run("tiny", stream)
+    assert section == dict(torch=None, rows=[], note=section["note"])
+    assert section["note"].startswith("PyTorch rows skipped: torch is not installed")
+    assert 'fastattn[compare]' in stream.getvalue()
+
+
+def test_peers_table_formats_one_line_per_row():
+    from fastattn import _bench_torch
+
+    rows = [dict(name="forward", dtype="float32", shape="1×8×8×128×64", time_ms=2.0, torch_ms=4.0, ratio=0.5)]
+    lines = _bench_torch.format_table(rows).splitlines()
+    assert lines[0].split() == ["op", "dtype", "shape", "fastattn", "ms", "torch", "ms", "fastattn/torch"]
+    assert lines[2].split()[-3:] == ["2.00", "4.00", "0.50"]
+
+
+def test_peers_cases_cover_the_issue_list():
+    from fastattn import _bench_torch
+
+    labels = [label for label, _ in _bench_torch.cases("tiny")]
+    for label in ("forward", "forward causal", "forward+backward causal", "forward GQA", "dense decode",
+                  "paged decode", "paged prefill", "qkv projection", "output projection",
+                  "layer forward+backward"):
+        assert label in labels
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_peers_compute_what_fastattn_computes(index):
+    """Each PyTorch peer returns fastattn's result (so the ratio compares like with like)."""
+    torch = pytest.importorskip("torch")  # an optional peer: the compare extra
+    from fastattn import _bench_torch
+
+    label, case = _bench_torch.cases("tiny")[index]
+    ours, theirs = _bench_torch.pair(torch, case)
+    got, expected = ours(), theirs()
+    if label == "layer forward+backward":  # different weights: only the shapes can agree
+        assert len(expected) == 1 + len(list(torch.nn.MultiheadAttention(8, 2).parameters()))
+        return
+    got = got if isinstance(got, (tuple, list)) else [got]
+    expected = expected if isinstance(expected, (tuple, list)) else [expected]
+    tol = 2e-2 if case.dtype == "float16" else 1e-4
+    for a, b in zip(got, expected):
+        b = b.detach().float().numpy()
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol, atol=tol)
