@@ -26,7 +26,7 @@ SIZES = {
 
 @dataclass(frozen=True)
 class ProjectionCase:
-    op: str                 #: "qkv", "output" or "layer"
+    op: str                 #: "qkv", "output", "qkv backward", "output backward" or "layer"
     dtype: str = "float32"
     batch: int = 4
     seq: int = 512
@@ -53,6 +53,8 @@ class ProjectionCase:
             return qkv
         if self.op == "output":
             return out
+        if self.op.endswith("backward"):  # two GEMMs: the input's gradient and the weight's
+            return 2.0 * (qkv if self.op == "qkv backward" else out)
         attention = 4.0 * self.batch * self.heads_q * self.seq * self.seq * self.head_dim / 2  # causal
         return 3.0 * (qkv + out) + 3.5 * attention  # forward + backward (2 GEMMs per projection GEMM)
 
@@ -61,7 +63,8 @@ def table(size="full"):
     s = SIZES[size]
     base = {k: s[k] for k in ("batch", "seq", "hidden", "heads_q", "heads_kv", "head_dim")}
     return [ProjectionCase("qkv", "float32", **base), ProjectionCase("qkv", "bfloat16", **base),
-            ProjectionCase("output", "float32", **base), ProjectionCase("layer", "float32", **base)]
+            ProjectionCase("output", "float32", **base), ProjectionCase("qkv backward", "float32", **base),
+            ProjectionCase("output backward", "float32", **base), ProjectionCase("layer", "float32", **base)]
 
 
 def make_inputs(case, seed=0):
@@ -75,6 +78,14 @@ def make_inputs(case, seed=0):
              weight=normal(case.n_qkv, case.hidden, scale=case.hidden ** -0.5), bias=normal(case.n_qkv),
              attn_out=normal(case.batch, case.seq, p), out_weight=normal(case.hidden, p, scale=p ** -0.5),
              out_bias=normal(case.hidden), residual=normal(case.batch, case.seq, case.hidden))
+    if case.op == "qkv backward":
+        x["dq"] = normal(case.batch, case.heads_q, case.seq, case.head_dim)
+        x["dk"], x["dv"] = (normal(case.batch, case.heads_kv, case.seq, case.head_dim) for _ in range(2))
+        # the bare GEMMs' operand: the same gradient as one [B*S, N] matrix
+        x["dy_qkv"] = np.ascontiguousarray(np.concatenate(
+            [x[n].transpose(0, 2, 1, 3).reshape(case.batch * case.seq, -1) for n in ("dq", "dk", "dv")], axis=1))
+    if case.op == "output backward":
+        x["dout"] = normal(case.batch, case.seq, case.hidden)
     if case.op == "layer":
         x["layer"] = fastattn.MultiheadAttention(case.hidden, case.heads_q, case.heads_kv, dtype=dtype, seed=seed)
         x["dout"] = normal(case.batch, case.seq, case.hidden)
@@ -89,6 +100,12 @@ def kernel(case, x):
     if case.op == "output":
         return lambda: fastattn.fused_output_projection_residual(x["attn_out"], x["out_weight"], x["out_bias"],
                                                                  x["residual"])
+    if case.op == "qkv backward":
+        return lambda: fastattn.fused_qkv_projection_backward(x["dq"], x["dk"], x["dv"], x["x"], x["weight"],
+                                                              has_bias=True)
+    if case.op == "output backward":
+        return lambda: fastattn.fused_output_projection_residual_backward(x["dout"], x["attn_out"],
+                                                                          x["out_weight"], has_bias=True)
 
     def forward_backward():
         x["layer"].forward(x["x"], causal=True)
@@ -97,11 +114,18 @@ def kernel(case, x):
 
 
 def bare(case, x):
-    """The bare NumPy matmul of the same shape (for the layer: None)."""
+    """The bare NumPy matmuls of the same shapes (a backward: its two GEMMs; for the layer: None)."""
+    tokens = case.batch * case.seq
     if case.op == "qkv":
         return lambda: x["x"] @ x["weight"].T
     if case.op == "output":
         return lambda: x["attn_out"] @ x["out_weight"].T
+    if case.op.endswith("backward"):
+        if case.op == "qkv backward":
+            dy, w, inp = x["dy_qkv"], x["weight"], x["x"].reshape(tokens, -1)
+        else:
+            dy, w, inp = x["dout"].reshape(tokens, -1), x["out_weight"], x["attn_out"].reshape(tokens, -1)
+        return lambda: (dy @ w, dy.T @ inp)
     return None
 
 
@@ -116,6 +140,18 @@ def unfused(case, x):
         return qkv
     if case.op == "output":
         return lambda: x["attn_out"] @ x["out_weight"].T + x["out_bias"] + x["residual"]
+    if case.op == "qkv backward":
+        def qkv_backward():
+            dy = np.concatenate([x[n].transpose(0, 2, 1, 3).reshape(b * s, -1) for n in ("dq", "dk", "dv")], axis=1)
+            inp = x["x"].reshape(b * s, -1)
+            return (dy @ x["weight"]).reshape(x["x"].shape), dy.T @ inp, dy.sum(axis=0)
+        return qkv_backward
+    if case.op == "output backward":
+        def output_backward():
+            dy = x["dout"].reshape(b * s, -1)
+            dattn = (dy @ x["out_weight"]).reshape(x["attn_out"].shape)
+            return dattn, dy.T @ x["attn_out"].reshape(b * s, -1), dy.sum(axis=0), x["dout"].copy()
+        return output_backward
     return None
 
 
@@ -164,8 +200,11 @@ def measure(case, settings, stream):
         parts = layer_parts(case, x)
         for fn in parts.values():
             fn()
-        times = interleaved([run, *parts.values()], settings["repeats"])
-        seconds, peer_s, bare_s = times[0], sum(times[1:]), None
+        # the layer keeps every GEMM on numba's threads, the public parts use NumPy's BLAS: timed in
+        # turn, each would start while the other's threads still spin, so the two are timed apart
+        (seconds,) = interleaved([run], settings["repeats"])
+        times = [seconds, *interleaved(list(parts.values()), settings["repeats"])]
+        peer_s, bare_s = sum(times[1:]), None
         detail = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in zip(parts, times[1:]))
         stream.write(f" {seconds * 1e3:.1f} ms; parts {peer_s * 1e3:.1f} ms ({detail})\n")
     else:
@@ -195,7 +234,9 @@ def run(size, stream):
     stream.write("projections and the attention layer (cpu; each timed in turn with its peers):\n")
     rows = [measure(case, settings, stream) for case in table(size)]
     stream.write("\n" + format_table(rows) + "\n")
-    stream.write("÷ bare matmul: time / time of the bare x @ weight.T (1.00 = the GEMM alone); vs unfused: "
+    stream.write("÷ bare matmul: time / time of the bare x @ weight.T (a backward: of its two GEMMs, "
+                 "dy @ weight and dy.T @ x; 1.00 = the GEMMs alone); vs unfused: "
                  "time of NumPy's matmul + bias + split + transpose + copy / time of fastattn; for the "
-                 "layer, forward+backward against the sum of its parts called one by one\n")
+                 "layer, forward+backward against the sum of its parts called one by one (the layer and its parts "
+                 "timed apart, each part in turn with the others)\n")
     return rows

@@ -18,8 +18,7 @@ class Config:
     cpu_paged_block_k: int = 256    #: keys gathered from the paged cache per GEMM tile
     cpu_decode_block_k: int = 64    #: keys per tile of the register-blocked paged decode kernel
     cpu_split_min_keys: int = 1024  #: shortest key range worth a split of its own (split-KV decode)
-    cpu_proj_block_m: int = 512     #: tokens per projection GEMM tile (fewer if the cores need tasks)
-    cpu_proj_block_n: int = 1536    #: output columns per projection GEMM tile (likewise)
+    cpu_proj_pool: str = "numpy"    #: whose threads run the projection GEMMs: "numpy" (its BLAS) or "numba"
     cuda_threads: int = 128         #: threads per block of the element-wise CUDA kernels (delta, merge, ...)
     cuda_tiles: Optional[tuple] = None        #: (tm, tn, ny, nx) for every dense CUDA kernel; None: the tuned table
     cuda_max_head_dim: int = 256    #: the largest head dimension the CUDA kernels take

@@ -74,8 +74,8 @@ def fused_qkv_projection_backward(dq, dk, dv, x, weight, *, has_bias=False):
     dx : array, shape [B, S, H]
     dweight : array, shape [(Hq + 2*Hkv)*D, H]
     dbias : array, shape [(Hq + 2*Hkv)*D], or None without a bias
-        In the dtype of ``x``.  Weight gradients sum over tokens in a fixed
-        order on the CPU (the same bits every run).
+        In the dtype of ``x``.  On the CPU each gradient is one BLAS GEMM
+        (the same bits every run at a given BLAS thread count).
 
     Raises
     ------

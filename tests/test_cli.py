@@ -164,7 +164,7 @@ def test_bench_tiny_reports_the_projection_table(tmp_path):
         assert (row["vs_bare"] is None) == (row["op"] == "layer"), row
 
 
-@pytest.mark.parametrize("op", ["qkv", "output"])
+@pytest.mark.parametrize("op", ["qkv", "output", "qkv backward", "output backward"])
 def test_projection_bench_peers_compute_the_same(op):
     from fastattn import _bench_projection
 
@@ -173,8 +173,13 @@ def test_projection_bench_peers_compute_the_same(op):
     x = _bench_projection.make_inputs(case)
     got = _bench_projection.kernel(case, x)()
     expected = _bench_projection.unfused(case, x)()
-    for a, b in zip(got if op == "qkv" else [got], expected if op == "qkv" else [expected]):
+    single = op == "output"
+    for a, b in zip([got] if single else got, [expected] if single else expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    if op.endswith("backward"):  # the bare GEMMs are the same input and weight gradients
+        dx, dw = _bench_projection.bare(case, x)()
+        np.testing.assert_allclose(dx.reshape(got[0].shape), got[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dw, got[1], rtol=1e-5, atol=1e-5)
 
 
 def test_precompile_calls_the_chosen_operations(capsys):
