@@ -1,6 +1,6 @@
 """airspeed velocity benchmarks of the dense attention kernels.
 
-The cases, inputs, kernels and NumPy peer come from :mod:`fastattn._bench`,
+The cases, inputs, kernels and NumPy peer come from :mod:`fastattn.bench.dense`,
 the module behind ``python -m fastattn bench``, so both measure the same
 thing.  Inputs and a warm-up call live in ``setup``; compile time is measured
 on its own by the ``time_compile_*`` benchmarks.  CUDA classes raise
@@ -12,9 +12,9 @@ import subprocess
 import sys
 import tempfile
 
-from fastattn import _bench
+from fastattn.bench import core as bench_core, dense as bench_dense
 
-_SEQ = list(_bench.ASV_SEQ_LENS)
+_SEQ = list(bench_dense.ASV_SEQ_LENS)
 
 
 class _Runs:
@@ -23,12 +23,12 @@ class _Runs:
     backend = "cpu"
 
     def _prepare(self, cases):
-        sync = _bench.cuda_sync if self.backend == "cuda" else (lambda: None)
+        sync = bench_core.cuda_sync if self.backend == "cuda" else (lambda: None)
         self.sync = sync
         self.runs, self.inputs = {}, {}
         for name, case in cases.items():
-            self.inputs[name] = _bench.make_inputs(case, self.backend)
-            self.runs[name] = _bench.kernel(case, self.inputs[name])
+            self.inputs[name] = bench_dense.make_inputs(case, self.backend)
+            self.runs[name] = bench_dense.kernel(case, self.inputs[name])
             self.runs[name]()  # compile (or load from the cache) and warm up
             sync()
 
@@ -40,18 +40,18 @@ class _Runs:
 class TimeAttention(_Runs):
     """Forward, causal forward and causal backward, B=1, H=8, D=64, over dtype x N."""
 
-    params = (list(_bench.DTYPES), _SEQ)
+    params = (list(bench_dense.DTYPES), _SEQ)
     param_names = ["dtype", "seq"]
     timeout = 300  # the float16 NumPy peer has no BLAS: ~20 s per call at N=2048 on 2 cores
 
     def setup(self, dtype, seq):
         self._prepare({
-            "forward": _bench.Case("forward", dtype=dtype, seq=seq),
-            "forward_causal": _bench.Case("forward", dtype=dtype, seq=seq, causal=True),
-            "backward": _bench.Case("backward", dtype=dtype, seq=seq, causal=True),
+            "forward": bench_dense.Case("forward", dtype=dtype, seq=seq),
+            "forward_causal": bench_dense.Case("forward", dtype=dtype, seq=seq, causal=True),
+            "backward": bench_dense.Case("backward", dtype=dtype, seq=seq, causal=True),
         })
-        case = _bench.Case("forward", dtype=dtype, seq=seq)
-        self.peer = _bench.peer(case, self.inputs["forward"])
+        case = bench_dense.Case("forward", dtype=dtype, seq=seq)
+        self.peer = bench_dense.peer(case, self.inputs["forward"])
 
     def time_forward(self, dtype, seq):
         self._time("forward")
@@ -74,8 +74,8 @@ class TimeAttentionGQA(_Runs):
     param_names = ["heads_kv"]
 
     def setup(self, heads_kv):
-        seq = _bench.ASV_SEQ_LENS[-1]
-        self._prepare({op: _bench.Case(op, seq=seq, causal=True, heads_kv=heads_kv)
+        seq = bench_dense.ASV_SEQ_LENS[-1]
+        self._prepare({op: bench_dense.Case(op, seq=seq, causal=True, heads_kv=heads_kv)
                        for op in ("forward", "backward")})
 
     def time_forward(self, heads_kv):
@@ -95,19 +95,19 @@ class MemForwardLong:
     timeout = 300
 
     def setup(self):
-        case = _bench.Case("forward", seq=_bench.LONG_SEQ, heads_q=1, heads_kv=1)
-        small = _bench.Case("forward", seq=256, heads_q=1, heads_kv=1)
-        _bench.kernel(small, _bench.make_inputs(small))()  # compile on small inputs
-        self.run = _bench.kernel(case, _bench.make_inputs(case))
+        case = bench_dense.Case("forward", seq=bench_dense.LONG_SEQ, heads_q=1, heads_kv=1)
+        small = bench_dense.Case("forward", seq=256, heads_q=1, heads_kv=1)
+        bench_dense.kernel(small, bench_dense.make_inputs(small))()  # compile on small inputs
+        self.run = bench_dense.kernel(case, bench_dense.make_inputs(case))
 
     def peakmem_forward_long(self):
         self.run()
 
 
 _COMPILE_SCRIPT = """
-from fastattn import _bench
-case = _bench.Case({op!r}, dtype={dtype!r}, seq=64, heads_q=2, heads_kv=2, head_dim=32)
-_bench.kernel(case, _bench.make_inputs(case, {backend!r}))()
+from fastattn.bench import dense as bench_dense
+case = bench_dense.Case({op!r}, dtype={dtype!r}, seq=64, heads_q=2, heads_kv=2, head_dim=32)
+bench_dense.kernel(case, bench_dense.make_inputs(case, {backend!r}))()
 """
 
 
@@ -128,7 +128,7 @@ class TimeCompile:
 
     def setup(self):
         if self.backend == "cuda":
-            usable, reason = _bench.cuda_status()
+            usable, reason = bench_core.cuda_status()
             if not usable:
                 raise NotImplementedError(reason)
 
@@ -153,11 +153,11 @@ class TimeCompile:
         self._compile("backward")
 
 
-class TimeAttentionCUDA(_bench.CUDAOnly, TimeAttention):
+class TimeAttentionCUDA(bench_core.CUDAOnly, TimeAttention):
     """TimeAttention on device arrays (synchronised after every call); peer on the host."""
 
 
-class TimeAttentionGQACUDA(_bench.CUDAOnly, TimeAttentionGQA):
+class TimeAttentionGQACUDA(bench_core.CUDAOnly, TimeAttentionGQA):
     """TimeAttentionGQA on device arrays."""
 
 

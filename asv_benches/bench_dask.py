@@ -3,7 +3,7 @@ import dask.array as da
 
 import fastattn
 import fastattn.dask
-from fastattn import _bench_dask
+from fastattn.bench import scaleout as bench_scaleout
 
 
 class TimeDaskAttention:
@@ -18,8 +18,8 @@ class TimeDaskAttention:
 
     def setup(self):
         shape, chunk = (1, 8, 8192, 64), 2048
-        self.cluster, self.client = _bench_dask.local_cluster()
-        inputs, self.qkv = _bench_dask.inputs(self.client, shape, chunk)
+        self.cluster, self.client = bench_scaleout.local_cluster()
+        inputs, self.qkv = bench_scaleout.inputs(self.client, shape, chunk)
         self.distributed = fastattn.dask.attention(*inputs, causal=True)
         self.threaded = fastattn.dask.attention(*(da.from_array(x, chunks=(1, 8, chunk, 64)) for x in self.qkv),
                                                 causal=True)

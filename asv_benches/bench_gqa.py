@@ -2,7 +2,7 @@
 import numpy as np
 
 import fastattn
-from fastattn import _bench
+from fastattn.bench import core as bench_core
 
 
 class TimeRepeatKV:
@@ -13,7 +13,7 @@ class TimeRepeatKV:
 
     def setup(self, dtype):
         rng = np.random.default_rng(0)
-        self.kv = rng.standard_normal((4, 8, 2048, 128), np.float32).astype(_bench.numpy_dtype(dtype))
+        self.kv = rng.standard_normal((4, 8, 2048, 128), np.float32).astype(bench_core.numpy_dtype(dtype))
         self.dkv = rng.standard_normal((4, 32, 2048, 128), np.float32).astype(self.kv.dtype)
         fastattn.repeat_kv(self.kv, 4)
         fastattn.repeat_kv_backward(self.dkv, 4)

@@ -1,6 +1,6 @@
 """airspeed velocity benchmarks of the paged attention family.
 
-The cases, inputs, kernels and NumPy peers come from :mod:`fastattn._bench_paged`,
+The cases, inputs, kernels and NumPy peers come from :mod:`fastattn.bench.paged`,
 the module behind the paged table of ``python -m fastattn bench``.  Decode
 runs at the issue's shape (B=8, context 4096, Hq=32, Hkv=8, D=128, block 16);
 ``track_read_bandwidth`` records the machine's read bandwidth in the same run
@@ -8,9 +8,9 @@ so that a decode time converts into a fraction of it.  CUDA classes raise
 ``NotImplementedError`` in ``setup`` (asv reports them as skipped) unless a
 real GPU is present.
 """
-from fastattn import _bench, _bench_paged
+from fastattn.bench import core as bench_core, paged as bench_paged
 
-_FULL = _bench_paged.SIZES["full"]
+_FULL = bench_paged.SIZES["full"]
 _BASE = dict(batch=_FULL["batch"], context=_FULL["context"], heads_q=_FULL["heads_q"],
              heads_kv=_FULL["heads_kv"], head_dim=_FULL["head_dim"])
 
@@ -20,9 +20,9 @@ class _Paged:
 
     def _prepare(self, case):
         self.case = case
-        self.x = _bench_paged.make_inputs(case, backend=self.backend)
-        self.run = _bench_paged.kernel(case, self.x)
-        self.sync = _bench.cuda_sync if self.backend == "cuda" else (lambda: None)
+        self.x = bench_paged.make_inputs(case, backend=self.backend)
+        self.run = bench_paged.kernel(case, self.x)
+        self.sync = bench_core.cuda_sync if self.backend == "cuda" else (lambda: None)
         self.run()  # compile (or load the cache) and warm up
         self.sync()
 
@@ -41,8 +41,8 @@ class TimePagedDecode(_Paged):
     def setup(self, dtype, layout):
         if layout == "dense" and dtype.startswith("float8"):
             raise NotImplementedError("dense attention takes no fp8 keys")
-        self._prepare(_bench_paged.PagedCase("decode" if layout == "paged" else "dense decode", dtype, **_BASE))
-        self.peer = _bench_paged.peer(self.case, self.x)
+        self._prepare(bench_paged.PagedCase("decode" if layout == "paged" else "dense decode", dtype, **_BASE))
+        self.peer = bench_paged.peer(self.case, self.x)
 
     def time_decode(self, dtype, layout):
         self._time()
@@ -63,7 +63,7 @@ class TimePagedLongContext(_Paged):
     timeout = 300
 
     def setup(self, threads):
-        self._prepare(_bench_paged.PagedCase("decode", "float16", threads=threads,
+        self._prepare(bench_paged.PagedCase("decode", "float16", threads=threads,
                                              **dict(_BASE, batch=1, context=_FULL["long_context"])))
         from numba import get_num_threads, set_num_threads
 
@@ -86,7 +86,7 @@ class TimePagedPrefill(_Paged):
     timeout = 300
 
     def setup(self):
-        self._prepare(_bench_paged.PagedCase("prefill", "float16", seq_q=_FULL["chunk"], **dict(_BASE, batch=1)))
+        self._prepare(bench_paged.PagedCase("prefill", "float16", seq_q=_FULL["chunk"], **dict(_BASE, batch=1)))
 
     def time_prefill(self):
         self._time()
@@ -101,7 +101,7 @@ class TimePagedBackward(_Paged):
     timeout = 300
 
     def setup(self):
-        self._prepare(_bench_paged.PagedCase("backward", "float32", seq_q=_FULL["chunk"] // 4,
+        self._prepare(bench_paged.PagedCase("backward", "float32", seq_q=_FULL["chunk"] // 4,
                                              **dict(_BASE, batch=2, context=_FULL["context"] // 4)))
 
     def time_backward(self):
@@ -118,8 +118,8 @@ class TimeWriteKVCache(_Paged):
     param_names = ["dtype"]
 
     def setup(self, dtype):
-        self._prepare(_bench_paged.PagedCase("write", dtype, seq_q=_FULL["chunk"], **_BASE))
-        self.peer = _bench_paged.peer(self.case, self.x)
+        self._prepare(bench_paged.PagedCase("write", dtype, seq_q=_FULL["chunk"], **_BASE))
+        self.peer = bench_paged.peer(self.case, self.x)
 
     def time_write(self, dtype):
         self._time()
@@ -139,16 +139,16 @@ class TrackReadBandwidth:
     timeout = 300
 
     def track_read_bandwidth(self):
-        return _bench_paged.read_bandwidth(512)
+        return bench_paged.read_bandwidth(512)
 
 
-class TimePagedDecodeCUDA(_bench.CUDAOnly, TimePagedDecode):
+class TimePagedDecodeCUDA(bench_core.CUDAOnly, TimePagedDecode):
     """TimePagedDecode on device arrays (synchronised after every call)."""
 
 
-class TimePagedPrefillCUDA(_bench.CUDAOnly, TimePagedPrefill):
+class TimePagedPrefillCUDA(bench_core.CUDAOnly, TimePagedPrefill):
     """TimePagedPrefill on device arrays."""
 
 
-class TimePagedBackwardCUDA(_bench.CUDAOnly, TimePagedBackward):
+class TimePagedBackwardCUDA(bench_core.CUDAOnly, TimePagedBackward):
     """TimePagedBackward on device arrays."""

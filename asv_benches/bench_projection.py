@@ -1,11 +1,11 @@
 """airspeed velocity benchmarks of the fused projections and the MultiheadAttention layer.
 
-Cases, inputs and peers come from :mod:`fastattn._bench_projection` (the
+Cases, inputs and peers come from :mod:`fastattn.bench.projection` (the
 module behind the projection table of ``python -m fastattn bench``): B=4,
 S=512, H=1024, 16 query heads, 4 KV heads, D=64.  Each fused op sits next to
 the bare matmul of the same shape and the unfused NumPy path it replaces.
 """
-from fastattn import _bench_projection as bp
+from fastattn.bench import projection as bp
 
 _FULL = {k: bp.SIZES["full"][k] for k in ("batch", "seq", "hidden", "heads_q", "heads_kv", "head_dim")}
 

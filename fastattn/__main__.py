@@ -2,7 +2,7 @@
 
 ``info`` prints versions, numba's threading layer and thread count, the CUDA
 devices numba sees, the kernel cache directory and the CPU.  ``bench`` times the
-named cases of :mod:`fastattn._bench` (the ones asv measures too) against this
+named cases of :mod:`fastattn.bench` (the ones asv measures too) against this
 machine's sgemm rate and a plain-NumPy peer.  ``cuda-report`` compiles every
 CUDA kernel for a compute capability, without a GPU, and prints what ptxas made
 of each (:mod:`fastattn._cuda_report`).
@@ -20,11 +20,11 @@ def _info(args):
 
 
 def _bench(args):
-    from . import _bench
+    from . import bench
 
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     backends = ("cpu", "cuda") if args.backend == "all" else (args.backend,)
-    _bench.run(size, backends, json_path=args.json, peers=args.peers)
+    bench.run(size, backends, json_path=args.json, peers=args.peers)
     return 0
 
 

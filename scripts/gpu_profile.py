@@ -22,10 +22,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fastattn import _bench_cuda  # noqa: E402
-from fastattn._bench import Case, kernel  # noqa: E402
-from fastattn._bench_paged import PagedCase  # noqa: E402
-from fastattn._bench_paged import kernel as paged_kernel  # noqa: E402
+from fastattn.bench import gpu as bench_gpu  # noqa: E402
+from fastattn.bench.dense import Case, kernel  # noqa: E402
+from fastattn.bench.paged import PagedCase  # noqa: E402
+from fastattn.bench.paged import kernel as paged_kernel  # noqa: E402
 
 
 def cases(tiny):
@@ -48,8 +48,8 @@ def call_of(case):
     import fastattn
 
     if isinstance(case, PagedCase):
-        return paged_kernel(case, _bench_cuda.paged_inputs(case))
-    x = _bench_cuda.dense_inputs(case)
+        return paged_kernel(case, bench_gpu.paged_inputs(case))
+    x = bench_gpu.dense_inputs(case)
     if case.op == "backward":
         x["out"], x["lse"] = fastattn.attention(x["q"], x["k"], x["v"], causal=case.causal, return_lse=True)
     return kernel(case, x)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fastattn import _bench, _bench_paged
+from fastattn.bench import dense as bench_dense, paged as bench_paged
 
 pytest.importorskip("matplotlib")
 
@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def synthetic_report():
     """A report with the keys ``python -m fastattn bench --json`` writes, over the tiny cases."""
     sweep = [dict(op=c.label, seq=c.seq, fastattn_s=1e-6 * c.seq ** 1.5, numpy_s=4e-6 * c.seq ** 1.8)
-             for c in _bench.sweep_cases("tiny")]
+             for c in bench_dense.sweep_cases("tiny")]
     paged_rows = [dict(name=c.label, op=c.op, backend="cpu", dtype=c.dtype, shape=c.shape, gb_s=1.0 + i,
                        pct_bandwidth=10.0 * (1 + i), time_ms=1.0, peer_ms=2.0, speedup=2.0, gflops=None)
-                  for i, c in enumerate(_bench_paged.table("tiny"))]
+                  for i, c in enumerate(bench_paged.table("tiny"))]
     return dict(size="tiny", sweep=sweep, paged_rows=paged_rows, read_bandwidth_gbs=7.5,
                 machine=dict(cpu=dict(model="Test CPU", cores=2), threads=2, threading_layer="omp"))
 

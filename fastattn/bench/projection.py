@@ -7,14 +7,13 @@ copy).  The layer's forward+backward is compared with the sum of its parts
 timed one by one.  Timings of a case and its peers are interleaved, so that a
 busy machine slows them alike.
 """
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 import fastattn
 
-from ._bench import numpy_dtype
+from .core import interleaved, numpy_dtype
 
 #: Shapes of the CLI table: the issue's B=4, S=512, H=1024, 16 query heads, 4 KV heads, D=64.
 SIZES = {
@@ -177,17 +176,6 @@ def layer_parts(case, x):
         "attention backward": lambda: fastattn.attention_backward(dout_heads, q, k, v, out, lse, causal=True),
         "qkv backward": lambda: fastattn.fused_qkv_projection_backward(dq, dk, dv, x["x"], w, has_bias=True),
     }
-
-
-def interleaved(fns, repeats):
-    """Best time of each callable, calling them in turn ``repeats`` times."""
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
 
 
 def measure(case, settings, stream):

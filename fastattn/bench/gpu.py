@@ -9,7 +9,7 @@ mean nothing):
   second, and that rate as a share of the copy rate;
 - dense attention forward and backward in float32, float16 and bfloat16 at
   ``N`` = 1024, 4096 and 16384, ``D`` = 64 and 128, causal and not, in
-  TFLOP/s (FLOPs as in :mod:`fastattn._bench`), beside PyTorch's
+  TFLOP/s (FLOPs as in :mod:`fastattn.bench.dense`), beside PyTorch's
   ``scaled_dot_product_attention`` on the same memory when PyTorch sees the
   GPU.
 
@@ -27,9 +27,10 @@ from dataclasses import asdict
 import numpy as np
 
 import fastattn
-from fastattn._bench import DTYPES, Case, _say, kernel, numpy_dtype, to_device
-from fastattn._bench_paged import PagedCase
-from fastattn._bench_paged import kernel as paged_kernel
+from .core import numpy_dtype, say, to_device
+from .dense import DTYPES, Case, kernel
+from .paged import PagedCase
+from .paged import kernel as paged_kernel
 
 #: The grids and time budgets of the section (``budget_s`` is the whole section's deadline).
 SIZES = {
@@ -322,7 +323,7 @@ def _error(exc):
 
 def measure_decode(case, settings, copy_gbs, stream):
     """Time one decode case on the device; return its row."""
-    _say(stream, f"  {case.label} {case.dtype} {case.shape}:")
+    say(stream, f"  {case.label} {case.dtype} {case.shape}:")
     try:
         x = paged_inputs(case)
         fn = paged_kernel(case, x)
@@ -330,11 +331,11 @@ def measure_decode(case, settings, copy_gbs, stream):
         timer = _timer(fn, event_timer(fn))
         (samples,) = in_turn([timer], settings["repeats"], settings["case_budget_s"])
     except Exception as exc:
-        _say(stream, f" failed: {_error(exc)}", end="\n")
+        say(stream, f" failed: {_error(exc)}", end="\n")
         return paged_row(case, None, None, copy_gbs, error=_error(exc))
     row = paged_row(case, *_seconds(samples), copy_gbs, calls=len(samples))
     share = "" if row["pct_copy"] is None else f" ({row['pct_copy']:.0f}% of copy)"
-    _say(stream, f" {row['seconds'] * 1e3:.3f} ms, {row['gb_s']:.0f} GB/s{share}", end="\n")
+    say(stream, f" {row['seconds'] * 1e3:.3f} ms, {row['gb_s']:.0f} GB/s{share}", end="\n")
     return row
 
 
@@ -356,7 +357,7 @@ def relative_diff(ours, theirs):
 
 def measure_dense(case, x, settings, torch, stream):
     """Time one dense case, fastattn and PyTorch in turn, on shared inputs; return its row."""
-    _say(stream, f"  {case.label} {case.dtype} {case.shape}:")
+    say(stream, f"  {case.label} {case.dtype} {case.shape}:")
     try:
         x = dict(x)
         if case.op == "backward":
@@ -365,7 +366,7 @@ def measure_dense(case, x, settings, torch, stream):
         ours()  # compile (or load the cache) and warm up
         timers = [_timer(ours, event_timer(ours))]
     except Exception as exc:
-        _say(stream, f" failed: {_error(exc)}", end="\n")
+        say(stream, f" failed: {_error(exc)}", end="\n")
         return dense_row(case, None, None, error=_error(exc))
     torch_error = None
     if torch is not None:
@@ -392,7 +393,7 @@ def measure_dense(case, x, settings, torch, stream):
         text += f"; max diff from torch {diff:.2g}"
     if torch_error:
         text += f"; torch failed: {torch_error}"
-    _say(stream, text, end="\n")
+    say(stream, text, end="\n")
     return row
 
 
@@ -452,19 +453,19 @@ def run(size, stream):
     notes = [torch_note] if torch_note else []
     section = dict(size=size, settings=settings, device=device_name(), torch=torch and torch.__version__,
                    copy_bandwidth_gbs=None, decode_rows=[], dense_rows=[], skipped=[], notes=notes)
-    _say(stream, f"GPU: {section['device']}; "
+    say(stream, f"GPU: {section['device']}; "
                  + (f"torch {torch.__version__}" if torch else torch_note), end="\n")
     cases = [("decode", c) for c in decode_cases(size)] + [("dense", c) for c in dense_cases(size)]
     done, interrupted = 0, False
     try:
-        _say(stream, f"measuring copy bandwidth (device-to-device, {settings['copy_mib']} MiB)…")
+        say(stream, f"measuring copy bandwidth (device-to-device, {settings['copy_mib']} MiB)…")
         try:
             section["copy_bandwidth_gbs"] = copy_gbs = copy_bandwidth(settings["copy_mib"])
-            _say(stream, f" {copy_gbs:.0f} GB/s (read + written)", end="\n")
+            say(stream, f" {copy_gbs:.0f} GB/s (read + written)", end="\n")
         except Exception as exc:
             copy_gbs = None
             notes.append(f"copy bandwidth not measured ({_error(exc)}): no % copy bw column")
-            _say(stream, f" failed: {_error(exc)}", end="\n")
+            say(stream, f" failed: {_error(exc)}", end="\n")
         inputs = (None, None)  # the last dense case's shape and inputs: causal and op share them
         for kind, case in cases:
             if time.perf_counter() > deadline:
@@ -480,7 +481,7 @@ def run(size, stream):
                     except Exception as exc:
                         inputs = (key, _error(exc))
                 if isinstance(inputs[1], str):
-                    _say(stream, f"  {case.label} {case.dtype} {case.shape}: no inputs: {inputs[1]}", end="\n")
+                    say(stream, f"  {case.label} {case.dtype} {case.shape}: no inputs: {inputs[1]}", end="\n")
                     section["dense_rows"].append(dense_row(case, None, None, error=inputs[1]))
                 else:
                     section["dense_rows"].append(measure_dense(case, inputs[1], settings, torch, stream))
@@ -495,14 +496,14 @@ def run(size, stream):
                      "budget was spent")
     section["skipped"] = skipped
     if section["decode_rows"]:
-        _say(stream, "\n" + format_decode(section["decode_rows"]), end="\n")
-        _say(stream, "% copy bw: KV cache bytes read per second over the device-to-device copy rate "
+        say(stream, "\n" + format_decode(section["decode_rows"]), end="\n")
+        say(stream, "% copy bw: KV cache bytes read per second over the device-to-device copy rate "
                      "(bytes read + written per second) measured above", end="\n")
     if section["dense_rows"]:
-        _say(stream, "\n" + format_dense(section["dense_rows"]), end="\n")
-        _say(stream, "time: median of samples timed in turn with PyTorch (CUDA events); "
+        say(stream, "\n" + format_dense(section["dense_rows"]), end="\n")
+        say(stream, "time: median of samples timed in turn with PyTorch (CUDA events); "
                      "fastattn/torch: fastattn's TFLOP/s over PyTorch's scaled_dot_product_attention's; "
                      "diff: max|fastattn - torch| / max|torch| of the results", end="\n")
     for note in notes:
-        _say(stream, note, end="\n")
+        say(stream, note, end="\n")
     return section

@@ -26,12 +26,11 @@ from dataclasses import asdict
 
 import numpy as np
 
-import fastattn
-
-from . import _bench, _bench_paged, _bench_projection
-from ._bench import Case, _say
-from ._bench_paged import PagedCase
-from ._bench_projection import ProjectionCase, interleaved
+from . import dense, paged, projection
+from .core import interleaved, say
+from .dense import Case
+from .paged import PagedCase
+from .projection import ProjectionCase
 
 #: Sizes of the section (dense rows use the CLI table's sequence length, heads and head dim).
 SIZES = {
@@ -55,22 +54,22 @@ def torch_status():
 
 def cases(size="full"):
     """``(label, case)`` pairs of the section, in print order."""
-    s = _bench.SIZES[size]
-    dense = dict(seq=s["seq"], heads_q=s["heads"], heads_kv=s["heads"], head_dim=s["head_dim"])
-    paged = _bench_paged.SIZES[size]
-    base = dict(batch=paged["batch"], context=paged["context"], heads_q=paged["heads_q"],
-                heads_kv=paged["heads_kv"], head_dim=paged["head_dim"])
-    proj = {k: _bench_projection.SIZES[size][k] for k in ("batch", "seq", "hidden", "heads_q", "heads_kv",
+    s = dense.SIZES[size]
+    shape = dict(seq=s["seq"], heads_q=s["heads"], heads_kv=s["heads"], head_dim=s["head_dim"])
+    sizes = paged.SIZES[size]
+    base = dict(batch=sizes["batch"], context=sizes["context"], heads_q=sizes["heads_q"],
+                heads_kv=sizes["heads_kv"], head_dim=sizes["head_dim"])
+    proj = {k: projection.SIZES[size][k] for k in ("batch", "seq", "hidden", "heads_q", "heads_kv",
                                                           "head_dim")}
     return [
-        ("forward", Case("forward", **dense)),
-        ("forward causal", Case("forward", causal=True, **dense)),
-        ("forward+backward causal", Case("forward+backward", causal=True, **dense)),
-        ("forward GQA", Case("forward", **{**dense, "heads_kv": max(1, s["heads"] // 4)})),
+        ("forward", Case("forward", **shape)),
+        ("forward causal", Case("forward", causal=True, **shape)),
+        ("forward+backward causal", Case("forward+backward", causal=True, **shape)),
+        ("forward GQA", Case("forward", **{**shape, "heads_kv": max(1, s["heads"] // 4)})),
         ("dense decode", PagedCase("dense decode", "float32", **base)),
         ("paged decode", PagedCase("decode", "float32", **base)),
         ("paged decode", PagedCase("decode", "float16", **base)),
-        ("paged prefill", PagedCase("prefill", "float16", seq_q=paged["chunk"], **dict(base, batch=1))),
+        ("paged prefill", PagedCase("prefill", "float16", seq_q=sizes["chunk"], **dict(base, batch=1))),
         ("qkv projection", ProjectionCase("qkv", "float32", **proj)),
         ("output projection", ProjectionCase("output", "float32", **proj)),
         ("layer forward+backward", ProjectionCase("layer", "float32", **{**proj, "heads_kv": proj["heads_q"]})),
@@ -171,25 +170,25 @@ def projection_peer(torch, case, x):
 def pair(torch, case):
     """(fastattn's callable, PyTorch's callable) on shared inputs."""
     if isinstance(case, Case):
-        x = _bench.make_inputs(case)
-        return _bench.kernel(case, x), dense_peer(torch, case, x["host"])
+        x = dense.make_inputs(case)
+        return dense.kernel(case, x), dense_peer(torch, case, x["host"])
     if isinstance(case, PagedCase):
-        x = _bench_paged.make_inputs(case)
-        return _bench_paged.kernel(case, x), paged_peer(torch, case, x)
-    x = _bench_projection.make_inputs(case)
-    return _bench_projection.kernel(case, x), projection_peer(torch, case, x)
+        x = paged.make_inputs(case)
+        return paged.kernel(case, x), paged_peer(torch, case, x)
+    x = projection.make_inputs(case)
+    return projection.kernel(case, x), projection_peer(torch, case, x)
 
 
 # --- the section ------------------------------------------------------------------------
 
 def measure(torch, label, case, repeats, stream):
     """Time fastattn and PyTorch in turn on one case; return its row."""
-    _say(stream, f"  {label} {case.dtype} {case.shape}:")
+    say(stream, f"  {label} {case.dtype} {case.shape}:")
     ours, theirs = pair(torch, case)
     ours()  # compile (or load the cache) and warm up, both sides
     theirs()
     ours_s, theirs_s = interleaved([ours, theirs], repeats)
-    _say(stream, f" fastattn {ours_s * 1e3:.2f} ms, torch {theirs_s * 1e3:.2f} ms", end="\n")
+    say(stream, f" fastattn {ours_s * 1e3:.2f} ms, torch {theirs_s * 1e3:.2f} ms", end="\n")
     return dict(name=label, dtype=case.dtype, shape=case.shape, case=asdict(case), time_ms=ours_s * 1e3,
                 torch_ms=theirs_s * 1e3, ratio=ours_s / theirs_s)
 
@@ -211,15 +210,15 @@ def run(size, stream):
     """Print the PyTorch section and return ``{"torch": version or None, "rows": [...], "note": ...}``."""
     torch, why = torch_status()
     if torch is None:
-        _say(stream, why, end="\n")
+        say(stream, why, end="\n")
         return dict(torch=None, rows=[], note=why)
     repeats = SIZES[size]["repeats"]
-    _say(stream, f"PyTorch {torch.__version__} side by side (cpu, {torch.get_num_threads()} torch threads; "
+    say(stream, f"PyTorch {torch.__version__} side by side (cpu, {torch.get_num_threads()} torch threads; "
                  f"best of {repeats}, timed in turn):", end="\n")
     rows = [measure(torch, label, case, repeats, stream) for label, case in cases(size)]
-    _say(stream, "\n" + format_table(rows), end="\n")
+    say(stream, "\n" + format_table(rows), end="\n")
     note = ("fastattn/torch: fastattn's best time over PyTorch's (below 1: fastattn is faster); PyTorch: "
             "scaled_dot_product_attention (dense, GQA with enable_gqa), pages gathered by the block table "
             "then SDPA (paged), linear + reshapes (projections), nn.MultiheadAttention (layer)")
-    _say(stream, note, end="\n")
+    say(stream, note, end="\n")
     return dict(torch=torch.__version__, rows=rows, note=note)

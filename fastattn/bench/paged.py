@@ -12,9 +12,10 @@ import numpy as np
 from numba import get_num_threads, njit, prange, set_num_threads
 
 import fastattn
-from fastattn._bench import as_peer, best_time, numpy_dtype
-from fastattn._bench_projection import interleaved
 from fastattn.reference import naive_attention
+
+from .core import as_peer, best_time, cuda_sync, interleaved, numpy_dtype, to_device
+from .dense import naive_attention_backward
 
 #: Sizes of the CLI's paged table (the decode shape of the issue is "full").
 SIZES = {
@@ -104,8 +105,6 @@ def make_inputs(case, seed=0, backend="cpu"):
     """
     x = _host_inputs(case, seed)
     if backend == "cuda":
-        from ._bench import to_device
-
         device = {name: to_device(a) for name, a in x.items()}
         if case.op == "backward":
             device["out"], device["lse"] = fastattn.paged_attention(*_paged_args(device), causal=True,
@@ -181,8 +180,6 @@ def peer(case, x):
             x["v_cache"][slots // bs, slots % bs] = x["v"]
         return write
     if case.op == "backward":
-        from ._bench import naive_attention_backward
-
         def backward():
             k, v = (gather_dense(x[n], x["block_table"], case.context) for n in ("k_cache", "v_cache"))
             grads = naive_attention_backward(*as_peer(x["dout"], x["q"], k, v, x["out"]), causal=True)
@@ -242,8 +239,6 @@ def measure(case, settings, bandwidth, stream, backend="cpu"):
     x = make_inputs(case, backend=backend)
     timed = kernel(case, x)
     if backend == "cuda":
-        from ._bench import cuda_sync
-
         def run():
             timed()
             cuda_sync()

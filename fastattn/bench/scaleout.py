@@ -1,6 +1,6 @@
 """Overhead of :func:`fastattn.dask.attention` (2-worker LocalCluster, threaded scheduler) against the single call.
 
-Run ``python -m fastattn._bench_dask`` (defaults: B=1, H=8, S=32768, D=64,
+Run ``python -m fastattn.bench.scaleout`` (defaults: B=1, H=8, S=32768, D=64,
 causal, keys and queries in chunks of 4096).  Both sides use the same two
 cores: the single call runs numba's threads in this process, the cluster runs
 two single-threaded worker processes (``NUMBA_NUM_THREADS=1`` each).  The

@@ -7,16 +7,15 @@ cases over time.  FLOP counts follow FlashAttention's convention: a forward is
 ``4 * B * Hq * Sq * Sk * D`` (two GEMMs), halved for causal; a backward counts
 2.5 forwards (five GEMMs) and forward+backward 3.5.
 """
-import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 
-import ml_dtypes
 import numpy as np
 
 import fastattn
 from fastattn.reference import naive_attention, visible_mask
+
+from .core import as_peer, best_time, cuda_sync, interleaved, numpy_dtype, say, to_device
 
 DTYPES = ("float32", "float16", "bfloat16")
 _FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
@@ -78,11 +77,6 @@ def table(seq=2048, heads=8, head_dim=64):
     ]
 
 
-def numpy_dtype(name):
-    """The dtype of a case's name: NumPy's, or ml_dtypes' bfloat16 / fp8 formats."""
-    return np.dtype(getattr(ml_dtypes, name) if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2") else name)
-
-
 # --- inputs and the two things being timed ---------------------------------
 
 def make_inputs(case, backend="cpu", seed=0):
@@ -107,15 +101,6 @@ def make_inputs(case, backend="cpu", seed=0):
     return x
 
 
-def to_device(a):
-    """Copy a host array to the GPU; float16/bfloat16 travel as their uint16 bits."""
-    from numba import cuda
-
-    bits = fastattn._dtypes.bits_view(np.ascontiguousarray(a))
-    dev = cuda.to_device(bits)
-    return dev if bits.dtype == a.dtype else dev.view(a.dtype)
-
-
 def kernel(case, x):
     """A zero-argument callable that runs fastattn on the inputs of a case."""
     q, k, v, causal = x["q"], x["k"], x["v"], case.causal
@@ -128,18 +113,6 @@ def kernel(case, x):
         out, lse = fastattn.attention(q, k, v, causal=causal, return_lse=True)
         return fastattn.attention_backward(x["dout"], q, k, v, out, lse, causal=causal)
     return forward_backward
-
-
-def peer_dtype(dtype):
-    """What the NumPy peer computes in: float32 for float16 and bfloat16 inputs (NumPy has no BLAS for
-    float16 and no bfloat16 arithmetic, so a NumPy user converts), else the inputs' own dtype."""
-    dtype = np.dtype(dtype)
-    return np.dtype(np.float32) if dtype.name in ("float16", "bfloat16") else dtype
-
-
-def as_peer(*arrays):
-    """The arrays converted to :func:`peer_dtype` (no copy when they already are)."""
-    return [a.astype(peer_dtype(a.dtype), copy=False) for a in arrays]
 
 
 def peer(case, x):
@@ -201,68 +174,6 @@ def naive_forward_backward(dout, q, k, v, *, causal=False, scale=None):
     return _naive_grads(dout, q, k, v, out, p, scale)
 
 
-# --- timing ------------------------------------------------------------------
-
-def best_time(fn, repeats, budget_s=float("inf"), sync=None):
-    """Best wall time of up to ``repeats`` calls, stopping early once ``budget_s`` is spent."""
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats and (not times or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def sgemm_gflops(n, repeats=5):
-    """This machine's float32 GEMM rate through NumPy's BLAS (all its threads)."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), np.float32)
-    b = rng.standard_normal((n, n), np.float32)
-    a @ b
-    return 2.0 * n ** 3 / best_time(lambda: a @ b, repeats) / 1e9
-
-
-def cuda_status():
-    """(usable, reason): CUDA rows need a real GPU; the simulator's timings mean nothing."""
-    from numba import config, cuda
-
-    if config.ENABLE_CUDASIM:
-        return False, "CUDA rows skipped: the CUDA simulator is enabled (timings would be meaningless)"
-    try:
-        if cuda.is_available():
-            return True, ""
-    except Exception:
-        pass
-    return False, "CUDA rows skipped: no CUDA GPU found"
-
-
-def cuda_sync():
-    from numba import cuda
-
-    cuda.synchronize()
-
-
-class CUDAOnly:
-    """asv mixin: the same benchmark on device arrays; skipped (NotImplementedError in setup)
-    unless a real GPU is present."""
-
-    backend = "cuda"
-
-    def setup(self, *params):
-        usable, reason = cuda_status()
-        if not usable:
-            raise NotImplementedError(reason)
-        super().setup(*params)
-
-
-def _say(stream, text, end=""):
-    stream.write(text + end)
-    stream.flush()
-
-
 def measure(case, backend, settings, warm, peer_ms, sgemm, stream):
     """Time one case on one backend and return its table row (a dict).
 
@@ -271,11 +182,11 @@ def measure(case, backend, settings, warm, peer_ms, sgemm, stream):
     cache, the time to load them with a warm one.
     """
     sync = cuda_sync if backend == "cuda" else None
-    _say(stream, f"  {case.label} {backend} {case.dtype} {case.shape}:")
+    say(stream, f"  {case.label} {backend} {case.dtype} {case.shape}:")
     new = [name for name in _KERNELS[case.op] if (backend, name, case.dtype) not in warm]
     t0 = time.perf_counter()
     if new:
-        _say(stream, f" compiling {' and '.join(new)} kernel{'s' if len(new) > 1 else ''}…")
+        say(stream, f" compiling {' and '.join(new)} kernel{'s' if len(new) > 1 else ''}…")
     x = make_inputs(case, backend)  # a backward's inputs come from the forward kernel
     run = kernel(case, x)
     run()
@@ -284,14 +195,14 @@ def measure(case, backend, settings, warm, peer_ms, sgemm, stream):
     first_call_s = time.perf_counter() - t0
     if new:
         warm.update((backend, name, case.dtype) for name in new)
-        _say(stream, f" {first_call_s:.1f} s;")
+        say(stream, f" {first_call_s:.1f} s;")
     seconds = best_time(run, settings["repeats"], settings["budget_s"], sync)
-    _say(stream, f" {seconds * 1e3:.1f} ms;")
+    say(stream, f" {seconds * 1e3:.1f} ms;")
     if case not in peer_ms:
-        _say(stream, " numpy peer…")
+        say(stream, " numpy peer…")
         peer_ms[case] = 1e3 * best_time(peer(case, x), settings["peer_repeats"], settings["budget_s"])
-        _say(stream, f" {peer_ms[case]:.1f} ms")
-    _say(stream, "", end="\n")
+        say(stream, f" {peer_ms[case]:.1f} ms")
+    say(stream, "", end="\n")
     gflops = case.flops / seconds / 1e9
     return dict(name=case.label, op=case.op, causal=case.causal, backend=backend, dtype=case.dtype,
                 shape=case.shape, case=asdict(case), time_ms=seconds * 1e3, gflops=gflops,
@@ -328,10 +239,8 @@ def sweep(size, stream):
     ``repeats`` calls of each, the two called alternately so that a busy
     machine slows both alike).
     """
-    from ._bench_projection import interleaved
-
     repeats = SIZES[size]["repeats"]
-    _say(stream, f"sequence-length sweep (forward float32, B=1, H=8, D=64, best of {repeats} in turn):", end="\n")
+    say(stream, f"sequence-length sweep (forward float32, B=1, H=8, D=64, best of {repeats} in turn):", end="\n")
     points = []
     for case in sweep_cases(size):
         x = make_inputs(case)
@@ -340,96 +249,8 @@ def sweep(size, stream):
         naive()
         fastattn_s, numpy_s = interleaved([ours, naive], repeats)
         points.append(dict(op=case.label, seq=case.seq, fastattn_s=fastattn_s, numpy_s=numpy_s))
-        _say(stream, f"  {case.label:<15} N={case.seq:<5} fastattn {fastattn_s * 1e3:8.2f} ms  "
+        say(stream, f"  {case.label:<15} N={case.seq:<5} fastattn {fastattn_s * 1e3:8.2f} ms  "
                      f"numpy {numpy_s * 1e3:8.2f} ms  {numpy_s / fastattn_s:5.1f}×", end="\n")
     return points
 
 
-def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None, peers=False):
-    """Measure sgemm, the CPU tables, then the GPU section; print and return the CPU rows.
-
-    ``peers=True`` adds the PyTorch section (:mod:`fastattn._bench_torch`) after the
-    CPU tables, kept under ``"torch"`` in the JSON report.
-
-    The GPU section (:mod:`fastattn._bench_cuda`) runs only on a real GPU;
-    otherwise a note says why it was skipped.  The JSON report holds it under
-    ``"gpu"`` whenever the cuda backend was asked for.
-    """
-    from . import _bench_paged, _bench_projection, _info
-
-    stream = sys.stdout if stream is None else stream
-
-    settings = SIZES[size]
-    threads = _info.threading()
-    cpu = _info.cpu()
-    _say(stream, f"fastattn {fastattn.__version__} on {cpu['model']} ({cpu['cores']} cores), "
-                 f"numba {threads['threads']} threads ({threads['threading_layer']} layer)", end="\n")
-    for line in _info.blas():
-        _say(stream, f"BLAS: {line}", end="\n")
-    n = settings["sgemm"]
-    _say(stream, f"measuring sgemm (NumPy float32 matmul {n}×{n})…")
-    sgemm = sgemm_gflops(n)
-    _say(stream, f" {sgemm:.1f} GFLOP/s", end="\n")
-
-    cases = table(settings["seq"], settings["heads"], settings["head_dim"])
-    rows, notes, warm, peer_ms = [], [], set(), {}
-    gpu = None
-    for backend in backends:
-        if backend == "cuda":
-            # a real GPU gets its own section (below); the CPU's NumPy peer means nothing beside it
-            usable, reason = cuda_status()
-            gpu = dict(skipped=reason) if not usable else None
-            if not usable:
-                notes.append(reason)
-            continue
-        _say(stream, f"{backend} (compiling happens once per kernel and dtype; later runs load the cache):",
-             end="\n")
-        for case in cases:
-            rows.append(measure(case, backend, settings, warm, peer_ms, sgemm, stream))
-
-    if rows:
-        _say(stream, "", end="\n")
-        _say(stream, format_table(rows), end="\n")
-        _say(stream, f"% sgemm: of the {sgemm:.1f} GFLOP/s measured above; vs NumPy: time of "
-                     "fastattn.reference.naive_attention (or the NumPy backward peer) / time of fastattn; "
-                     "the peer computes float16/bfloat16 in float32 (converting in the timed call) and "
-                     "repeats K/V to Hq heads for GQA (np.repeat)", end="\n")
-    if any((r["pct_sgemm"] or 0) > 100 for r in rows):
-        notes.append("a row beats the measured sgemm rate: the machine was probably busy while sgemm "
-                     "ran; rerun on an idle machine")
-    for note in notes:
-        _say(stream, note, end="\n")
-    points = []
-    if "cpu" in backends:
-        _say(stream, "", end="\n")
-        points = sweep(size, stream)
-    paged_rows, bandwidth, paged_ratios, projection_rows = [], None, {}, []
-    if "cpu" in backends:
-        _say(stream, "", end="\n")
-        paged_rows, bandwidth, paged_ratios = _bench_paged.run(size, stream, ["cpu"])
-        _say(stream, "", end="\n")
-        projection_rows = _bench_projection.run(size, stream)
-    torch_section = None
-    if peers and "cpu" in backends:
-        from . import _bench_torch
-
-        _say(stream, "", end="\n")
-        torch_section = _bench_torch.run(size, stream)
-    if "cuda" in backends and gpu is None:
-        from . import _bench_cuda
-
-        _say(stream, "", end="\n")
-        gpu = _bench_cuda.run(size, stream)
-    if json_path:
-        report = dict(size=size, settings=settings, sgemm_gflops=sgemm, rows=rows, notes=notes,
-                      read_bandwidth_gbs=bandwidth, paged_rows=paged_rows, paged_ratios=paged_ratios,
-                      projection_rows=projection_rows, sweep=points,
-                      machine=_info.machine_info())
-        if "cuda" in backends:
-            report["gpu"] = gpu
-        if peers:
-            report["torch"] = torch_section
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
-        _say(stream, f"wrote {json_path}", end="\n")
-    return rows
