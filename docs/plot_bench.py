@@ -8,11 +8,14 @@ Usage::
 writes two PNG files into ``--out``:
 
 - ``seq_sweep.png``: time of the float32 forward (non-causal and causal) against
-  sequence length, fastattn and the plain-NumPy peer, log-log (the report's
-  ``"sweep"`` points);
+  sequence length, fastattn, the plain-NumPy peer and PyTorch's SDPA (when
+  the run had ``--peers``), log-log (the report's ``"sweep"`` points), with
+  the time the same FLOPs take at the sgemm rate measured in the run as a
+  dotted reference line;
 - ``paged_bandwidth.png``: the KV bytes per second of each CPU paged decode
   case, with the machine's read bandwidth measured in the same run drawn as a
-  line (``"paged_rows"`` and ``"read_bandwidth_gbs"``).
+  line (``"paged_rows"`` and ``"read_bandwidth_gbs"``), and PyTorch's gather +
+  SDPA on the same cache as a marker where the run measured it.
 
 Needs matplotlib (the ``docs`` extra); nothing is measured here.
 """
@@ -53,6 +56,12 @@ def plot_sweep(report, path):
         seqs = [p["seq"] for p in mine]
         ax.loglog(seqs, [p["fastattn_s"] * 1e3 for p in mine], "o-", label="fastattn")
         ax.loglog(seqs, [p["numpy_s"] * 1e3 for p in mine], "s--", label="plain NumPy")
+        if all("torch_s" in p for p in mine):
+            ax.loglog(seqs, [p["torch_s"] * 1e3 for p in mine], "^-.", label="PyTorch SDPA")
+        sgemm = report.get("sgemm_gflops")
+        if sgemm and all("flops" in p for p in mine):
+            ax.loglog(seqs, [p["flops"] / (sgemm * 1e9) * 1e3 for p in mine], ":", color="gray",
+                      label=f"its FLOPs at sgemm speed ({sgemm:.0f} GFLOP/s)")
         ax.set_xticks(seqs, [str(s) for s in seqs])
         ax.minorticks_off()
         ax.set_title(f"{op}, float32")
@@ -79,6 +88,10 @@ def plot_paged_bandwidth(report, path):
     colors = ["tab:gray" if r["op"] == "dense decode" else "tab:blue" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.5))
     ax.bar(range(len(rows)), [r["gb_s"] for r in rows], color=colors)
+    torch_gbs = torch_decode_gbs(report, rows)
+    if torch_gbs:
+        xs, ys = zip(*torch_gbs)
+        ax.plot(xs, ys, "k^", label="PyTorch: gather + SDPA, same cache")
     ax.axhline(bandwidth, color="tab:red", linestyle="--", label=f"read bandwidth {bandwidth:.1f} GB/s")
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("KV cache read, GB/s")
@@ -89,6 +102,19 @@ def plot_paged_bandwidth(report, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def torch_decode_gbs(report, rows):
+    """[(bar index, GB/s)] of PyTorch on the decode rows it was timed on (``--peers``): the
+    same KV bytes over PyTorch's time."""
+    torch_rows = (report.get("torch") or {}).get("rows") or []
+    out = []
+    for i, r in enumerate(rows):
+        for t in torch_rows:
+            if t["case"] == r["case"] and t.get("torch_ms"):
+                kv_bytes = r["gb_s"] * 1e9 * r["time_ms"] / 1e3
+                out.append((i, kv_bytes / (t["torch_ms"] / 1e3) / 1e9))
+    return out
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ what they share (timers, machine probes, printing) and imports none of them.
 - :mod:`~fastattn.bench.gpu`: the GPU section (a real GPU only);
 - :mod:`~fastattn.bench.scaleout`: ``fastattn.dask`` on a local cluster.
 """
+import functools
 import json
 import sys
 
@@ -79,7 +80,13 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None, peer
     points = []
     if "cpu" in backends:
         say(stream, "", end="\n")
-        points = sweep(size, stream)
+        torch_peer = None
+        if peers:
+            from . import torch_peers
+
+            torch = torch_peers.torch_status()[0]
+            torch_peer = None if torch is None else functools.partial(torch_peers.dense_peer, torch)
+        points = sweep(size, stream, torch_peer)
     paged_rows, bandwidth, paged_ratios, projection_rows = [], None, {}, []
     if "cpu" in backends:
         say(stream, "", end="\n")

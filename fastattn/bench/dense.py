@@ -232,25 +232,34 @@ def sweep_cases(size="full"):
     return [Case("forward", seq=seq, causal=causal) for seq in SWEEP_SEQ_LENS[size] for causal in (False, True)]
 
 
-def sweep(size, stream):
+def sweep(size, stream, torch_peer=None):
     """Time fastattn's CPU forward and its NumPy peer in turn over :func:`sweep_cases`; return the points.
 
-    Each point is ``{"op", "seq", "fastattn_s", "numpy_s"}`` (best seconds of
-    ``repeats`` calls of each, the two called alternately so that a busy
-    machine slows both alike).
+    Each point is ``{"op", "seq", "flops", "fastattn_s", "numpy_s"}`` (best seconds
+    of ``repeats`` calls of each, called alternately so that a busy machine
+    slows them alike); with ``torch_peer(case, host_inputs)``, a builder of
+    PyTorch's callable (:func:`fastattn.bench.torch_peers.dense_peer`), it joins
+    the turn and the point gets ``"torch_s"``.
     """
     repeats = SIZES[size]["repeats"]
-    say(stream, f"sequence-length sweep (forward float32, B=1, H=8, D=64, best of {repeats} in turn):", end="\n")
+    peers = "NumPy and PyTorch" if torch_peer is not None else "NumPy"
+    say(stream, f"sequence-length sweep (forward float32, B=1, H=8, D=64, best of {repeats}, in turn with "
+                f"{peers}):", end="\n")
     points = []
     for case in sweep_cases(size):
         x = make_inputs(case)
-        ours, naive = kernel(case, x), peer(case, x)
-        ours()  # compile (or load the cache) and warm up
-        naive()
-        fastattn_s, numpy_s = interleaved([ours, naive], repeats)
-        points.append(dict(op=case.label, seq=case.seq, fastattn_s=fastattn_s, numpy_s=numpy_s))
-        say(stream, f"  {case.label:<15} N={case.seq:<5} fastattn {fastattn_s * 1e3:8.2f} ms  "
-                     f"numpy {numpy_s * 1e3:8.2f} ms  {numpy_s / fastattn_s:5.1f}×", end="\n")
+        fns = [kernel(case, x), peer(case, x)]
+        if torch_peer is not None:
+            fns.append(torch_peer(case, x["host"]))
+        for fn in fns:  # compile (or load the cache) and warm up
+            fn()
+        times = interleaved(fns, repeats)
+        point = dict(op=case.label, seq=case.seq, flops=case.flops, fastattn_s=times[0], numpy_s=times[1])
+        text = (f"  {case.label:<15} N={case.seq:<5} fastattn {times[0] * 1e3:8.2f} ms  "
+                f"numpy {times[1] * 1e3:8.2f} ms  {times[1] / times[0]:5.1f}×")
+        if torch_peer is not None:
+            point["torch_s"] = times[2]
+            text += f"  torch {times[2] * 1e3:8.2f} ms"
+        points.append(point)
+        say(stream, text, end="\n")
     return points
-
-
