@@ -190,6 +190,34 @@ def test_inputs_are_not_modified(device, dtype, rng):
         assert after.tobytes() == before[n].tobytes(), f"{n} was modified"
 
 
+def test_cpu_backward_gives_the_same_bits_at_any_thread_count(rng, monkeypatch):
+    """The key splits follow the shape, not numba's thread count: 1 and 2 threads agree bit for bit."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:  # a one-core machine: numba may still start two threads
+        env = dict(os.environ, NUMBA_NUM_THREADS="2")
+        test = f"{__file__}::test_cpu_backward_gives_the_same_bits_at_any_thread_count"
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return
+    monkeypatch.setattr(fastattn.config, "cpu_bwd_block_k", 16)
+    shape = Shape(1, 8, 2, 57, 200, 32)
+    q, k, v, options = inputs(Case(shape, "all", F32), rng)
+    dout = random(q.shape, F32, rng)
+    out, lse = fastattn.attention(q, k, v, return_lse=True, **options)
+    before = numba.get_num_threads()
+    grads = {}
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            grads[threads] = fastattn.attention_backward(dout, q, k, v, out, lse, **options)
+    finally:
+        numba.set_num_threads(before)
+    for name, one, two in zip(("dq", "dk", "dv"), grads[1], grads[2]):
+        assert one.tobytes() == two.tobytes(), f"{name} differs between 1 and 2 threads"
+
+
 def test_backward_is_deterministic_with_gqa_and_key_splits(device, rng, monkeypatch):
     if device.name == "cpu":
         monkeypatch.setattr(fastattn.config, "cpu_bwd_block_k", 16)

@@ -197,14 +197,21 @@ def forward(q, k, v, slopes, spec):
     return out, lse
 
 
-def _num_splits(spec):
-    """Key splits per KV head so that there are a few tasks per core."""
-    from numba import get_num_threads
+#: Tasks the backward aims for, whatever the thread count: the key splits (and so the order in
+#: which dq's partial sums are added) follow the shape alone, so every thread count gives the same bits.
+#: Eight keeps a 2-core machine at its old speed (16 cost 9% at B=1, H=8, causal, from the extra
+#: split); a machine with more cores than B x Hkv x 8 tasks leaves some idle in the backward.
+BACKWARD_TASKS = 8
+#: At most this many partial dq arrays (each the size of q).
+MAX_BACKWARD_SPLITS = 8
 
+
+def _num_splits(spec):
+    """Key splits per KV head: about :data:`BACKWARD_TASKS` tasks, never from the thread count."""
     tasks = spec.batch * spec.heads_kv
     n_tiles = -(-spec.seq_k // config.cpu_bwd_block_k)
-    want = -(-4 * get_num_threads() // max(tasks, 1))
-    return max(1, min(want, n_tiles))
+    want = -(-BACKWARD_TASKS // max(tasks, 1))
+    return max(1, min(want, n_tiles, MAX_BACKWARD_SPLITS))
 
 
 def backward(dout, q, k, v, out, lse, slopes, spec):
