@@ -360,8 +360,8 @@ def run(size, stream, backends=("cpu",)):
     stream.write(f"% read bw: KV bytes read per second over the {bandwidth:.1f} GB/s measured above; "
                  "vs NumPy: time of a fancy-indexing gather + plain NumPy attention (float16 and fp8 caches "
                  "converted to float32 in the timed call, K/V repeated to Hq heads) / time of fastattn; "
-                 "dense decode: fastattn.attention on the gathered cache, which reads each KV head once "
-                 "per query head\n")
+                 "dense decode: fastattn.attention on the gathered cache (dense [B, Hkv, ctx, D] keys; "
+                 "each KV row read once per group of query heads, as in the paged kernel)\n")
     lines, ratios = summary(size) if "cpu" in backends else ([], {})
     for line in lines:
         stream.write(line + "\n")
