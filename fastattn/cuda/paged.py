@@ -60,23 +60,34 @@ def _fit(itemsize, db, rows, row_arrays, tile_arrays, score_arrays, limit):
     return rows, tile
 
 
-def _shape(name, acc, db):
+def _shape(name, acc, db, want=None):
     """(rows, keys) of a kernel.  The decode kernel keeps its query and output rows in shared memory
     and fits :data:`DECODE_SHARED_BYTES` up to D = 128 (float64 stacks half the rows: its values are
-    twice as wide); larger head dimensions and the backward take up to the 48 KiB a block may have."""
+    twice as wide); larger head dimensions and the backward take up to the 48 KiB a block may have.
+    ``want`` caps the forward's rows (:func:`decode_rows`)."""
     itemsize = 8 if acc.bitwidth == 64 else 4
     rows = config.cuda_paged_rows
     if name == "forward":
         if itemsize == 8:
             rows = max(1, rows // 2)
+        rows = min(rows, want) if want else rows
         return _fit(itemsize, db, rows, 2, 1, 1, DECODE_SHARED_BYTES if db <= 128 else _SHARED_BYTES)
     return _fit(itemsize, db, rows, 2, 4, 2, _SHARED_BYTES)
 
 
-def _compiled(name, dtypes, db):
-    key = (name, dtypes, db, config.cuda_paged_rows, config.cuda_paged_block_k, config.cuda_paged_threads)
+def decode_rows(spec):
+    """Stacked rows a forward block needs: ``Sq x group`` rounded up to a power of two.  A decode
+    with 4 query heads a KV head stacks 4 rows, not the configured 8: no thread of the score and
+    output loops then waits on a row that holds no query (the first GPU profile, an H200, showed
+    half of them idle)."""
+    need = max(1, spec.seq_q * (spec.heads_q // spec.heads_kv))
+    return 1 << (need - 1).bit_length()
+
+
+def _compiled(name, dtypes, db, want=None):
+    key = (name, dtypes, db, want, config.cuda_paged_rows, config.cuda_paged_block_k, config.cuda_paged_threads)
     if key not in _kernels:
-        rows, tile = _shape(name, acc_type(dtypes[0]), db)
+        rows, tile = _shape(name, acc_type(dtypes[0]), db, want)
         _kernels[key] = (_device.kernel(_MAKERS[name](*dtypes, db, rows, tile, config.cuda_paged_threads),
                                         launch_bounds(name)), rows, tile)
     return _kernels[key]
@@ -514,7 +525,8 @@ def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale
     """Launch the paged forward kernel and merge its splits; return (out, lse) as device arrays."""
     db = _check_head_dim(spec)
     acc_np = np.dtype(spec.accum_dtype)
-    kernel, rows, _ = _compiled("forward", (np.dtype(q.dtype), np.dtype(k_cache.dtype)), db)
+    kernel, rows, _ = _compiled("forward", (np.dtype(q.dtype), np.dtype(k_cache.dtype)), db,
+                                min(decode_rows(spec), config.cuda_paged_rows))
     per_block = min(spec.group, rows)
     blocks_x = -(-spec.group // per_block) * -(-spec.seq_q // max(1, rows // per_block))
     n_split = num_splits(spec, blocks_x * spec.batch * spec.heads_kv)
