@@ -83,7 +83,8 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, causal=False,
 
 
 def paged_attention_fp8(q, k_cache, v_cache, block_table, seq_lens, *, q_scale=1.0, k_scale=1.0,
-                        v_scale=1.0, o_scale=None, causal=False, scale=None, return_lse=False):
+                        v_scale=1.0, o_scale=None, causal=False, scale=None, window=(-1, -1), softcap=0.0,
+                        alibi_slopes=None, return_lse=False):
     """:func:`paged_attention` over fp8 caches, with quantisation scales.
 
     Cache entries decode as ``raw * k_scale`` and ``raw * v_scale``; an fp8
@@ -105,8 +106,9 @@ def paged_attention_fp8(q, k_cache, v_cache, block_table, seq_lens, *, q_scale=1
     o_scale : float, optional
         If given, the output is fp8 (the format of the cache) holding
         ``saturate(out / o_scale)``; otherwise it is float32.
-    causal, scale, return_lse
-        As :func:`paged_attention`.
+    causal, scale, window, softcap, alibi_slopes, return_lse
+        As :func:`paged_attention`; the scores they act on are those of the
+        dequantised ``q`` and keys (softcap after the scales, ALiBi after softcap).
 
     Returns
     -------
@@ -135,9 +137,9 @@ def paged_attention_fp8(q, k_cache, v_cache, block_table, seq_lens, *, q_scale=1
     >>> out.dtype, bool(np.allclose(out, ref, atol=1e-5))
     (dtype('float32'), True)
     """
-    q, k_cache, v_cache, table, lens, _, spec = _validate.paged_args(
-        q, k_cache, v_cache, block_table, seq_lens, causal=causal, scale=scale, window=(-1, -1),
-        softcap=0.0, alibi_slopes=None, fp8=True)
+    q, k_cache, v_cache, table, lens, slopes, spec = _validate.paged_args(
+        q, k_cache, v_cache, block_table, seq_lens, causal=causal, scale=scale, window=window,
+        softcap=softcap, alibi_slopes=alibi_slopes, fp8=True)
     scales = dict(q_scale=_validate.positive_scale("q_scale", q_scale),
                   k_scale=_validate.positive_scale("k_scale", k_scale, spec.heads_kv),
                   v_scale=_validate.positive_scale("v_scale", v_scale, spec.heads_kv))
@@ -145,9 +147,9 @@ def paged_attention_fp8(q, k_cache, v_cache, block_table, seq_lens, *, q_scale=1
         out_dtype, out_scale = np.dtype(np.float32), 1.0
     else:
         out_dtype, out_scale = spec.cache_dtype, _validate.positive_scale("o_scale", o_scale)
-    backend = _dispatch.backend_of(q=q, k_cache=k_cache, v_cache=v_cache,
+    backend = _dispatch.backend_of(q=q, k_cache=k_cache, v_cache=v_cache, alibi_slopes=slopes,
                                    **_index_arrays(block_table, seq_lens))
-    out, lse = backend.paged.forward(q, k_cache, v_cache, table, lens, None, spec, out_dtype=out_dtype,
+    out, lse = backend.paged.forward(q, k_cache, v_cache, table, lens, slopes, spec, out_dtype=out_dtype,
                                      out_scale=out_scale, **scales)
     return (out, lse) if return_lse else out
 

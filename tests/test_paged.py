@@ -116,10 +116,16 @@ FP8_CASES = {
     "e4m3-fp8q-fp8o": (PagedCase((64, 70), 4, 2, 32, 16, seq_q=3, option="causal", dtype=E4M3, shared=2), E4M3,
                        0.25, 0.125, 0.5, 0.01),
     "e5m2-fp8q-fp8o": (PagedCase((50,), 4, 1, 32, 8, dtype=E5M2), E5M2, 0.5, 1.0, "heads", 0.05),
+    "e4m3-window": (PagedCase((64, 70), 4, 2, 32, 16, seq_q=5, option="window"), E4M3, 1.0, 0.05, 0.02, None),
+    "e4m3-softcap": (PagedCase((37, 129), 8, 2, 64, 16, option="softcap", dtype=F16), E4M3, 1.0, 0.1, 0.05, None),
+    "e5m2-alibi": (PagedCase((41, 3), 4, 2, 32, 8, seq_q=2, option="alibi", dtype=BF16), E5M2, 1.0, "heads",
+                   0.5, None),
 }
 CUDA_FP8 = {
     "e4m3-f32q": (PagedCase((9, 0), 4, 2, 8, 4, option="causal"), E4M3, 1.0, 0.05, 0.02, None),
     "e5m2-fp8q-fp8o": (PagedCase((7,), 2, 1, 8, 4, dtype=E5M2), E5M2, 0.5, "heads", 2.0, 0.05),
+    "e4m3-softcap": (PagedCase((9, 3), 4, 2, 8, 4, option="softcap"), E4M3, 1.0, 0.1, 0.05, None),
+    "e5m2-alibi": (PagedCase((7, 10), 4, 2, 8, 4, seq_q=2, option="alibi"), E5M2, 1.0, 0.5, "heads", None),
 }
 
 
@@ -148,7 +154,7 @@ def test_fp8_matches_reference(device, name, rng):
     scales = dict(q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
     dev_scales = {n: device.put(s) if isinstance(s, np.ndarray) else s for n, s in scales.items()}
     out, lse = fastattn.paged_attention_fp8(*put_all(device, q, k_cache, v_cache, table, lens), o_scale=o_scale,
-                                            return_lse=True, **dev_scales, **options)
+                                            return_lse=True, **dev_scales, **put_options(device, options))
     out, lse = device.get(out), device.get(lse)
     ref_out, ref_lse = reference.paged_attention(q, k_cache, v_cache, table, lens, return_lse=True,
                                                  **scales, **options)
