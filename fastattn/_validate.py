@@ -365,13 +365,14 @@ def positive_scale(name, value, heads=None):
     return values.astype(np.float32) if heads else float(values[0])
 
 
-def paged_backward_args(dout, q, k_cache, v_cache, out, lse, block_table, seq_lens, *, causal, scale):
-    """Check paged backward arguments; return (dout, q, k_cache, v_cache, out, lse, table, lens, spec)."""
-    q, k_cache, v_cache, table, lens, _, spec = paged_args(
-        q, k_cache, v_cache, block_table, seq_lens, causal=causal, scale=scale, window=(-1, -1),
-        softcap=0.0, alibi_slopes=None, fp8_hint=False)  # there is no fp8 backward to point to
+def paged_backward_args(dout, q, k_cache, v_cache, out, lse, block_table, seq_lens, *, causal, scale,
+                        window=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """Check paged backward arguments; return (dout, q, k_cache, v_cache, out, lse, table, lens, slopes, spec)."""
+    q, k_cache, v_cache, table, lens, slopes, spec = paged_args(
+        q, k_cache, v_cache, block_table, seq_lens, causal=causal, scale=scale, window=window,
+        softcap=softcap, alibi_slopes=alibi_slopes, fp8_hint=False)  # there is no fp8 backward to point to
     dout, out, lse = forward_outputs(dout, out, lse, spec)
-    return dout, q, k_cache, v_cache, out, lse, table, lens, spec
+    return dout, q, k_cache, v_cache, out, lse, table, lens, slopes, spec
 
 
 def write_kv_args(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):

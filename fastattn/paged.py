@@ -155,7 +155,7 @@ def paged_attention_fp8(q, k_cache, v_cache, block_table, seq_lens, *, q_scale=1
 
 
 def paged_attention_backward(dout, q, k_cache, v_cache, out, lse, block_table, seq_lens, *,
-                             causal=False, scale=None):
+                             causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None):
     """Gradients of :func:`paged_attention` with respect to q and the whole caches.
 
     Parameters
@@ -166,7 +166,7 @@ def paged_attention_backward(dout, q, k_cache, v_cache, out, lse, block_table, s
         The forward inputs.
     out, lse : arrays
         The forward outputs (``paged_attention(..., return_lse=True)``).
-    causal, scale
+    causal, scale, window, softcap, alibi_slopes
         The forward options, unchanged.
 
     Returns
@@ -199,11 +199,12 @@ def paged_attention_backward(dout, q, k_cache, v_cache, out, lse, block_table, s
     >>> bool(np.allclose(dk_cache, ref[1], atol=1e-5)), float(np.abs(dv_cache[3]).max())
     (True, 0.0)
     """
-    dout, q, k_cache, v_cache, out, lse, table, lens, spec = _validate.paged_backward_args(
-        dout, q, k_cache, v_cache, out, lse, block_table, seq_lens, causal=causal, scale=scale)
+    dout, q, k_cache, v_cache, out, lse, table, lens, slopes, spec = _validate.paged_backward_args(
+        dout, q, k_cache, v_cache, out, lse, block_table, seq_lens, causal=causal, scale=scale, window=window,
+        softcap=softcap, alibi_slopes=alibi_slopes)
     backend = _dispatch.backend_of(dout=dout, q=q, k_cache=k_cache, v_cache=v_cache, out=out, lse=lse,
-                                   **_index_arrays(block_table, seq_lens))
-    return backend.paged.backward(dout, q, k_cache, v_cache, out, lse, table, lens, spec)
+                                   alibi_slopes=slopes, **_index_arrays(block_table, seq_lens))
+    return backend.paged.backward(dout, q, k_cache, v_cache, out, lse, table, lens, slopes, spec)
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0):

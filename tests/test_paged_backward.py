@@ -19,6 +19,10 @@ def put_all(device, *arrays):
     return [device.put(x) for x in arrays]
 
 
+def put_options(device, options):
+    return {n: device.put(x) if n == "alibi_slopes" else x for n, x in options.items()}
+
+
 def gradient_magnitudes(dout, q, k_cache, v_cache, table, lens, options):
     """Largest sums of absolute terms of dq, dk and dv (what rounding errors scale with).
 
@@ -35,13 +39,18 @@ def gradient_magnitudes(dout, q, k_cache, v_cache, table, lens, options):
     dk_mag, dv_mag = np.zeros(k_cache.shape), np.zeros(v_cache.shape)
     heads_kv, block_size = k_cache.shape[2], k_cache.shape[1]
     group = q.shape[1] // heads_kv
+    slopes = options.get("alibi_slopes")
     for b, length in enumerate(lens):
         if not length:
             continue
         k = np.repeat(reference.gather_kv(k_cache, table[b], length), group, axis=0)
         v = np.repeat(reference.gather_kv(v_cache, table[b], length), group, axis=0)
-        mask = reference.visible_mask(q.shape[2], length, causal=options.get("causal", False))
-        p = np.where(mask, np.exp(scale * q[b] @ k.swapaxes(1, 2) - lse[b][..., None]), 0.0)
+        # the forward's scores (window, softcap and ALiBi included): softcap's gradient is at most 1
+        s = reference._scores(q[b:b + 1], k[None], scale, options.get("softcap", 0.0),
+                              None if slopes is None else np.asarray(slopes)[None], options.get("causal", False),
+                              options.get("window", (-1, -1)))[0][0]
+        with np.errstate(invalid="ignore"):  # rows that see no key: -inf - -inf
+            p = np.where(np.isfinite(s), np.exp(s - lse[b][..., None]), 0.0)
         terms = p * (np.abs(dout[b] @ v.swapaxes(1, 2)) + delta[b][..., None])
         dq_mag = max(dq_mag, (scale * terms @ np.abs(k)).max())
         per_key = [(scale * terms.swapaxes(1, 2) @ np.abs(q[b])), p.swapaxes(1, 2) @ np.abs(dout[b])]
@@ -60,12 +69,18 @@ BACKWARD_CPU = [
     PagedCase((200, 129), 8, 8, 80, 16, seq_q=17, option="causal", dtype=BF16, shared=2),
     PagedCase((40, 41), 4, 4, 128, 8, seq_q=40, option="scale", dtype=F64, shared=2),
     PagedCase((1, 5, 37), 4, 2, 32, 16, seq_q=1, option="causal", dtype=F32, shared=0),
+    PagedCase((64, 70, 33), 8, 2, 32, 16, seq_q=7, option="window", dtype=F32, shared=0),
+    PagedCase((37, 129), 4, 2, 64, 16, seq_q=5, option="softcap", dtype=BF16, shared=1),
+    PagedCase((40, 41, 19), 8, 2, 32, 8, seq_q=3, option="alibi", dtype=F16, shared=2),
 ]
 BACKWARD_CUDA = [
     PagedCase((9, 12, 0), 4, 2, 8, 4, seq_q=3, option="causal", dtype=F32, shared=2),
     PagedCase((7, 5), 2, 1, 8, 4, seq_q=1, option="plain", dtype=F16, shared=0),
     PagedCase((6, 8), 2, 2, 5, 2, seq_q=6, option="scale", dtype=F64, shared=2),
     PagedCase((10,), 2, 1, 8, 8, seq_q=2, option="causal", dtype=BF16),
+    PagedCase((9, 12), 4, 2, 8, 4, seq_q=3, option="window", dtype=F32),
+    PagedCase((9, 7), 4, 2, 8, 4, seq_q=2, option="softcap", dtype=F32),
+    PagedCase((10, 6), 4, 2, 8, 4, seq_q=2, option="alibi", dtype=F16, shared=1),
 ]
 
 
@@ -74,9 +89,9 @@ def test_backward_matches_dense_backward_scattered(device, case, rng):
     q, k_cache, v_cache, table, lens, options = paged_inputs(case, rng)
     dout = random(q.shape, case.dtype, rng)
     out, lse = fastattn.paged_attention(*put_all(device, q, k_cache, v_cache, table, lens), return_lse=True,
-                                        **options)
+                                        **put_options(device, options))
     grads = fastattn.paged_attention_backward(*put_all(device, dout, q, k_cache, v_cache), out, lse,
-                                              *put_all(device, table, lens), **options)
+                                              *put_all(device, table, lens), **put_options(device, options))
     grads = [device.get(g) for g in grads]
     expected = reference.paged_attention_backward(dout, q, k_cache, v_cache, block_table=table, seq_lens=lens,
                                                   **options)

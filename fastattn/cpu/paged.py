@@ -212,13 +212,12 @@ def _decode(q, k_flat, v_flat, table, lens, bs, heads_kv, q_codec, q_mult, k_mul
 
 
 @njit(**_JIT)
-def _backward_dq(dout, q, k_rows, v_rows, table, lens, bs, heads_kv, lse, delta, codec, scale, wl, wr, dq,
-                 rows_q, block_k):
+def _backward_dq(dout, q, k_rows, v_rows, table, lens, bs, heads_kv, lse, delta, codec, scale, wl, wr, softcap,
+                 slopes, has_alibi, dq, rows_q, block_k):
     batch, heads_q, sq, dim = q.shape
     group = heads_q // heads_kv
     n_tiles = (sq + rows_q - 1) // rows_q
     acc_t = lse.dtype
-    no_slopes = np.zeros(group, acc_t)
     for task in prange(batch * heads_kv * n_tiles):
         tile = task % n_tiles
         hk = (task // n_tiles) % heads_kv
@@ -247,7 +246,8 @@ def _backward_dq(dout, q, k_rows, v_rows, table, lens, bs, heads_kv, lse, delta,
             _gather(k_rows, v_rows, table[b], hk, heads_kv, bs, j0, n, kt, vt, codec)
             s = np.dot(qt, kt[0, :n].T)
             dp = np.dot(dt, vt[0, :n].T)
-            grad_tile(s, dp, i0, mq, j0, sq, sk, wl, wr, 0.0, no_slopes, False, lse_t, delta_t)
+            grad_tile(s, dp, i0, mq, j0, sq, sk, wl, wr, softcap, slopes[b, hk * group:(hk + 1) * group],
+                      has_alibi, lse_t, delta_t)
             dq_acc += np.dot(dp, kt[0, :n])
         for r in range(m):
             dq_acc[r] *= scale
@@ -256,14 +256,13 @@ def _backward_dq(dout, q, k_rows, v_rows, table, lens, bs, heads_kv, lse, delta,
 
 @njit(**_JIT)
 def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_seq, ref_block, codec,
-                   scale, wl, wr, dk_cache, dv_cache, block_q):
+                   scale, wl, wr, softcap, slopes, has_alibi, dk_cache, dv_cache, block_q):
     """One task per (physical block, KV head): sum the contributions of every sequence reading it."""
     batch, heads_q, sq, dim = q.shape
     bs, heads_kv = k_cache.shape[1], k_cache.shape[2]
     group = heads_q // heads_kv
     n_used = ref_start.size - 1
     acc_t = lse.dtype
-    no_slopes = np.zeros((batch, heads_q), acc_t)
     no_dq = np.zeros((1, 1, 1, 1), acc_t)
     for task in prange(n_used * heads_kv):
         hk = task % heads_kv
@@ -280,7 +279,7 @@ def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_s
             vt = np.empty((n, dim), acc_t)
             decode_rows(k_cache[blk, :n, hk], kt, codec)
             decode_rows(v_cache[blk, :n, hk], vt, codec)
-            key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, 0.0, no_slopes, False, lse,
+            key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, lse,
                               delta, scale, codec, block_q, dk_acc[:n], dv_acc[:n], no_dq, False)
         for r in range(bs):
             encode_row(dk_acc[r], dk_cache[blk, r, hk], codec)
@@ -403,7 +402,7 @@ def _inverted_table(table, lens, block_size):
     return start.astype(np.int64), np.ascontiguousarray(refs, dtype=np.int64), blocks.astype(np.int64)
 
 
-def backward(dout, q, k_cache, v_cache, out, lse, table, lens, spec):
+def backward(dout, q, k_cache, v_cache, out, lse, table, lens, slopes, spec):
     """Run the paged backward kernels; return (dq, dk_cache, dv_cache) as NumPy arrays."""
     dq = np.zeros(q.shape, spec.dtype)
     dk_cache = np.zeros(k_cache.shape, spec.dtype)
@@ -416,7 +415,8 @@ def backward(dout, q, k_cache, v_cache, out, lse, table, lens, spec):
     lse = np.ascontiguousarray(lse)
     delta = np.empty(q.shape[:3], spec.accum_dtype)
     start, refs, blocks = _inverted_table(table, lens, spec.block_size)
-    options = (codec, spec.scale, spec.window_left, spec.window_right)
+    slopes, has_alibi = _slopes(slopes, spec)
+    options = (codec, spec.scale, spec.window_left, spec.window_right, spec.softcap, slopes, has_alibi)
     with single_threaded_blas():
         _delta(db, ob, codec, delta, config.cpu_bwd_block_q)
         _backward_dq(db, qb, *_token_rows(k_cache, v_cache), table, lens, spec.block_size, spec.heads_kv, lse,

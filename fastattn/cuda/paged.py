@@ -267,6 +267,7 @@ def _make_backward(dtype, cache_dtype, db, rows, tile, threads):
     acc = acc_type(dtype)
     t = tile_math(acc)
     key_range, query_range = t.key_range, t.query_range
+    softcap_score, softcap_grad, alibi_bias = t.softcap_score, t.softcap_grad, t.alibi_bias
     zero, neg_inf = acc(0.0), acc(-math.inf)
     db1, tile1 = db + 1, tile + 1
 
@@ -283,7 +284,8 @@ def _make_backward(dtype, cache_dtype, db, rows, tile, threads):
             dst[c, d] = x
 
     def backward(dout, q, k_cache, v_cache, table, lens, lse, delta, batch, heads_q, heads_kv, sq, dim,
-                 block_size, scale, wl, wr, n_tiles, dq_acc, dk_acc, dv_acc):
+                 block_size, scale, wl, wr, softcap, slopes, slope_stride, has_alibi, n_tiles, dq_acc, dk_acc,
+                 dv_acc):
         group = udiv(heads_q, heads_kv)
         tile_id = umod(cuda.blockIdx.x, n_tiles)
         bh = udiv(cuda.blockIdx.x, n_tiles)
@@ -313,6 +315,7 @@ def _make_backward(dtype, cache_dtype, db, rows, tile, threads):
         i_lo, i_hi = query_range(j0, j0 + n, sq, sk, wl, wr)
         for h in range(hk * group, (hk + 1) * group):
             q0 = (b * heads_q + h) * sq
+            slope = slopes[b * slope_stride + h] if has_alibi else zero
             for i0 in range(i_lo, i_hi, rows):
                 m = min(rows, i_hi - i0)
                 cuda.syncthreads()
@@ -342,8 +345,12 @@ def _make_backward(dtype, cache_dtype, db, rows, tile, threads):
                         for d in range(dim):
                             x += qs[r, d] * ks[c, d]
                             dp += dos[r, d] * vs[c, d]
-                        pe = math.exp(x - row_lse[r])
-                        dse = pe * (dp - row_delta[r])
+                        capped = softcap_score(x, softcap)
+                        y = capped
+                        if has_alibi:
+                            y += alibi_bias(slope, i0 + r, j0 + c, sq, sk)
+                        pe = math.exp(y - row_lse[r])
+                        dse = pe * (dp - row_delta[r]) * softcap_grad(capped, softcap)
                     p[r, c] = pe
                     ds[r, c] = dse
                 cuda.syncthreads()
@@ -560,7 +567,7 @@ def _convert(src, dtype):
     return dst
 
 
-def backward(dout, q, k_cache, v_cache, out, lse, table, lens, spec):
+def backward(dout, q, k_cache, v_cache, out, lse, table, lens, slopes, spec):
     """Launch the delta and backward kernels; return (dq, dk_cache, dv_cache) as device arrays."""
     from .attention import _kernel as _dense_kernel
 
@@ -582,7 +589,7 @@ def backward(dout, q, k_cache, v_cache, out, lse, table, lens, spec):
             _flat_rows(dout), _flat_rows(q), _flat_rows(k_cache), _flat_rows(v_cache), device_ints(table),
             device_ints(lens), _launch.flat(lse), delta, spec.batch, spec.heads_q, spec.heads_kv, spec.seq_q,
             spec.head_dim, spec.block_size, acc_np.type(spec.scale), spec.window_left, spec.window_right,
-            n_tiles, dq_acc, dk_acc, dv_acc)
+            acc_np.type(spec.softcap), *slopes_args(slopes, spec), n_tiles, dq_acc, dk_acc, dv_acc)
     return (_convert(dq_acc.reshape(*tuple(q.shape)), spec.dtype),
             _convert(dk_acc.reshape(*tuple(k_cache.shape)), spec.dtype),
             _convert(dv_acc.reshape(*tuple(v_cache.shape)), spec.dtype))
@@ -620,8 +627,8 @@ def signature(name, q_dtype, cache_dtype):
         return (q2, c2, c2, table, lens, i, i, i, i, i, i, acc, a1, a1, boolean, i, i, acc, a1, i, boolean, i,
                 boolean, acc[:, ::1], a1)
     if name == "backward":
-        return (q2, q2, c2, c2, table, lens, a1, a1, i, i, i, i, i, i, acc, i, i, i, acc[:, ::1], acc[:, ::1],
-                acc[:, ::1])
+        return (q2, q2, c2, c2, table, lens, a1, a1, i, i, i, i, i, i, acc, i, i, acc, a1, i, boolean, i,
+                acc[:, ::1], acc[:, ::1], acc[:, ::1])
     if name == "write":
         return (q2, q2, c2, c2, int64[::1], i, i, float32[::1], float32[::1])
     return (acc[::1], element_type(cache_dtype)[::1])
