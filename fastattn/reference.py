@@ -26,8 +26,13 @@ def visible_mask(sq, sk, *, causal=False, window=(-1, -1)):
     return mask
 
 
-def _scores(q, k, scale, softcap, alibi_slopes, causal, window):
-    """Return (scores, capped, mask): capped is the pre-ALiBi softcapped score."""
+def _scores(q, k, scale, softcap, alibi_slopes, causal, window, bias=None, mask=None):
+    """Return (scores, capped, mask): capped is the pre-ALiBi softcapped score.
+
+    ``bias`` (broadcastable to ``[B, Hq, Sq, Sk]``) is added after softcap and
+    ALiBi; ``mask`` (boolean, broadcastable the same way, ``True`` = the key
+    takes part) combines with ``causal`` and ``window``.
+    """
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     kk = np.repeat(k, hq // hkv, axis=1)
@@ -38,17 +43,27 @@ def _scores(q, k, scale, softcap, alibi_slopes, causal, window):
         slopes = np.broadcast_to(_f64(alibi_slopes), (b, hq))
         dist = np.abs(np.arange(sq)[:, None] + sk - sq - np.arange(sk)[None, :])
         s -= slopes[:, :, None, None] * dist
-    mask = visible_mask(sq, sk, causal=causal, window=window)
-    s = np.where(mask, s, -np.inf)
-    return s, capped, mask
+    if bias is not None:
+        s = s + _f64(bias)
+    visible = visible_mask(sq, sk, causal=causal, window=window)
+    if mask is not None:
+        visible = visible & np.asarray(mask, bool)
+    visible = np.broadcast_to(visible, s.shape)
+    s = np.where(visible, s, -np.inf)
+    return s, capped, visible
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-              alibi_slopes=None, return_lse=False):
-    """Float64 reference of :func:`fastattn.attention`; returns float64 arrays."""
+              alibi_slopes=None, bias=None, mask=None, return_lse=False):
+    """Float64 reference of :func:`fastattn.attention`; returns float64 arrays.
+
+    ``bias`` and ``mask`` are broadcastable to ``[B, Hq, Sq, Sk]``: the bias is
+    added to the scores after softcap and ALiBi, the mask (``True`` = the key
+    takes part, as in PyTorch's SDPA) hides keys like ``causal`` and ``window``.
+    """
     q, k, v = _f64(q), _f64(k), _f64(v)
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    s, _, _ = _scores(q, k, scale, softcap, alibi_slopes, causal, window)
+    s, _, _ = _scores(q, k, scale, softcap, alibi_slopes, causal, window, bias, mask)
     row_max = s.max(axis=-1, keepdims=True, initial=-np.inf)
     seen = np.isfinite(row_max)
     p = np.exp(s - np.where(seen, row_max, 0.0))
@@ -61,18 +76,31 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     return (out, lse) if return_lse else out
 
 
+def _reduce_to(x, shape):
+    """Sum ``x`` over the axes that ``shape`` broadcasts (length 1 or missing): the gradient of a
+    broadcast operand."""
+    shape = tuple(shape)
+    lead = x.ndim - len(shape)
+    x = x.sum(axis=tuple(range(lead))) if lead else x
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(axis=axes, keepdims=True) if axes else x
+
+
 def attention_backward(dout, q, k, v, out=None, lse=None, *, causal=False, scale=None,
-                       window=(-1, -1), softcap=0.0, alibi_slopes=None):
-    """Float64 reference of :func:`fastattn.attention_backward`: (dq, dk, dv).
+                       window=(-1, -1), softcap=0.0, alibi_slopes=None, bias=None, mask=None,
+                       return_dbias=False):
+    """Float64 reference of :func:`fastattn.attention_backward`: (dq, dk, dv), and dbias.
 
     ``out`` and ``lse`` are accepted for signature parity and ignored: the
-    reference recomputes them in float64.
+    reference recomputes them in float64.  With ``return_dbias=True`` the
+    result is ``(dq, dk, dv, dbias)``, dbias in the shape of ``bias`` (the
+    score gradient summed over the axes the bias broadcasts).
     """
     dout, q, k, v = _f64(dout), _f64(q), _f64(k), _f64(v)
     hq, hkv = q.shape[1], k.shape[1]
     group = hq // hkv
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    s, capped, _ = _scores(q, k, scale, softcap, alibi_slopes, causal, window)
+    s, capped, _ = _scores(q, k, scale, softcap, alibi_slopes, causal, window, bias, mask)
     row_max = s.max(axis=-1, keepdims=True, initial=-np.inf)
     seen = np.isfinite(row_max)
     p = np.exp(s - np.where(seen, row_max, 0.0))
@@ -82,14 +110,55 @@ def attention_backward(dout, q, k, v, out=None, lse=None, *, causal=False, scale
     dp = dout @ vv.transpose(0, 1, 3, 2)
     o = p @ vv
     delta = (dout * o).sum(axis=-1, keepdims=True)
-    ds = p * (dp - delta)
-    if softcap:
-        ds = ds * (1.0 - (capped / softcap) ** 2)
+    ds_bias = p * (dp - delta)  # the gradient of the scores after softcap: the bias's
+    ds = ds_bias * (1.0 - (capped / softcap) ** 2) if softcap else ds_bias
     dq = scale * ds @ kk
     dk_full = scale * ds.transpose(0, 1, 3, 2) @ q
     b, _, sk, d = k.shape
     dk = dk_full.reshape(b, hkv, group, sk, d).sum(axis=2)
     dv = dv_full.reshape(b, hkv, group, sk, d).sum(axis=2)
+    if not return_dbias:
+        return dq, dk, dv
+    return dq, dk, dv, (None if bias is None else _reduce_to(ds_bias, np.shape(bias)))
+
+
+def _segments(cu_seqlens):
+    cu = np.asarray(cu_seqlens, np.int64)
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, **options):
+    """Float64 reference of :func:`fastattn.attention_varlen` on packed sequences.
+
+    ``q [total_q, Hq, D]``, ``k``/``v`` ``[total_k, Hkv, D]``; sequence ``i``
+    holds rows ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]`` of ``q`` (and likewise
+    for the keys) and is its own problem, bottom-right aligned as in
+    :func:`attention`.  Returns ``out [total_q, Hq, D]`` and, with
+    ``return_lse``, ``lse [Hq, total_q]``.
+    """
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    out = np.zeros(q.shape)
+    lse = np.full((q.shape[1], q.shape[0]), -np.inf)
+    for (q0, q1), (k0, k1) in zip(_segments(cu_seqlens_q), _segments(cu_seqlens_k)):
+        if q1 == q0:
+            continue
+        o, l = attention(*(x[None].transpose(0, 2, 1, 3) for x in (q[q0:q1], k[k0:k1], v[k0:k1])),
+                         return_lse=True, **options)
+        out[q0:q1] = o[0].transpose(1, 0, 2)
+        lse[:, q0:q1] = l[0]
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, out=None, lse=None, **options):
+    """Float64 reference of :func:`fastattn.attention_varlen_backward`: (dq, dk, dv) in the packed layout."""
+    dout, q, k, v = _f64(dout), _f64(q), _f64(k), _f64(v)
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for (q0, q1), (k0, k1) in zip(_segments(cu_seqlens_q), _segments(cu_seqlens_k)):
+        if q1 == q0 or k1 == k0:
+            continue
+        heads = [x[None].transpose(0, 2, 1, 3) for x in (dout[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1])]
+        g = attention_backward(*heads, **options)
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x[0].transpose(1, 0, 2) for x in g)
     return dq, dk, dv
 
 

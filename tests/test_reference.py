@@ -81,3 +81,70 @@ def test_reference_backward_is_the_gradient_of_the_forward(option, shape, rng):
         # central differences are good to ~h**2 and ~eps/h: compare at 1e-7 of the largest entry
         err = np.abs(grad - numeric).max() / max(np.abs(numeric).max(), 1.0)
         assert err < 1e-7, f"d{name}: finite differences disagree by {err:.3g}"
+
+
+# --- bias, mask and packed variable-length batches ----------------------------------
+
+def _central_differences(f, x, h=1e-6):
+    numeric = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        plus, minus = x.copy(), x.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        numeric[idx] = (f(plus) - f(minus)) / (2 * h)
+    return numeric
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 4, 5, 7), (2, 1, 1, 7), (5, 1), (7,)], ids=str)
+def test_reference_bias_and_mask_gradients_follow_finite_differences(bias_shape, rng):
+    """dbias is the score gradient summed over the bias's broadcast axes; dq too follows the forward."""
+    q, k, v = rng.standard_normal((2, 4, 5, 3)), rng.standard_normal((2, 2, 7, 3)), rng.standard_normal((2, 2, 7, 3))
+    bias = rng.standard_normal(bias_shape)
+    mask = rng.uniform(size=(2, 1, 5, 7)) > 0.3
+    mask[0, 0, 2] = False  # a row that sees no key: zeros, lse -inf, no gradient
+    options = dict(causal=False, softcap=3.0, mask=mask)
+    dout = rng.standard_normal(q.shape)
+    out, lse = reference.attention(q, k, v, bias=bias, return_lse=True, **options)
+    assert np.all(out[0, :, 2] == 0) and np.all(lse[0, :, 2] == -np.inf)
+    dq, dk, dv, dbias = reference.attention_backward(dout, q, k, v, bias=bias, return_dbias=True, **options)
+    assert dbias.shape == bias.shape
+    numeric = _central_differences(lambda b: np.sum(reference.attention(q, k, v, bias=b, **options) * dout), bias)
+    assert np.abs(dbias - numeric).max() <= 1e-7 * max(np.abs(numeric).max(), 1.0)
+    numeric = _central_differences(lambda x: np.sum(reference.attention(x, k, v, bias=bias, **options) * dout), q)
+    assert np.abs(dq - numeric).max() <= 1e-7 * max(np.abs(numeric).max(), 1.0)
+
+
+def test_reference_mask_means_the_key_takes_part(rng):
+    q, k, v = (rng.standard_normal((1, 2, 3, 4)) for _ in range(3))
+    mask = np.array([[True, False, True]] * 3)
+    got = reference.attention(q, k, v, mask=mask)
+    assert np.allclose(got, reference.attention(q, k[:, :, [0, 2]], v[:, :, [0, 2]], scale=0.5))
+    bias = np.where(mask, 0.0, -np.inf)
+    assert np.allclose(got, reference.attention(q, k, v, bias=bias))
+
+
+def test_reference_varlen_is_each_sequence_on_its_own(rng):
+    """Packed sequences (one empty) give what the dense reference gives each one; lse is [Hq, total_q]."""
+    lens_q, lens_k = [3, 0, 5, 1], [4, 2, 5, 6]
+    cu_q, cu_k = np.cumsum([0] + lens_q), np.cumsum([0] + lens_k)
+    q = rng.standard_normal((cu_q[-1], 4, 8))
+    k, v = rng.standard_normal((cu_k[-1], 2, 8)), rng.standard_normal((cu_k[-1], 2, 8))
+    dout = rng.standard_normal(q.shape)
+    options = dict(causal=True, softcap=2.0)
+    out, lse = reference.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **options)
+    assert out.shape == q.shape and lse.shape == (4, cu_q[-1])
+    grads = reference.attention_varlen_backward(dout, q, k, v, cu_q, cu_k, **options)
+    for i in range(len(lens_q)):
+        qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        if lens_q[i] == 0:
+            assert np.all(grads[1][ks] == 0) and np.all(grads[2][ks] == 0)
+            continue
+        heads = [x[None].transpose(0, 2, 1, 3) for x in (dout[qs], q[qs], k[ks], v[ks])]
+        o, l = reference.attention(*heads[1:], return_lse=True, **options)
+        assert np.array_equal(out[qs], o[0].transpose(1, 0, 2)) and np.array_equal(lse[:, qs], l[0])
+        for got, want in zip(grads, reference.attention_backward(*heads, **options)):
+            part = got[qs] if got.shape[0] == q.shape[0] else got[ks]
+            assert np.array_equal(part, want[0].transpose(1, 0, 2))
+    numeric = _central_differences(
+        lambda x: np.sum(reference.attention_varlen(q, x, v, cu_q, cu_k, **options) * dout), k)
+    assert np.abs(grads[1] - numeric).max() <= 1e-7 * max(np.abs(numeric).max(), 1.0)
