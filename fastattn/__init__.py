@@ -14,10 +14,12 @@ from .layers import MultiheadAttention
 from .paged import paged_attention, paged_attention_backward, paged_attention_fp8, write_kv_cache
 from .projection import (fused_output_projection_residual, fused_output_projection_residual_backward,
                          fused_qkv_projection, fused_qkv_projection_backward)
+from .varlen import attention_varlen, attention_varlen_backward
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "attention_backward", "merge_attention_states", "paged_attention",
+__all__ = ["attention", "attention_backward", "merge_attention_states", "attention_varlen",
+           "attention_varlen_backward", "paged_attention",
            "paged_attention_fp8", "paged_attention_backward", "write_kv_cache", "PagedKVCache",
            "OutOfBlocksError", "repeat_kv", "repeat_kv_backward", "GQAConfig", "fused_qkv_projection",
            "fused_qkv_projection_backward", "fused_output_projection_residual",

@@ -641,3 +641,45 @@ def layer_input(name, x, embed_dim, dtype, batch=None):
     if np.dtype(x.dtype) != dtype:
         raise TypeError(f"{name}: expected dtype {dtype} (the layer's dtype), got {np.dtype(x.dtype)}")
     return x
+
+
+def cu_seqlens(name, x, total, batch=None):
+    """Check a packed batch's offsets: int [B + 1], 0 first, non-decreasing, ``total`` last; return them
+    as a host int64 array."""
+    host = _integer_array(name, x, "[B + 1]")
+    if host.ndim != 1 or host.shape[0] < 1:
+        raise ValueError(f"{name}: expected a 1-d array [B + 1], got shape {host.shape}")
+    if batch is not None and host.shape[0] != batch + 1:
+        raise ValueError(f"{name}: expected shape [B + 1] = ({batch + 1},) like cu_seqlens_q, got {host.shape}")
+    host = host.astype(np.int64)
+    if host[0] != 0:
+        raise ValueError(f"{name}: expected 0 as the first offset, got {host[0]}")
+    steps = np.diff(host)
+    if (steps < 0).any():
+        i = int(np.argmax(steps < 0))
+        raise ValueError(f"{name}: expected non-decreasing offsets, got {host[i]} then {host[i + 1]} at {i}")
+    if host[-1] != total:
+        raise ValueError(f"{name}: expected the last offset to be the number of packed rows {total}, "
+                         f"got {host[-1]}")
+    return host
+
+
+def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Check packed ``[total, H, D]`` inputs and their offsets; return (q, k, v, cu_q, cu_k)."""
+    q, k, v = as_array("q", q), as_array("k", k), as_array("v", v)
+    total_q, hq, d = _shape("q", q, 3, "[total_q, Hq, D]")
+    total_k, hkv, dk = _shape("k", k, 3, "[total_k, Hkv, D]")
+    if dk != d:
+        raise ValueError(f"k: expected shape [total_k, Hkv, D] with D={d} (the head dim of q), got {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    cu_q = cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q)
+    cu_k = cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, batch=cu_q.shape[0] - 1)
+    for name, cu, hint in (("max_seqlen_q", cu_q, max_seqlen_q), ("max_seqlen_k", cu_k, max_seqlen_k)):
+        longest = int(np.diff(cu).max(initial=0))
+        if hint is not None:
+            if isinstance(hint, bool) or not isinstance(hint, (int, np.integer)):
+                raise TypeError(f"{name}: expected an int or None, got {type(hint).__name__}")
+            if hint < longest:
+                raise ValueError(f"{name}: expected at least the longest sequence ({longest}), got {hint}")
+    return q, k, v, cu_q, cu_k

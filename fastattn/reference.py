@@ -139,11 +139,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, *
     q, k, v = _f64(q), _f64(k), _f64(v)
     out = np.zeros(q.shape)
     lse = np.full((q.shape[1], q.shape[0]), -np.inf)
-    for (q0, q1), (k0, k1) in zip(_segments(cu_seqlens_q), _segments(cu_seqlens_k)):
+    for i, ((q0, q1), (k0, k1)) in enumerate(zip(_segments(cu_seqlens_q), _segments(cu_seqlens_k))):
         if q1 == q0:
             continue
         o, l = attention(*(x[None].transpose(0, 2, 1, 3) for x in (q[q0:q1], k[k0:k1], v[k0:k1])),
-                         return_lse=True, **options)
+                         return_lse=True, **_sequence_options(options, i))
         out[q0:q1] = o[0].transpose(1, 0, 2)
         lse[:, q0:q1] = l[0]
     return (out, lse) if return_lse else out
@@ -153,11 +153,11 @@ def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, out=Non
     """Float64 reference of :func:`fastattn.attention_varlen_backward`: (dq, dk, dv) in the packed layout."""
     dout, q, k, v = _f64(dout), _f64(q), _f64(k), _f64(v)
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
-    for (q0, q1), (k0, k1) in zip(_segments(cu_seqlens_q), _segments(cu_seqlens_k)):
+    for i, ((q0, q1), (k0, k1)) in enumerate(zip(_segments(cu_seqlens_q), _segments(cu_seqlens_k))):
         if q1 == q0 or k1 == k0:
             continue
         heads = [x[None].transpose(0, 2, 1, 3) for x in (dout[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1])]
-        g = attention_backward(*heads, **options)
+        g = attention_backward(*heads, **_sequence_options(options, i))
         dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x[0].transpose(1, 0, 2) for x in g)
     return dq, dk, dv
 
