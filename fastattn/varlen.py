@@ -57,11 +57,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
 
     Notes
     -----
-    Each sequence runs the dense kernels on a strided view of its rows (no
-    padding; on the CPU no copy either, the CUDA kernels copy each view to
-    contiguous memory first), one after the other; each call spreads its
-    heads and query tiles over every core, so one long sequence among many
-    short ones keeps the machine busy.
+    Each sequence's rows are copied head-major (no padding; on every core)
+    and run through the dense kernels, one sequence after the other; each
+    call spreads its heads and query tiles over every core, so one long
+    sequence among many short ones keeps the machine busy.
 
     Examples
     --------

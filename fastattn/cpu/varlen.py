@@ -1,18 +1,43 @@
-"""CPU plumbing of packed variable-length attention: views of one sequence and writes back.
+"""CPU plumbing of packed variable-length attention: one sequence in and out of the packed layout.
 
 The twin of :mod:`fastattn.cuda.varlen`.  A packed ``[total, H, D]`` array's
-rows ``start:stop`` are one sequence; seen as ``[1, H, S, D]`` (a strided
-view, no copy) they go to the dense kernels, whose results are written back
-into the packed outputs.
+rows ``start:stop`` are one sequence; copied head-major into ``[1, H, S, D]``
+(on every core, bits as they are) they go to the dense kernels, whose results
+are copied back into the packed outputs the same way.
 """
 import numpy as np
+from numba import njit, prange
 
-from .._dtypes import accum_dtype
+from .._dtypes import accum_dtype, bits_view
+
+_JIT = dict(parallel=True, cache=True, nogil=True)
+
+
+@njit(**_JIT)
+def _gather(src, start, dst):
+    """dst [1, H, S, D] = src [start:start + S, H, D], transposed (bits)."""
+    heads, seq = dst.shape[1], dst.shape[2]
+    for task in prange(heads * seq):
+        h = task // seq
+        s = task - h * seq
+        dst[0, h, s, :] = src[start + s, h, :]
+
+
+@njit(**_JIT)
+def _scatter(src, start, dst):
+    """dst [start:start + S, H, D] = src [1, H, S, D], transposed (bits)."""
+    heads, seq = src.shape[1], src.shape[2]
+    for s in prange(seq):
+        for h in range(heads):
+            dst[start + s, h, :] = src[0, h, s, :]
 
 
 def heads_view(x, start, stop):
-    """Rows ``start:stop`` of a packed ``[total, H, D]`` array as a ``[1, H, S, D]`` view."""
-    return x[start:stop].transpose(1, 0, 2)[None]
+    """Rows ``start:stop`` of a packed ``[total, H, D]`` array as a ``[1, H, S, D]`` array (a copy)."""
+    out = np.empty((1, x.shape[1], stop - start, x.shape[2]), x.dtype)
+    if out.size:
+        _gather(bits_view(np.ascontiguousarray(x)), start, bits_view(out))
+    return out
 
 
 def zeros(shape, dtype):
@@ -26,7 +51,8 @@ def lse_zeros(heads, total, dtype):
 
 def put_rows(dst, start, src):
     """``dst[start:start + S, h, d] = src[0, h, s, d]``."""
-    dst[start:start + src.shape[2]] = src[0].transpose(1, 0, 2)
+    if src.size:
+        _scatter(bits_view(np.ascontiguousarray(src)), start, bits_view(dst))
 
 
 def put_lse(dst, start, src):
