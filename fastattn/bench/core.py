@@ -108,3 +108,12 @@ def interleaved(fns, repeats):
     return best
 
 
+def align(head, body, right_from):
+    """A plain-text table: ``head`` and the ``body`` rows (tuples of strings) in aligned columns, a rule
+    under the head, columns from ``right_from`` on right-aligned (the numbers)."""
+    widths = [max(len(row[c]) for row in (head, *body)) for c in range(len(head))]
+
+    def line(row):
+        return "  ".join(cell.rjust(w) if c >= right_from else cell.ljust(w)
+                         for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, body)])

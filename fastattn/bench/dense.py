@@ -15,7 +15,7 @@ import numpy as np
 import fastattn
 from fastattn.reference import naive_attention, visible_mask
 
-from .core import as_peer, best_time, cuda_sync, interleaved, numpy_dtype, say, to_device
+from .core import align, as_peer, best_time, cuda_sync, interleaved, numpy_dtype, say, to_device
 
 DTYPES = ("float32", "float16", "bfloat16")
 _FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
@@ -217,14 +217,7 @@ def format_table(rows):
     body = [(r["name"], r["backend"], r["dtype"], r["shape"], f"{r['time_ms']:.2f}", f"{r['gflops']:.1f}",
              "—" if r["pct_sgemm"] is None else f"{r['pct_sgemm']:.0f}%", f"{r['speedup']:.1f}×")
             for r in rows]
-    widths = [max(len(row[c]) for row in (head, *body)) for c in range(len(head))]
-    right = {4, 5, 6, 7}
-
-    def line(row):
-        return "  ".join(cell.rjust(w) if c in right else cell.ljust(w)
-                         for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(head), rule, *map(line, body)])
+    return align(head, body, 4)
 
 
 def sweep_cases(size="full"):

@@ -27,7 +27,7 @@ from dataclasses import asdict
 import numpy as np
 
 import fastattn
-from .core import numpy_dtype, say, to_device
+from .core import align, numpy_dtype, say, to_device
 from .dense import DTYPES, Case, kernel
 from .paged import PagedCase
 from .paged import kernel as paged_kernel
@@ -407,15 +407,6 @@ def _ms(seconds):
     return None if seconds is None else 1e3 * seconds
 
 
-def _align(head, body, right_from):
-    widths = [max(len(row[c]) for row in (head, *body)) for c in range(len(head))]
-
-    def line(row):
-        return "  ".join(cell.rjust(w) if c >= right_from else cell.ljust(w)
-                         for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
-    return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, body)])
-
-
 def format_dense(rows):
     """The dense rows as an aligned plain-text table (a failed row says so in its time column)."""
     head = ("op", "dtype", "shape (B×Hq×Hkv×N×D)", "time ms", "TFLOP/s", "torch ms", "torch TFLOP/s",
@@ -424,7 +415,7 @@ def format_dense(rows):
              _cell(r["tflops"], ".2f"), _cell(_ms(r["torch_seconds"]), ".3f"),
              _cell(r["torch_tflops"], ".2f"), _cell(r["ratio"], ".2f"), _cell(r.get("torch_diff"), ".1g"))
             for r in rows]
-    return _align(head, body, 3)
+    return align(head, body, 3)
 
 
 def format_decode(rows):
@@ -432,7 +423,7 @@ def format_decode(rows):
     head = ("op", "cache dtype", "shape", "time ms", "KV GB/s", "% copy bw")
     body = [(r["name"], r["dtype"], r["shape"], "failed" if r["error"] else _cell(_ms(r["seconds"]), ".3f"),
              _cell(r["gb_s"], ".0f"), "—" if r["pct_copy"] is None else f"{r['pct_copy']:.0f}%") for r in rows]
-    return _align(head, body, 3)
+    return align(head, body, 3)
 
 
 # --- the section ------------------------------------------------------------------------

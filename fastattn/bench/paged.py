@@ -14,7 +14,7 @@ from numba import get_num_threads, njit, prange, set_num_threads
 import fastattn
 from fastattn.reference import naive_attention
 
-from .core import as_peer, best_time, cuda_sync, interleaved, numpy_dtype, to_device
+from .core import align, as_peer, best_time, cuda_sync, interleaved, numpy_dtype, to_device
 from .dense import naive_attention_backward
 
 #: Sizes of the CLI's paged table (the decode shape of the issue is "full").
@@ -266,12 +266,7 @@ def format_table(rows):
     body = [(r["name"], r["backend"], r["dtype"], r["shape"], f"{r['time_ms']:.2f}", f"{r['gb_s']:.1f}",
              f"{r['pct_bandwidth']:.0f}%", "—" if r["gflops"] is None else f"{r['gflops']:.1f}",
              f"{r['speedup']:.1f}×") for r in rows]
-    widths = [max(len(row[c]) for row in (head, *body)) for c in range(len(head))]
-
-    def line(row):
-        return "  ".join(cell.rjust(w) if c >= 4 else cell.ljust(w)
-                         for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
-    return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, body)])
+    return align(head, body, 4)
 
 
 def _runner(case):

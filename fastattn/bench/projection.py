@@ -13,7 +13,7 @@ import numpy as np
 
 import fastattn
 
-from .core import interleaved, numpy_dtype
+from .core import align, interleaved, numpy_dtype
 
 #: Shapes of the CLI table: the issue's B=4, S=512, H=1024, 16 query heads, 4 KV heads, D=64.
 SIZES = {
@@ -209,12 +209,7 @@ def format_table(rows):
     head = ("op", "dtype", "shape", "time ms", "GFLOP/s", "÷ bare matmul", "vs unfused / parts")
     body = [(r["op"], r["dtype"], r["shape"], f"{r['time_ms']:.2f}", f"{r['gflops']:.1f}",
              "—" if r["vs_bare"] is None else f"{r['vs_bare']:.2f}", f"{r['speedup']:.2f}×") for r in rows]
-    widths = [max(len(row[c]) for row in (head, *body)) for c in range(len(head))]
-
-    def line(row):
-        return "  ".join(cell.rjust(w) if c >= 3 else cell.ljust(w)
-                         for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
-    return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, body)])
+    return align(head, body, 3)
 
 
 def run(size, stream):

@@ -27,7 +27,7 @@ from dataclasses import asdict
 import numpy as np
 
 from . import dense, paged, projection
-from .core import interleaved, say
+from .core import align, interleaved, say
 from .dense import Case
 from .paged import PagedCase
 from .projection import ProjectionCase
@@ -198,12 +198,7 @@ def format_table(rows):
     head = ("op", "dtype", "shape", "fastattn ms", "torch ms", "fastattn/torch")
     body = [(r["name"], r["dtype"], r["shape"], f"{r['time_ms']:.2f}", f"{r['torch_ms']:.2f}",
              f"{r['ratio']:.2f}") for r in rows]
-    widths = [max(len(row[c]) for row in (head, *body)) for c in range(len(head))]
-
-    def line(row):
-        return "  ".join(cell.rjust(w) if c >= 3 else cell.ljust(w)
-                         for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
-    return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, body)])
+    return align(head, body, 3)
 
 
 def run(size, stream):
