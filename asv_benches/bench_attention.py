@@ -153,6 +153,39 @@ class TimeCompile:
         self._compile("backward")
 
 
+class TimeAttentionVarlen:
+    """A packed batch of one 2048-token and fifteen 128-token sequences (H=8, D=64, causal, f32):
+    ``attention_varlen`` against the same sequences as separate ``attention`` calls and against
+    padding every sequence to the longest."""
+
+    params = (["packed", "separate", "padded"],)
+    param_names = ["layout"]
+    timeout = 300
+
+    def setup(self, layout):
+        import numpy as np
+
+        import fastattn
+
+        rng = np.random.default_rng(0)
+        lens = [2048] + [128] * 15
+        cu = np.cumsum([0] + lens).astype(np.int32)
+        q, k, v = (rng.standard_normal((cu[-1], 8, 64), dtype=np.float32) for _ in range(3))
+        if layout == "packed":
+            self.run = lambda: fastattn.attention_varlen(q, k, v, cu, cu, causal=True)
+        elif layout == "separate":
+            seqs = [[np.ascontiguousarray(x[a:b].transpose(1, 0, 2)[None]) for x in (q, k, v)]
+                    for a, b in zip(cu[:-1], cu[1:])]
+            self.run = lambda: [fastattn.attention(*s, causal=True) for s in seqs]
+        else:
+            padded = [rng.standard_normal((len(lens), 8, max(lens), 64), dtype=np.float32) for _ in range(3)]
+            self.run = lambda: fastattn.attention(*padded, causal=True)
+        self.run()
+
+    def time_forward(self, layout):
+        self.run()
+
+
 class TimeAttentionCUDA(bench_core.CUDAOnly, TimeAttention):
     """TimeAttention on device arrays (synchronised after every call); peer on the host."""
 

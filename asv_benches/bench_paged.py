@@ -8,6 +8,9 @@ so that a decode time converts into a fraction of it.  CUDA classes raise
 ``NotImplementedError`` in ``setup`` (asv reports them as skipped) unless a
 real GPU is present.
 """
+import numpy as np
+
+import fastattn
 from fastattn.bench import core as bench_core, paged as bench_paged
 
 _FULL = bench_paged.SIZES["full"]
@@ -103,9 +106,24 @@ class TimePagedBackward(_Paged):
     def setup(self):
         self._prepare(bench_paged.PagedCase("backward", "float32", seq_q=_FULL["chunk"] // 4,
                                              **dict(_BASE, batch=2, context=_FULL["context"] // 4)))
+        x = self.x
+        args = (x["q"], x["k_cache"], x["v_cache"], x["block_table"], x["seq_lens"])
+        slopes = np.linspace(0.01, 0.2, x["q"].shape[1], dtype=np.float32)
+        options = dict(causal=True, softcap=30.0, alibi_slopes=bench_core.to_device(slopes)
+                       if self.backend == "cuda" else slopes)
+        out, lse = fastattn.paged_attention(*args, return_lse=True, **options)
+        self.run_options = lambda: fastattn.paged_attention_backward(x["dout"], *args[:3], out, lse, *args[3:],
+                                                                     **options)
+        self.run_options()
+        self.sync()
 
     def time_backward(self):
         self._time()
+
+    def time_backward_softcap_alibi(self):
+        """The same backward with softcap and ALiBi (their gradients inside the same pass)."""
+        self.run_options()
+        self.sync()
 
     def peakmem_backward(self):
         self.run()
