@@ -12,11 +12,10 @@ from ._dtypes import bits_view
 from .attention import attention, attention_backward
 
 
-def _pool(backend):
-    """On the CPU the layer's projection GEMMs run on numba's threads, like its attention kernels: a
-    NumPy GEMM between them would leave OpenBLAS's threads spinning into the next numba kernel
-    (:mod:`fastattn.cpu.projection`)."""
-    return {"pool": "numba"} if backend.__name__ == "fastattn.cpu" else {}
+#: The layer's projection GEMMs run on numba's threads, like its attention kernels: a NumPy GEMM between
+#: them would leave OpenBLAS's threads spinning into the next numba kernel (:mod:`fastattn.cpu.projection`;
+#: the CUDA twin ignores it).
+_POOL = "numba"
 
 
 def _xavier_uniform(rng, fan_out, fan_in):
@@ -171,7 +170,7 @@ class MultiheadAttention:
         if key is None:
             backend = self._backend(query=query)
             q, k, v = backend.projection.project_heads(query, self._qkv_weight, self._qkv_bias, (hq, hkv, hkv), d,
-                                                       **_pool(backend))
+                                                       pool=_POOL)
             inputs = (query,)
         else:
             batch = int(query.shape[0])
@@ -180,15 +179,15 @@ class MultiheadAttention:
             if tuple(value.shape) != tuple(key.shape):
                 raise ValueError(f"value: expected the shape of key {tuple(key.shape)}, got {tuple(value.shape)}")
             backend = self._backend(query=query, key=key, value=value)
-            (q,) = backend.projection.project_heads(query, *self._weights("q_proj"), (hq,), d, **_pool(backend))
-            (k,) = backend.projection.project_heads(key, *self._weights("k_proj"), (hkv,), d, **_pool(backend))
-            (v,) = backend.projection.project_heads(value, *self._weights("v_proj"), (hkv,), d, **_pool(backend))
+            (q,) = backend.projection.project_heads(query, *self._weights("q_proj"), (hq,), d, pool=_POOL)
+            (k,) = backend.projection.project_heads(key, *self._weights("k_proj"), (hkv,), d, pool=_POOL)
+            (v,) = backend.projection.project_heads(value, *self._weights("v_proj"), (hkv,), d, pool=_POOL)
             inputs = (query, key, value)
         out, lse = attention(q, k, v, causal=causal, return_lse=True)
         b, sq = int(query.shape[0]), int(query.shape[1])
         # decode fast path: with one query, the head layout [B, Hq, 1, D] is already [B, 1, Hq*D]
         attn = out.reshape(b, 1, hq * d) if sq == 1 else out
-        y = backend.projection.output_projection(attn, self._out_weight, self._out_bias, None, **_pool(backend))
+        y = backend.projection.output_projection(attn, self._out_weight, self._out_bias, None, pool=_POOL)
         self._saved = dict(inputs=inputs, q=q, k=k, v=v, out=out, lse=lse, causal=causal, backend=backend)
         return y
 
@@ -227,13 +226,13 @@ class MultiheadAttention:
         out = saved["out"]
         attn = out.reshape(b, 1, hq * self.head_dim) if sq == 1 else out
         dattn, dwo, dbo, _ = backend.projection.output_backward(dout, attn, self._out_weight, self.bias, heads=hq,
-                                                                **_pool(backend))
+                                                                pool=_POOL)
         dq, dk, dv = attention_backward(dattn, saved["q"], saved["k"], saved["v"], out, saved["lse"],
                                         causal=saved["causal"])
         grads = {}
         if len(saved["inputs"]) == 1:
             dx, dw, db = backend.projection.qkv_backward((dq, dk, dv), query, self._qkv_weight, self.bias,
-                                                         **_pool(backend))
+                                                         pool=_POOL)
             for name, rows in self._sections().items():
                 grads[f"{name}.weight"] = dw[rows]
                 if self.bias:
@@ -242,7 +241,7 @@ class MultiheadAttention:
         else:
             for name, x, g in zip(("q_proj", "k_proj", "v_proj"), saved["inputs"], (dq, dk, dv)):
                 dx, dw, db = backend.projection.qkv_backward((g,), x, self._weights(name)[0], self.bias,
-                                                             **_pool(backend))
+                                                             pool=_POOL)
                 grads[f"{name}.weight"] = dw
                 if self.bias:
                     grads[f"{name}.bias"] = db

@@ -9,6 +9,9 @@ rows, head layout, the three q/k/v gradients side by side, transposed) and
 where a result goes (scattered into q/k/v heads with the bias, added to a bias
 and a residual, a plain float32 matrix for weight gradients): those are small
 device functions, and each combination is compiled once.
+
+The host functions take the CPU twin's ``pool`` argument and ignore it: the
+GPU runs every kernel on one device, so there is no thread pool to choose.
 """
 import numpy as np
 from numba import cuda
@@ -212,7 +215,7 @@ def _dummy(dtype):
     return _launch.kernel_view(_launch.empty((1, 1, 1, 1), dtype))
 
 
-def project_heads(x, weight, bias, sections, head_dim):
+def project_heads(x, weight, bias, sections, head_dim, pool=None):
     """x [B, S, K] @ weight.T (+ bias) split into head-layout device arrays [B, h, S, D]."""
     dtype = np.dtype(x.dtype)
     batch, seq, kdim = (int(s) for s in x.shape)
@@ -248,7 +251,7 @@ def _weight_grads(a_kind, grads, widths, x_heads, weight, seq, has_bias):
     return _convert(dw, dtype), (_convert(db, dtype) if has_bias else None)
 
 
-def qkv_backward(grads, x, weight, has_bias):
+def qkv_backward(grads, x, weight, has_bias, pool=None):
     """(dx, dweight, dbias or None) on the device, from the head-layout q/k/v gradients."""
     dtype = np.dtype(x.dtype)
     batch, seq, kdim = (int(s) for s in x.shape)
@@ -267,7 +270,7 @@ def qkv_backward(grads, x, weight, has_bias):
     return dx, dw, db
 
 
-def output_projection(attn, weight, bias, residual):
+def output_projection(attn, weight, bias, residual, pool=None):
     """attn ([B, S, P] or head layout) @ weight.T + bias + residual -> device array [B, S, H]."""
     dtype = np.dtype(attn.dtype)
     heads = _heads_view(_launch.kernel_view(attn))
@@ -285,7 +288,7 @@ def output_projection(attn, weight, bias, residual):
     return y
 
 
-def output_backward(dy, attn, weight, has_bias, heads=None):
+def output_backward(dy, attn, weight, has_bias, heads=None, pool=None):
     """(dattn, dweight, dbias or None, dresidual) on the device; ``heads``: dattn in head layout."""
     dtype = np.dtype(dy.dtype)
     batch, seq, n = (int(s) for s in dy.shape)
