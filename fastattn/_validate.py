@@ -141,6 +141,55 @@ def alibi_values(alibi_slopes, b, hq):
     return slopes
 
 
+@dataclass(frozen=True)
+class Extra:
+    """An additive ``bias`` and a boolean ``mask`` of one attention call, each 4-d or None.
+
+    Both are the caller's arrays with ones prepended to the shape (a view, never
+    broadcast out): each axis is 1 or the size of ``[B, Hq, Sq, Sk]``.
+    ``bias_shape`` is the shape the caller gave (the shape of ``dbias``).
+    """
+
+    bias: object = None
+    mask: object = None
+    bias_shape: tuple = ()
+
+    def __bool__(self):
+        return self.bias is not None or self.mask is not None
+
+
+def _as_4d(name, x, full):
+    """``x`` reshaped to 4-d with leading ones; ValueError unless it broadcasts to ``full``."""
+    shape = tuple(int(s) for s in x.shape)
+    if len(shape) > 4:
+        raise ValueError(f"{name}: expected at most 4 dims broadcastable to [B, Hq, Sq, Sk] = {full}, "
+                         f"got shape {shape}")
+    padded = (1,) * (4 - len(shape)) + shape
+    for have, want in zip(padded, full):
+        if have not in (1, want):
+            raise ValueError(f"{name}: expected a shape broadcastable to [B, Hq, Sq, Sk] = {full}, "
+                             f"got {shape}")
+    return x.reshape(padded) if padded != shape else x
+
+
+def extra_values(bias, mask, spec):
+    """Check ``bias`` (float32 or the dtype of q) and ``mask`` (bool) against ``spec``; return an :class:`Extra`."""
+    full = (spec.batch, spec.heads_q, spec.seq_q, spec.seq_k)
+    if bias is not None:
+        bias = as_array("bias", bias)
+        dtype = np.dtype(bias.dtype)
+        if dtype not in (np.dtype(np.float32), spec.dtype):
+            raise TypeError(f"bias: expected float32 or {spec.dtype} (the dtype of q), got {dtype}")
+    if mask is not None:
+        mask = as_array("mask", mask)
+        if np.dtype(mask.dtype) != np.bool_:
+            raise TypeError(f"mask: expected a boolean array (True = the key takes part), got "
+                            f"{np.dtype(mask.dtype)}; pass an additive float mask as bias=")
+    return Extra(None if bias is None else _as_4d("bias", bias, full),
+                 None if mask is None else _as_4d("mask", mask, full),
+                 () if bias is None else tuple(int(s) for s in bias.shape))
+
+
 def forward_outputs(dout, out, lse, spec):
     """Check dout, out (shape and dtype of q) and lse ([B, Hq, Sq], accumulation dtype) of a backward."""
     dout, out, lse = as_array("dout", dout), as_array("out", out), as_array("lse", lse)

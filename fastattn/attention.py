@@ -9,7 +9,7 @@ from . import _dispatch, _validate
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-              alibi_slopes=None, return_lse=False):
+              alibi_slopes=None, bias=None, mask=None, return_lse=False):
     """Scaled dot-product attention with an online softmax (FlashAttention-2 semantics).
 
     Parameters
@@ -33,6 +33,14 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         If positive, scores become ``softcap * tanh(score / softcap)``.
     alibi_slopes : array, shape [Hq] or [B, Hq], optional
         Adds ``-slope * |i + Sk - Sq - j|`` to the (softcapped) scores.
+    bias : array, broadcastable to [B, Hq, Sq, Sk], optional
+        Added to the scores after softcap and ALiBi (a pair bias, a relative
+        position bias, or ``-inf`` where keys are excluded): float32 or the
+        dtype of ``q``, on the device of ``q``.  Axes of size 1 (or missing
+        leading axes) are read in place, never expanded.
+    mask : bool array, broadcastable to [B, Hq, Sq, Sk], optional
+        ``True`` where the key takes part (the meaning of PyTorch SDPA's boolean
+        ``attn_mask``); combines with ``causal`` and ``window``.
     return_lse : bool
         Also return the natural-log sum of exponentials of each row's scores.
 
@@ -53,7 +61,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     Notes
     -----
     Accumulation is float32 (float64 for float64 inputs); no ``Sq x Sk`` matrix
-    is allocated.  A row that sees no key gets ``out = 0`` and ``lse = -inf``.
+    is allocated beyond the caller's own ``bias``/``mask``.  A row that sees no
+    key (every key masked, or a ``-inf`` bias on all of them) gets ``out = 0``
+    and ``lse = -inf``.
 
     Examples
     --------
@@ -67,12 +77,22 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     ((1, 8, 5, 64), dtype('float32'))
     >>> bool(np.allclose(out, fastattn.reference.attention(q, k, v, causal=True), atol=1e-5))
     True
+
+    A bias shared by every batch and head, and a mask that keeps the first four keys:
+
+    >>> bias = rng.standard_normal((5, 7), dtype=np.float32)   # [Sq, Sk]
+    >>> keep = np.arange(7) < 4                                 # [Sk]
+    >>> out = fastattn.attention(q, k, v, bias=bias, mask=keep)
+    >>> ref = fastattn.reference.attention(q, k, v, bias=bias, mask=keep)
+    >>> bool(np.allclose(out, ref, atol=1e-5))
+    True
     """
     q, k, v, slopes, spec = _validate.attention_args(
         q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes)
-    backend = _dispatch.backend_of(q=q, k=k, v=v, alibi_slopes=slopes)
-    out, lse = backend.attention.forward(q, k, v, slopes, spec)
+    extra = _validate.extra_values(bias, mask, spec)
+    backend = _dispatch.backend_of(q=q, k=k, v=v, alibi_slopes=slopes, bias=extra.bias, mask=extra.mask)
+    out, lse = backend.attention.forward(q, k, v, slopes, spec, extra)
     return (out, lse) if return_lse else out
 
 
@@ -96,8 +116,8 @@ def _attention_block(q, k, v, *, q_start, k_start, seq_q, seq_k, causal=False, s
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window=(-1, -1),
-                       softcap=0.0, alibi_slopes=None):
-    """Gradients of :func:`attention` with respect to q, k and v.
+                       softcap=0.0, alibi_slopes=None, bias=None, mask=None, return_dbias=False):
+    """Gradients of :func:`attention` with respect to q, k and v (and the bias).
 
     Probabilities are recomputed from ``lse`` (FlashAttention-2 style).  With
     grouped-query attention, ``dk`` and ``dv`` sum over the query heads of each
@@ -111,14 +131,21 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
         The forward inputs.
     out, lse : arrays
         The forward outputs (``attention(..., return_lse=True)``).
-    causal, scale, window, softcap, alibi_slopes
+    causal, scale, window, softcap, alibi_slopes, bias, mask
         The forward options, unchanged.
+    return_dbias : bool
+        Also return the gradient with respect to ``bias`` (which must be given).
 
     Returns
     -------
     dq : array, shape [B, Hq, Sq, D]
     dk, dv : arrays, shape [B, Hkv, Sk, D]
         In the dtype of ``q``, on the device of ``q``; zero for keys no query sees.
+    dbias : array, the shape and dtype of ``bias``
+        Only with ``return_dbias=True``: the gradient of the scores summed over
+        the axes ``bias`` broadcasts over, computed in the same pass (no
+        probabilities stored); 0 where no key is seen.  On the CPU the same bits
+        at any thread count; on CUDA broadcast axes are summed with atomics.
 
     Raises
     ------
@@ -135,12 +162,29 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
     >>> ref = fastattn.reference.attention_backward(np.ones_like(out), q, k, v, causal=True)
     >>> bool(np.allclose(dv, ref[2], atol=1e-5))
     True
+
+    The gradient of a bias shared by both heads:
+
+    >>> bias = rng.standard_normal((1, 1, 6, 6), dtype=np.float32)
+    >>> out, lse = fastattn.attention(q, k, v, bias=bias, return_lse=True)
+    >>> *_, dbias = fastattn.attention_backward(np.ones_like(out), q, k, v, out, lse, bias=bias,
+    ...                                         return_dbias=True)
+    >>> ref = fastattn.reference.attention_backward(np.ones_like(out), q, k, v, bias=bias, return_dbias=True)
+    >>> dbias.shape, bool(np.allclose(dbias, ref[3], atol=1e-5))
+    ((1, 1, 6, 6), True)
     """
     dout, q, k, v, out, lse, slopes, spec = _validate.attention_backward_args(
         dout, q, k, v, out, lse, causal=causal, scale=scale, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes)
-    backend = _dispatch.backend_of(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=slopes)
-    return backend.attention.backward(dout, q, k, v, out, lse, slopes, spec)
+    extra = _validate.extra_values(bias, mask, spec)
+    if return_dbias and extra.bias is None:
+        raise ValueError("return_dbias: expected a bias to differentiate, got bias=None")
+    backend = _dispatch.backend_of(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=slopes,
+                                   bias=extra.bias, mask=extra.mask)
+    dq, dk, dv, dbias = backend.attention.backward(dout, q, k, v, out, lse, slopes, spec, extra, return_dbias)
+    if not return_dbias:
+        return dq, dk, dv
+    return dq, dk, dv, backend.attention.cast(dbias, extra.bias.dtype)
 
 
 def merge_attention_states(outs, lses):

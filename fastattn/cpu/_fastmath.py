@@ -227,6 +227,17 @@ def _decode_rows(src, dst, codec):
     return unpack8
 
 
+def decode_one(x, codec):
+    """One float16/bfloat16 value from its bits (``uint16``), or a float as it is."""
+
+
+@overload(decode_one, inline="always", fastmath=FASTMATH)
+def _decode_one(x, codec):
+    if isinstance(x, types.Float):
+        return lambda x, codec: x
+    return lambda x, codec: _bits_to_f32(np.uint32(x) << 16) if codec == BF16 else _f16_to_f32(x)
+
+
 #: The CPU converts half precision in hardware (x86 F16C, or any AArch64).
 HARDWARE_F16 = bool(llvm.get_host_cpu_features().get("f16c")) or llvm.get_process_triple().startswith("aarch64")
 

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit
 
 from .._tile import alibi_bias, key_range, query_range, softcap_grad
-from ._fastmath import FASTMATH, decode_rows, exp_row, exp_shifted, max_of, softcap_fast
+from ._fastmath import FASTMATH, decode_one, decode_rows, exp_row, exp_shifted, max_of, softcap_fast
 
 
 @njit(inline="always")
@@ -41,11 +41,14 @@ def _rescale(row_max, new_max, zero):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def softmax_tile(s, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, row_max, row_sum, acc):
+def softmax_tile(s, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, extra, has_extra,
+                 row_max, row_sum, acc):
     """Turn a tile of raw scores into exp(score - running max), updating the running state.
 
-    ``row_max``, ``row_sum`` and the rows of the output accumulator ``acc`` are
-    rescaled when a row's maximum grows; the caller then adds ``s @ v``.
+    With ``has_extra``, ``extra [m, n]`` (see :func:`extra_tile`) is added to
+    the scores after softcap and ALiBi.  ``row_max``, ``row_sum`` and the rows
+    of the output accumulator ``acc`` are rescaled when a row's maximum grows;
+    the caller then adds ``s @ v``.
     """
     m = s.shape[0]
     for r in range(m):
@@ -53,9 +56,13 @@ def softmax_tile(s, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, 
         seen, c0 = _visible_part(s[r], i, j0, sq, sk, wl, wr)
         if seen.size == 0:
             continue
-        if softcap > 0 or has_alibi:
-            _transform_scores(seen, i, j0 + c0, sq, sk, softcap, slopes[r // period], has_alibi)
+        if softcap > 0 or has_alibi or has_extra:
+            _transform_scores(seen, i, j0 + c0, sq, sk, softcap, slopes[r // period], has_alibi,
+                              extra[r, c0:c0 + seen.size], has_extra)
         new_max = max(row_max[r], max_of(seen))
+        if new_max == -np.inf:  # every key so far masked out: nothing to add
+            seen[:] = 0
+            continue
         alpha = _rescale(row_max[r], new_max, row_sum[r] * 0)
         total = exp_row(seen, new_max)
         row_sum[r] = row_sum[r] * alpha + total
@@ -67,20 +74,64 @@ def softmax_tile(s, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, 
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _transform_scores(seen, i, j, sq, sk, softcap, slope, has_alibi):
-    """softcap then ALiBi on the visible scores of row i, which start at key j."""
+def _transform_scores(seen, i, j, sq, sk, softcap, slope, has_alibi, extra, has_extra):
+    """softcap, ALiBi, then the extra terms on the visible scores of row i, which start at key j."""
     for c in range(seen.size):
         x = softcap_fast(seen[c], softcap)
         if has_alibi:
             x += alibi_bias(slope, i, j + c, sq, sk)
+        if has_extra:
+            x += extra[c]
         seen[c] = x
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def grad_tile(s, dp, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, lse, delta):
+def extra_tile(extra, b, h, i0, m, j0, n, out):
+    """``out[r, c]`` = bias of row ``i0 + r``, key ``j0 + c`` of (b, h), or -inf where the mask is False.
+
+    ``extra`` is ``(bias, bias_strides, codec, has_bias, mask, mask_strides,
+    has_mask)``: the caller's arrays flat (1-d, so one compiled kernel serves
+    every broadcast shape) with the element strides of ``[B, Hq, Sq, Sk]``
+    (0 on broadcast axes).
+    """
+    bias, bs, codec, has_bias, mask, ms, has_mask = extra
+    if has_bias:
+        for r in range(m):
+            at = b * bs[0] + h * bs[1] + (i0 + r) * bs[2] + j0 * bs[3]
+            row = out[r]
+            for c in range(n):
+                row[c] = decode_one(bias[at + c * bs[3]], codec)
+    else:
+        out[:] = 0
+    if has_mask:
+        for r in range(m):
+            at = b * ms[0] + h * ms[1] + (i0 + r) * ms[2] + j0 * ms[3]
+            for c in range(n):
+                if not mask[at + c * ms[3]]:
+                    out[r, c] = -np.inf
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def add_tile(dst, strides, b, h, i0, j0, src):
+    """Add ``src [m, n]`` into the flat ``dst`` at rows ``i0 ...``, keys ``j0 ...`` of (b, h), in order.
+
+    ``strides`` are ``dst``'s element strides over ``[B, Hq, Sq, Sk]``, 0 on the
+    axes it sums over (so elements repeat, and are added one after the other).
+    """
+    for r in range(src.shape[0]):
+        at = b * strides[0] + h * strides[1] + (i0 + r) * strides[2] + j0 * strides[3]
+        for c in range(src.shape[1]):
+            dst[at + c * strides[3]] += src[r, c]
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def grad_tile(s, dp, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, extra, has_extra, lse, delta):
     """Scores -> probabilities in s and dP -> dS (pre-scale) in dp, in place.
 
-    ``lse[r]`` and ``delta[r]`` belong to tile row ``r``.
+    ``lse[r]`` and ``delta[r]`` belong to tile row ``r``.  With ``has_extra``
+    the terms in ``extra`` are added as in :func:`softmax_tile`, and ``extra``
+    is overwritten with the gradient of the scores after softcap (the bias's
+    gradient; 0 where no key is seen).
     """
     m = s.shape[0]
     for r in range(m):
@@ -89,20 +140,28 @@ def grad_tile(s, dp, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi,
         if row_lse == -np.inf:
             s[r] = 0
             dp[r] = 0
+            if has_extra:
+                extra[r] = 0
             continue
         p, c0 = _visible_part(s[r], i, j0, sq, sk, wl, wr)
         ds = _visible_part(dp[r], i, j0, sq, sk, wl, wr)[0]
         row_delta = delta[r]
-        if softcap > 0 or has_alibi:
+        if softcap > 0 or has_alibi or has_extra:
+            g = _visible_part(extra[r], i, j0, sq, sk, wl, wr)[0] if has_extra else p
             slope = slopes[r // period]
             for c in range(p.size):
                 capped = softcap_fast(p[c], softcap)
                 x = capped
                 if has_alibi:
                     x += alibi_bias(slope, i, j0 + c0 + c, sq, sk)
+                if has_extra:
+                    x += g[c]
                 e = exp_shifted(x, row_lse)
                 p[c] = e
-                ds[c] = e * (ds[c] - row_delta) * softcap_grad(capped, softcap)
+                d = e * (ds[c] - row_delta)
+                if has_extra:
+                    g[c] = d
+                ds[c] = d * softcap_grad(capped, softcap)
         else:
             for c in range(p.size):
                 e = exp_shifted(p[c], row_lse)
@@ -111,19 +170,25 @@ def grad_tile(s, dp, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi,
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, lse,
-                      delta, scale, codec, block_q, dk_acc, dv_acc, dq_part, want_dq):
+def key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, extra,
+                      dbias, dbias_strides, want_dbias, lse, delta, scale, codec, block_q, dk_acc, dv_acc, dq_part, want_dq):
     """Add one tile of keys' contributions from every query head of KV head hk of sequence b.
 
     ``kt``/``vt`` are the tile's keys and values (from ``j0``, ``sk`` keys in all),
     ``dk_acc``/``dv_acc`` its gradient accumulators; with ``want_dq`` the
-    (unscaled) dq contributions are added to ``dq_part[b, h]``.  FlashAttention-2's
-    backward inner loop, shared by the dense and the paged kernels.
+    (unscaled) dq contributions are added to ``dq_part[b, h]``.  ``extra`` is
+    :func:`extra_tile`'s tuple; with ``want_dbias`` the bias gradient is added
+    into the flat ``dbias`` (element strides ``dbias_strides`` over
+    ``[B, Hq, Sq, Sk]``, see :func:`add_tile`).  FlashAttention-2's backward inner loop, shared by the dense and the
+    paged kernels.
     """
     m_max = min(block_q, sq)
     dim = kt.shape[1]
+    n = kt.shape[0]
     acc_t = dk_acc.dtype
-    i_lo, i_hi = query_range(j0, j0 + kt.shape[0], sq, sk, wl, wr)
+    has_extra = extra[3] or extra[6]
+    e_buf = np.empty(m_max * n if has_extra else 0, acc_t)
+    i_lo, i_hi = query_range(j0, j0 + n, sq, sk, wl, wr)
     for h in range(hk * group, (hk + 1) * group):
         for i0 in range(i_lo, i_hi, m_max):
             m = min(m_max, i_hi - i0)
@@ -134,9 +199,20 @@ def key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap
             qt *= scale
             s = np.dot(qt, kt.T)
             dp = np.dot(dt, vt.T)
-            grad_tile(s, dp, i0, m, j0, sq, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi,
+            e = e_buf[:m * n].reshape(m, n) if has_extra else s
+            if has_extra:
+                extra_tile(extra, b, h, i0, m, j0, n, e)
+            grad_tile(s, dp, i0, m, j0, sq, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi, e, has_extra,
                       lse[b, h, i0:i0 + m], delta[b, h, i0:i0 + m])
+            if want_dbias:
+                add_tile(dbias, dbias_strides, b, h, i0, j0, e)
             dv_acc += np.dot(s.T, dt)
             dk_acc += np.dot(dp.T, qt)
             if want_dq:
                 dq_part[b, h, i0:i0 + m] += np.dot(dp, kt)
+
+
+def no_extra(acc_dtype):
+    """The :func:`extra_tile` tuple of a call without bias or mask (the same types as with them)."""
+    none = np.zeros(4, np.int64)
+    return np.zeros(1, acc_dtype), none, 0, False, np.ones(1, np.bool_), none, False

@@ -18,13 +18,13 @@ from .._dtypes import accum_dtype as _accum_dtype, bits_view, codec_of
 from .._tile import finish_lse, key_range
 from ._blas import single_threaded_blas
 from ._fastmath import FASTMATH, decode_rows, encode_row
-from ._tiles import key_tile_backward, softmax_tile
+from ._tiles import extra_tile, key_tile_backward, no_extra, softmax_tile
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 
 
 @njit(**_JIT)
-def _forward(q, k, v, codec, scale, wl, wr, shift, softcap, slopes, has_alibi, out, lse, block_q, block_k):
+def _forward(q, k, v, codec, scale, wl, wr, shift, softcap, slopes, has_alibi, extra, out, lse, block_q, block_k):
     batch, heads_q, sq, dim = q.shape
     heads_kv, sk = k.shape[1], k.shape[2]
     sq_d = sq - shift  # the mask helpers put row i on key i + sk - sq_d
@@ -52,13 +52,18 @@ def _forward(q, k, v, codec, scale, wl, wr, shift, softcap, slopes, has_alibi, o
         v_buf = np.empty((block_k, dim), acc_t)
         s_buf = np.empty(m * block_k, acc_t)
         pv = np.empty((m, dim), acc_t)
+        has_extra = extra[3] or extra[6]
+        e_buf = np.empty(m * block_k if has_extra else 0, acc_t)
         for j0 in range(j_lo, j_hi, block_k):
             n = min(block_k, j_hi - j0)
             kt, vt, s = k_buf[:n], v_buf[:n], s_buf[:m * n].reshape(m, n)
             decode_rows(k[b, hk, j0:j0 + n], kt, codec)
             decode_rows(v[b, hk, j0:j0 + n], vt, codec)
             np.dot(qt, kt.T, s)
-            softmax_tile(s, i0, m, j0, sq_d, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi,
+            e = e_buf[:m * n].reshape(m, n) if has_extra else s
+            if has_extra:
+                extra_tile(extra, b, h, i0, m, j0, n, e)
+            softmax_tile(s, i0, m, j0, sq_d, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi, e, has_extra,
                          row_max, row_sum, acc)
             np.dot(s, vt, pv)
             acc += pv
@@ -89,8 +94,17 @@ def _delta(dout, out, codec, delta, block):
 
 
 @njit(**_JIT)
-def _backward(dout, q, k, v, lse, delta, codec, scale, wl, wr, softcap, slopes, has_alibi,
-              dq_part, dk, dv, block_q, block_k):
+def _backward(dout, q, k, v, lse, delta, codec, scale, wl, wr, softcap, slopes, has_alibi, extra, dbias_sums,
+              dbias_strides, want_dbias, fold_b, fold_h, dq_part, dk, dv, block_q, block_k):
+    """dK/dV of each key tile, dq and dbias partial sums; one task per (owner, key split).
+
+    An owner is one (batch, KV head) pair, or, with ``fold_b``/``fold_h``, all the
+    batches/KV heads whose bias gradients land on the same elements (a bias
+    broadcast over those axes): one task then walks them in a fixed order, so
+    every element of the bias gradient's sums has one writer.  ``dbias_sums``
+    is ``[splits or 1, bias size]``, read through ``dbias_strides`` (split,
+    then the four of ``[B, Hq, Sq, Sk]``).
+    """
     batch, heads_q, sq, dim = q.shape
     heads_kv, sk = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
@@ -98,24 +112,32 @@ def _backward(dout, q, k, v, lse, delta, codec, scale, wl, wr, softcap, slopes, 
     n_tiles = (sk + block_k - 1) // block_k
     per_split = (n_tiles + n_split - 1) // n_split
     acc_t = lse.dtype
-    for task in prange(batch * heads_kv * n_split):
+    own_b = 1 if fold_b else batch
+    own_h = 1 if fold_h else heads_kv
+    per_b = batch // own_b
+    per_h = heads_kv // own_h
+    for task in prange(own_b * own_h * n_split):
         split = task % n_split
-        hk = (task // n_split) % heads_kv
-        b = task // (n_split * heads_kv)
-        for tile in range(split * per_split, min(n_tiles, (split + 1) * per_split)):
-            j0 = tile * block_k
-            n = min(block_k, sk - j0)
-            kt = np.empty((n, dim), acc_t)
-            vt = np.empty((n, dim), acc_t)
-            decode_rows(k[b, hk, j0:j0 + n], kt, codec)
-            decode_rows(v[b, hk, j0:j0 + n], vt, codec)
-            dk_acc = np.zeros((n, dim), acc_t)
-            dv_acc = np.zeros((n, dim), acc_t)
-            key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi,
-                              lse, delta, scale, codec, block_q, dk_acc, dv_acc, dq_part[split], True)
-            for r in range(n):
-                encode_row(dk_acc[r], dk[b, hk, j0 + r], codec)
-                encode_row(dv_acc[r], dv[b, hk, j0 + r], codec)
+        oh = (task // n_split) % own_h
+        ob = task // (n_split * own_h)
+        for member in range(per_b * per_h):
+            b = ob + member // per_h
+            hk = oh + member % per_h
+            for tile in range(split * per_split, min(n_tiles, (split + 1) * per_split)):
+                j0 = tile * block_k
+                n = min(block_k, sk - j0)
+                kt = np.empty((n, dim), acc_t)
+                vt = np.empty((n, dim), acc_t)
+                decode_rows(k[b, hk, j0:j0 + n], kt, codec)
+                decode_rows(v[b, hk, j0:j0 + n], vt, codec)
+                dk_acc = np.zeros((n, dim), acc_t)
+                dv_acc = np.zeros((n, dim), acc_t)
+                key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi,
+                                  extra, dbias_sums[split if dbias_strides[0] else 0], dbias_strides[1:], want_dbias,
+                                  lse, delta, scale, codec, block_q, dk_acc, dv_acc, dq_part[split], True)
+                for r in range(n):
+                    encode_row(dk_acc[r], dk[b, hk, j0 + r], codec)
+                    encode_row(dv_acc[r], dv[b, hk, j0 + r], codec)
 
 
 @njit(**_JIT)
@@ -137,6 +159,50 @@ def _slopes(slopes, spec):
     if slopes is None:
         return np.zeros((spec.batch, spec.heads_q), acc), False
     return np.ascontiguousarray(np.broadcast_to(slopes, (spec.batch, spec.heads_q)), dtype=acc), True
+
+
+def element_strides(shape, full):
+    """Element strides (an int64 array) of a C-contiguous array of ``shape`` read as ``full``: 0 on broadcast axes."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step if n > 1 else 0)
+        step *= n
+    return np.array(strides[::-1][-len(full):], np.int64)
+
+
+def _extra(extra, spec):
+    """:func:`~fastattn.cpu._tiles.extra_tile`'s tuple: bias and mask flat, with their strides (no copy
+    unless the caller's array is not C-contiguous)."""
+    none = no_extra(spec.accum_dtype)
+    if not extra:
+        return none
+    full = (spec.batch, spec.heads_q, spec.seq_q, spec.seq_k)
+    bias, bias_strides, codec = none[0], none[1], 0
+    if extra.bias is not None:
+        bias = np.ascontiguousarray(bits_view(extra.bias))
+        bias_strides, codec = element_strides(bias.shape, full), codec_of(extra.bias.dtype)
+    mask, mask_strides = none[4], none[5]
+    if extra.mask is not None:
+        mask = np.ascontiguousarray(extra.mask)
+        mask_strides = element_strides(mask.shape, full)
+    return (bias.reshape(-1), bias_strides, codec, extra.bias is not None, mask.reshape(-1), mask_strides,
+            extra.mask is not None)
+
+
+def _dbias_sums(extra, n_split, spec):
+    """Zeroed sums of the bias gradient, ``[splits or 1, bias size]``, and their element strides over
+    ``[split, B, Hq, Sq, Sk]``.
+
+    Broadcast axes get stride 0; key splits share one sum unless the bias
+    broadcasts over keys (then each split has its own, added in order after).
+    Without a bias to differentiate, one unused element.
+    """
+    if not extra or extra.bias is None:
+        return np.zeros((1, 1), spec.accum_dtype), np.zeros(5, np.int64)
+    shape = extra.bias.shape
+    per_split = shape[3] == 1 and spec.seq_k > 1
+    sums = np.zeros(((n_split if per_split else 1),) + shape, spec.accum_dtype)
+    return sums.reshape(sums.shape[0], -1), element_strides(sums.shape, sums.shape)
 
 
 def _inputs(*arrays):
@@ -175,24 +241,26 @@ def _forward_as_paged(q, k, v, slopes, spec):
     return out.reshape(q.shape), lse.reshape(q.shape[:3])
 
 
-def forward(q, k, v, slopes, spec):
+def forward(q, k, v, slopes, spec, extra=None):
     """Run the forward kernel; return (out, lse) as NumPy arrays.
 
-    Decode-sized calls (:func:`_few_rows`) go through the paged decode kernel, which
-    reads each key and value row once for all query heads of its group.
+    ``extra`` is the call's :class:`~fastattn._validate.Extra` (bias and mask)
+    or None.  Decode-sized calls without one (:func:`_few_rows`) go through the
+    paged decode kernel, which reads each key and value row once for all query
+    heads of its group.
     """
     out = np.empty(q.shape, spec.dtype)
     lse = np.empty(q.shape[:3], spec.accum_dtype)
     if out.size == 0:
         lse.fill(-np.inf)
         return out, lse
-    if _few_rows(k, v, spec):
+    if not extra and _few_rows(k, v, spec):
         return _forward_as_paged(q, k, v, slopes, spec)
     slopes, has_alibi = _slopes(slopes, spec)
     qb, kb, vb = _inputs(q, k, v)
     with single_threaded_blas():
         _forward(qb, kb, vb, spec.codec, spec.scale, spec.window_left, spec.window_right,
-                 spec.shift, spec.softcap, slopes, has_alibi, bits_view(out), lse,
+                 spec.shift, spec.softcap, slopes, has_alibi, _extra(extra, spec), bits_view(out), lse,
                  config.cpu_block_q, config.cpu_block_k)
     return out, lse
 
@@ -206,35 +274,63 @@ BACKWARD_TASKS = 8
 MAX_BACKWARD_SPLITS = 8
 
 
-def _num_splits(spec):
-    """Key splits per KV head: about :data:`BACKWARD_TASKS` tasks, never from the thread count."""
-    tasks = spec.batch * spec.heads_kv
+def _num_splits(spec, owners):
+    """Key splits per task owner: about :data:`BACKWARD_TASKS` tasks, never from the thread count."""
     n_tiles = -(-spec.seq_k // config.cpu_bwd_block_k)
-    want = -(-BACKWARD_TASKS // max(tasks, 1))
+    want = -(-BACKWARD_TASKS // max(owners, 1))
     return max(1, min(want, n_tiles, MAX_BACKWARD_SPLITS))
 
 
-def backward(dout, q, k, v, out, lse, slopes, spec):
-    """Run the backward kernels; return (dq, dk, dv) as NumPy arrays."""
+def _folds(extra, want_dbias, spec):
+    """Whether the backward's tasks fold batches / KV heads together (their bias gradients meet)."""
+    if not want_dbias or extra.bias is None:
+        return False, False
+    shape = extra.bias.shape
+    return shape[0] == 1 and spec.batch > 1, shape[1] == 1 and spec.heads_kv > 1
+
+
+def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False):
+    """Run the backward kernels; return (dq, dk, dv, dbias) as NumPy arrays.
+
+    ``dbias`` (the bias gradient in the caller's bias shape, accumulation
+    dtype) is None unless ``want_dbias`` and ``extra`` has a bias.
+    """
     dq = np.empty(q.shape, spec.dtype)
     dk = np.zeros(k.shape, spec.dtype)
     dv = np.zeros(v.shape, spec.dtype)
+    want_dbias = bool(want_dbias and extra and extra.bias is not None)
+    acc = spec.accum_dtype
     if dq.size == 0 or dk.size == 0:
         dq.fill(0)
-        return dq, dk, dv
-    acc = spec.accum_dtype
+        return dq, dk, dv, (np.zeros(extra.bias_shape, acc) if want_dbias else None)
     slopes, has_alibi = _slopes(slopes, spec)
     db, qb, kb, vb, ob = _inputs(dout, q, k, v, out)
     lse = np.ascontiguousarray(lse)
     delta = np.empty(q.shape[:3], acc)
-    dq_part = np.zeros((_num_splits(spec),) + q.shape, acc)
+    fold_b, fold_h = _folds(extra, want_dbias, spec)
+    owners = (1 if fold_b else spec.batch) * (1 if fold_h else spec.heads_kv)
+    n_split = _num_splits(spec, owners)
+    dq_part = np.zeros((n_split,) + q.shape, acc)
+    sums, dbias_strides = _dbias_sums(extra if want_dbias else None, n_split, spec)
     with single_threaded_blas():
         _delta(db, ob, spec.codec, delta, config.cpu_bwd_block_q)
         _backward(db, qb, kb, vb, lse, delta, spec.codec, spec.scale, spec.window_left,
-                  spec.window_right, spec.softcap, slopes, has_alibi, dq_part,
-                  bits_view(dk), bits_view(dv), config.cpu_bwd_block_q, config.cpu_bwd_block_k)
+                  spec.window_right, spec.softcap, slopes, has_alibi, _extra(extra, spec), sums,
+                  dbias_strides, want_dbias, fold_b, fold_h, dq_part, bits_view(dk), bits_view(dv), config.cpu_bwd_block_q,
+                  config.cpu_bwd_block_k)
         _reduce_dq(dq_part, spec.scale, spec.codec, bits_view(dq))
-    return dq, dk, dv
+    dbias = None
+    if want_dbias:
+        dbias = sums[0].copy()
+        for part in sums[1:]:  # in split order: the same bits at any thread count
+            dbias += part
+        dbias = dbias.reshape(extra.bias_shape)
+    return dq, dk, dv, dbias
+
+
+def cast(x, dtype):
+    """``x`` in ``dtype`` (a gradient in accumulation precision, returned in its input's dtype)."""
+    return x.astype(dtype, copy=False)
 
 
 @njit(**_JIT)

@@ -131,7 +131,7 @@ def _forward(q, k_rows, v_rows, table, lens, bs, heads_kv, kv_per_task, q_codec,
                     hk = hk0 + u
                     s = np.dot(qt[u], kt[u, :n].T)
                     softmax_tile(s, i0, mq, j0, sq, sk, wl, wr, softcap, slopes[b, hk * group:(hk + 1) * group],
-                                 has_alibi, row_max[u], row_sum[u], acc[u])
+                                 has_alibi, s, False, row_max[u], row_sum[u], acc[u])
                     _accumulate(s, vt[u, :n], acc[u])
         for u in range(nk):
             hk = hk0 + u
@@ -197,7 +197,8 @@ def _decode(q, k_flat, v_flat, table, lens, bs, heads_kv, q_codec, q_mult, k_mul
                 cursor = (0, 0)  # the next tile's keys, asked for front to back over the heads' passes
                 rows = heads_kv * m  # every head's rows in one call: q head = row // sq
                 softmax_tile(s.reshape(rows, n), 0, sq, j0, sq, sk, wl, wr, softcap, slopes[b], has_alibi,
-                             row_max.reshape(rows), row_sum.reshape(rows), acc.reshape(rows, dim))
+                             s.reshape(rows, n), False, row_max.reshape(rows), row_sum.reshape(rows),
+                             acc.reshape(rows, dim))
                 for u in range(heads_kv):
                     cursor = add_values(acc[u], s[u], v_flat, starts, u, n, k_flat, next_starts, next_n, heads_kv,
                                         cursor)
@@ -247,7 +248,7 @@ def _backward_dq(dout, q, k_rows, v_rows, table, lens, bs, heads_kv, lse, delta,
             s = np.dot(qt, kt[0, :n].T)
             dp = np.dot(dt, vt[0, :n].T)
             grad_tile(s, dp, i0, mq, j0, sq, sk, wl, wr, softcap, slopes[b, hk * group:(hk + 1) * group],
-                      has_alibi, lse_t, delta_t)
+                      has_alibi, s, False, lse_t, delta_t)
             dq_acc += np.dot(dp, kt[0, :n])
         for r in range(m):
             dq_acc[r] *= scale
@@ -264,6 +265,8 @@ def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_s
     n_used = ref_start.size - 1
     acc_t = lse.dtype
     no_dq = np.zeros((1, 1, 1, 1), acc_t)
+    none = np.zeros(4, np.int64)
+    no_extra = (np.zeros(1, acc_t), none, 0, False, np.ones(1, np.bool_), none, False)
     for task in prange(n_used * heads_kv):
         hk = task % heads_kv
         u = task // heads_kv
@@ -279,8 +282,9 @@ def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_s
             vt = np.empty((n, dim), acc_t)
             decode_rows(k_cache[blk, :n, hk], kt, codec)
             decode_rows(v_cache[blk, :n, hk], vt, codec)
-            key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, lse,
-                              delta, scale, codec, block_q, dk_acc[:n], dv_acc[:n], no_dq, False)
+            key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi,
+                              no_extra, no_extra[0], none, False, lse, delta, scale, codec, block_q,
+                              dk_acc[:n], dv_acc[:n], no_dq, False)
         for r in range(bs):
             encode_row(dk_acc[r], dk_cache[blk, r, hk], codec)
             encode_row(dv_acc[r], dv_cache[blk, r, hk], codec)
