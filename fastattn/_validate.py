@@ -169,7 +169,22 @@ def _as_4d(name, x, full):
         if have not in (1, want):
             raise ValueError(f"{name}: expected a shape broadcastable to [B, Hq, Sq, Sk] = {full}, "
                              f"got {shape}")
-    return x.reshape(padded) if padded != shape else x
+    if padded == shape:
+        return x
+    if is_cuda_array(x) and not x.is_c_contiguous():  # numba reshapes only contiguous device arrays
+        from numba import cuda
+
+        x = cuda.to_device(np.ascontiguousarray(x.copy_to_host()))
+    return x.reshape(padded)
+
+
+def element_strides(shape):
+    """Element strides of a C-contiguous array of ``shape``, 0 on axes of length 1 (read broadcast)."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step if n > 1 else 0)
+        step *= n
+    return tuple(strides[::-1])
 
 
 def extra_values(bias, mask, spec):
@@ -179,7 +194,8 @@ def extra_values(bias, mask, spec):
         bias = as_array("bias", bias)
         dtype = np.dtype(bias.dtype)
         if dtype not in (np.dtype(np.float32), spec.dtype):
-            raise TypeError(f"bias: expected float32 or {spec.dtype} (the dtype of q), got {dtype}")
+            wanted = "float32" if spec.dtype == np.float32 else f"float32 or {spec.dtype} (the dtype of q)"
+            raise TypeError(f"bias: expected {wanted}, got {dtype}")
     if mask is not None:
         mask = as_array("mask", mask)
         if np.dtype(mask.dtype) != np.bool_:

@@ -143,17 +143,21 @@ CUDA_CASES = [
 
 
 def backward_reference(dout, q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                       alibi_slopes=None):
+                       alibi_slopes=None, bias=None, mask=None):
     """The reference gradients and, for each, the largest sum of absolute terms.
 
     ``dq = scale * sum_j p_ij (dp_ij - delta_i) g_ij k_j`` (``g`` the softcap
     derivative) cancels exactly when a row sees one key; its rounding error
     scales with ``scale * sum_j p_ij (|dp_ij| + |delta_i|) |g_ij| |k_j|``.
-    Likewise for dk, and ``sum_i p_ij |dout_i|`` for dv.
-    Returns ``((dq, dk, dv), (mag_dq, mag_dk, mag_dv))`` with float magnitudes.
+    Likewise for dk, and ``sum_i p_ij |dout_i|`` for dv; with a ``bias``,
+    ``dbias`` (summed over its broadcast axes) comes fourth, its magnitude the
+    same sums of ``p_ij (|dp_ij| + |delta_i|)``.
+    Returns ``((dq, dk, dv[, dbias]), (mag_dq, mag_dk, mag_dv[, mag_dbias]))`` with float magnitudes.
     """
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
-    grads = reference.attention_backward(dout, q, k, v, **options)
+    if bias is not None or mask is not None:
+        options.update(bias=bias, mask=mask)
+    grads = reference.attention_backward(dout, q, k, v, return_dbias=bias is not None, **options)
     dout, q, k, v = (np.asarray(x).astype(np.float64) for x in (dout, q, k, v))
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -166,10 +170,15 @@ def backward_reference(dout, q, k, v, *, causal=False, scale=None, window=(-1, -
     if alibi_slopes is not None:
         slopes = np.broadcast_to(np.asarray(alibi_slopes, dtype=np.float64), (b, hq))
         s -= slopes[:, :, None, None] * np.abs(np.arange(sq)[:, None] + sk - sq - np.arange(sk)[None, :])
+    if bias is not None:
+        s = s + np.asarray(bias).astype(np.float64)
     out, lse = reference.attention(q, k, v, return_lse=True, **options)
     seen = np.isfinite(lse)[..., None]
-    mask = reference.visible_mask(sq, sk, causal=causal, window=window)
-    p = np.where(seen & mask, np.exp(s - np.where(seen, lse[..., None], 0.0)), 0.0)
+    visible = reference.visible_mask(sq, sk, causal=causal, window=window)
+    if mask is not None:
+        visible = visible & np.asarray(mask, bool)
+    with np.errstate(invalid="ignore"):  # -inf biases on rows that see nothing
+        p = np.where(seen & visible, np.exp(s - np.where(seen, lse[..., None], 0.0)), 0.0)
     dp = dout @ vv.swapaxes(-1, -2)
     delta = (dout * out).sum(axis=-1, keepdims=True)
     grad = np.abs(1.0 - (capped / softcap) ** 2) if softcap else 1.0
@@ -177,4 +186,7 @@ def backward_reference(dout, q, k, v, *, causal=False, scale=None, window=(-1, -
     mag_dq = scale * terms @ np.abs(kk)
     mag_dk = (scale * terms.swapaxes(-1, -2) @ np.abs(q)).reshape(b, hkv, group, sk, d).sum(axis=2)
     mag_dv = (p.swapaxes(-1, -2) @ np.abs(dout)).reshape(b, hkv, group, sk, d).sum(axis=2)
-    return grads, tuple(float(m.max(initial=0.0)) for m in (mag_dq, mag_dk, mag_dv))
+    mags = [mag_dq, mag_dk, mag_dv]
+    if bias is not None:
+        mags.append(reference._reduce_to(p * (np.abs(dp) + np.abs(delta)), np.shape(bias)))
+    return grads, tuple(float(m.max(initial=0.0)) for m in mags)

@@ -87,6 +87,19 @@ FORWARD_ERRORS = {
     "alibi-float16": ({}, {"alibi_slopes": np.zeros(HQ, np.float16)}, TypeError,
                       r"^alibi_slopes: expected float32 or float64, got float16"),
     "alibi-int": ({}, {"alibi_slopes": np.zeros(HQ, np.int64)}, TypeError, r"^alibi_slopes: .*int64"),
+    "bias-does-not-broadcast": ({}, {"bias": f32((SQ + 1, SK))}, ValueError,
+                                r"^bias: expected a shape broadcastable to \[B, Hq, Sq, Sk\] = \(2, 4, 5, 7\), "
+                                r"got \(6, 7\)"),
+    "bias-kv-heads": ({}, {"bias": f32((B, HKV, SQ, SK))}, ValueError, r"^bias: .*got \(2, 2, 5, 7\)"),
+    "bias-5d": ({}, {"bias": f32((1, B, HQ, SQ, SK))}, ValueError, r"^bias: expected at most 4 dims"),
+    "bias-float16": ({}, {"bias": np.zeros((SQ, SK), np.float16)}, TypeError,
+                     r"^bias: expected float32, got float16"),
+    "bias-int": ({}, {"bias": np.zeros((SQ, SK), np.int32)}, TypeError, r"^bias: .*int32"),
+    "mask-float": ({}, {"mask": f32((SQ, SK))}, TypeError,
+                   r"^mask: expected a boolean array \(True = the key takes part\), got float32"),
+    "mask-int": ({}, {"mask": np.ones((SQ, SK), np.int8)}, TypeError, r"^mask: .*int8"),
+    "mask-does-not-broadcast": ({}, {"mask": np.ones((SK, SQ), bool)}, ValueError,
+                                r"^mask: expected a shape broadcastable to .*got \(7, 5\)"),
 }
 
 BACKWARD_ERRORS = {
@@ -129,6 +142,19 @@ def test_attention_backward_rejects(device, name):
     a = {n: device.put(x) for n, x in {**backward_arrays(), **changes}.items()}
     with pytest.raises(error, match=pattern):
         fastattn.attention_backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"])
+
+
+def test_dbias_needs_a_bias(device):
+    a = {n: device.put(x) for n, x in backward_arrays().items()}
+    with pytest.raises(ValueError, match=r"^return_dbias: expected a bias to differentiate, got bias=None"):
+        fastattn.attention_backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"], return_dbias=True)
+
+
+def test_bias_of_the_dtype_of_q_is_accepted():
+    a = backward_arrays(np.float16)
+    fastattn.attention(a["q"], a["k"], a["v"], bias=np.zeros((SQ, SK), np.float16))
+    with pytest.raises(TypeError, match=r"^bias: expected float32 or float16 \(the dtype of q\), got float64"):
+        fastattn.attention(a["q"], a["k"], a["v"], bias=np.zeros((SQ, SK)))
 
 
 def test_float64_lse_must_be_float64():

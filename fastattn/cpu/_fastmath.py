@@ -122,7 +122,7 @@ def _exp_row(row, shift):
 
 @njit(inline="always", fastmath=FASTMATH)
 def _exp_row_scalar(row, shift):
-    total = row[0] * 0
+    total = shift * 0  # a zero of the row's precision; shift is finite (row[0] may be -inf)
     for c in range(row.size):
         e = exp_shifted(row[c], shift)
         row[c] = e

@@ -16,6 +16,7 @@ from numba import njit, prange
 from .._config import config
 from .._dtypes import accum_dtype as _accum_dtype, bits_view, codec_of
 from .._tile import finish_lse, key_range
+from .._validate import element_strides
 from ._blas import single_threaded_blas
 from ._fastmath import FASTMATH, decode_rows, encode_row
 from ._tiles import extra_tile, key_tile_backward, no_extra, softmax_tile
@@ -161,13 +162,9 @@ def _slopes(slopes, spec):
     return np.ascontiguousarray(np.broadcast_to(slopes, (spec.batch, spec.heads_q)), dtype=acc), True
 
 
-def element_strides(shape, full):
-    """Element strides (an int64 array) of a C-contiguous array of ``shape`` read as ``full``: 0 on broadcast axes."""
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step if n > 1 else 0)
-        step *= n
-    return np.array(strides[::-1][-len(full):], np.int64)
+def _strides(shape):
+    """:func:`~fastattn._validate.element_strides` as the int64 array the kernels take."""
+    return np.array(element_strides(shape), np.int64)
 
 
 def _extra(extra, spec):
@@ -176,15 +173,14 @@ def _extra(extra, spec):
     none = no_extra(spec.accum_dtype)
     if not extra:
         return none
-    full = (spec.batch, spec.heads_q, spec.seq_q, spec.seq_k)
     bias, bias_strides, codec = none[0], none[1], 0
     if extra.bias is not None:
         bias = np.ascontiguousarray(bits_view(extra.bias))
-        bias_strides, codec = element_strides(bias.shape, full), codec_of(extra.bias.dtype)
+        bias_strides, codec = _strides(bias.shape), codec_of(extra.bias.dtype)
     mask, mask_strides = none[4], none[5]
     if extra.mask is not None:
         mask = np.ascontiguousarray(extra.mask)
-        mask_strides = element_strides(mask.shape, full)
+        mask_strides = _strides(mask.shape)
     return (bias.reshape(-1), bias_strides, codec, extra.bias is not None, mask.reshape(-1), mask_strides,
             extra.mask is not None)
 
@@ -202,7 +198,7 @@ def _dbias_sums(extra, n_split, spec):
     shape = extra.bias.shape
     per_split = shape[3] == 1 and spec.seq_k > 1
     sums = np.zeros(((n_split if per_split else 1),) + shape, spec.accum_dtype)
-    return sums.reshape(sums.shape[0], -1), element_strides(sums.shape, sums.shape)
+    return sums.reshape(sums.shape[0], -1), _strides(sums.shape)
 
 
 def _inputs(*arrays):
@@ -274,8 +270,10 @@ BACKWARD_TASKS = 8
 MAX_BACKWARD_SPLITS = 8
 
 
-def _num_splits(spec, owners):
-    """Key splits per task owner: about :data:`BACKWARD_TASKS` tasks, never from the thread count."""
+def _num_splits(spec, owners=None):
+    """Key splits per task owner (one per (batch, KV head) unless given): about :data:`BACKWARD_TASKS`
+    tasks, never from the thread count."""
+    owners = spec.batch * spec.heads_kv if owners is None else owners
     n_tiles = -(-spec.seq_k // config.cpu_bwd_block_k)
     want = -(-BACKWARD_TASKS // max(owners, 1))
     return max(1, min(want, n_tiles, MAX_BACKWARD_SPLITS))

@@ -67,19 +67,48 @@ def launch_bounds(kernel, shape):
     return (ny * nx, FORWARD_MIN_BLOCKS)
 
 
-def _compiled(name, dtype, db):
+def _compiled(name, dtype, db, bias_dtype=None):
+    """The kernel ``name`` for inputs of ``dtype``, head-dim bucket ``db`` and a bias stored as ``bias_dtype``
+    (the accumulation dtype by default: also the kernels' dtype when there is no bias)."""
     dtype = np.dtype(dtype)
     acc = acc_type(dtype)
     shape = tiles(name, acc, db) if name in _TILED else ()
-    key = (name, dtype, db, shape)
+    bias_dtype = np.dtype(_accum_np(dtype) if bias_dtype is None else bias_dtype)
+    key = (name, dtype, db, shape, bias_dtype)
     if key not in _kernels:
-        _kernels[key] = _device.kernel(_MAKERS[name](dtype, db, *shape), launch_bounds(name, shape))
+        make = _MAKERS[name]
+        fn = make(dtype, db, *shape, bias_dtype=bias_dtype) if name in _TILED else make(dtype, db)
+        _kernels[key] = _device.kernel(fn, launch_bounds(name, shape))
     return _kernels[key], shape
 
 
-def _make_forward(dtype, db, tm, tn, ny, nx):
+def _accum_np(dtype):
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _extra_terms(dtype, bias_dtype):
+    """``extra(x, b, h, i, j, bias, bs, has_bias, mask, ms, has_mask)``: a score with the bias added, or
+    -inf where the mask is False.  ``bias`` and ``mask`` are flat, read at element strides ``bs``/``ms``
+    over ``[B, Hq, Sq, Sk]`` (0 on broadcast axes)."""
+    load_bias = _device.codec(bias_dtype)[0]
+    neg_inf = acc_type(dtype)(-math.inf)
+
+    @_device.inline
+    def extra(x, b, h, i, j, bias, bs, has_bias, mask, ms, has_mask):
+        if has_bias:
+            x += load_bias(bias[uint64(b * bs[0] + h * bs[1] + i * bs[2] + j * bs[3])])
+        if has_mask:
+            if not mask[uint64(b * ms[0] + h * ms[1] + i * ms[2] + j * ms[3])]:
+                x = neg_inf
+        return x
+
+    return extra
+
+
+def _make_forward(dtype, db, tm, tn, ny, nx, bias_dtype=None):
     load, store = _device.codec(dtype)
     acc = acc_type(dtype)
+    extra = _extra_terms(dtype, _accum_np(dtype) if bias_dtype is None else bias_dtype)
     t = tile_math(acc)
     key_range, softcap_score, alibi_bias = t.key_range, t.softcap_score, t.alibi_bias
     online_rescale, finish_lse = t.online_rescale, t.finish_lse
@@ -90,7 +119,7 @@ def _make_forward(dtype, db, tm, tn, ny, nx):
     dk1, db1, cols1, vr = k_.dk + 1, db + 1, cols + 1, k_.vr
 
     def forward(q, k, v, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, shift, softcap, slopes, slope_stride,
-                has_alibi, out, lse):
+                has_alibi, bias, bs, has_bias, mask, ms, has_mask, out, lse):
         n_tiles = udiv(sq + rows - 1, rows)
         tile = n_tiles - 1 - umod(cuda.blockIdx.x, n_tiles)
         bh = udiv(cuda.blockIdx.x, n_tiles)
@@ -133,6 +162,7 @@ def _make_forward(dtype, db, tm, tn, ny, nx):
                         x = softcap_score(s[r, c], softcap)
                         if has_alibi:
                             x += alibi_bias(slope, i, j, sq_d, sk)
+                        x = extra(x, b, h, i, j, bias, bs, has_bias, mask, ms, has_mask)
                     ps[ty * tm + r, tx + nx * c] = x
             cuda.syncthreads()
             for r in range(tid, rows, threads):  # the online softmax, one row per thread
@@ -188,9 +218,10 @@ def _make_delta(dtype, db):
     return delta_kernel
 
 
-def _make_dq(dtype, db, tm, tn, ny, nx):
+def _make_dq(dtype, db, tm, tn, ny, nx, bias_dtype=None):
     load, store = _device.codec(dtype)
     acc = acc_type(dtype)
+    extra = _extra_terms(dtype, _accum_np(dtype) if bias_dtype is None else bias_dtype)
     t = tile_math(acc)
     key_range, softcap_score, softcap_grad, alibi_bias = t.key_range, t.softcap_score, t.softcap_grad, t.alibi_bias
     k_ = pieces(load, acc, db, tm, tn, ny, nx)
@@ -200,7 +231,7 @@ def _make_dq(dtype, db, tm, tn, ny, nx):
     dk1, db1, cols1, vr = k_.dk + 1, db + 1, cols + 1, k_.vr
 
     def dq_kernel(dout, q, k, v, lse, delta, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, softcap, slopes,
-                  slope_stride, has_alibi, dq):
+                  slope_stride, has_alibi, bias, bs, has_bias, mask, ms, has_mask, dbias, dbs, want_dbias, dq):
         n_tiles = (sq + rows - 1) // rows
         tile = n_tiles - 1 - cuda.blockIdx.x % n_tiles
         bh = cuda.blockIdx.x // n_tiles
@@ -247,8 +278,12 @@ def _make_dq(dtype, db, tm, tn, ny, nx):
                         x = capped
                         if has_alibi:
                             x += alibi_bias(slope, i, j, sq, sk)
+                        x = extra(x, b, h, i, j, bias, bs, has_bias, mask, ms, has_mask)
                         p = math.exp(x - row_lse[r])
-                        ds = p * (dp[r, c] - row_delta[r]) * softcap_grad(capped, softcap)
+                        ds = p * (dp[r, c] - row_delta[r])
+                        if want_dbias:  # the gradient of the scores after softcap; broadcast axes meet here
+                            cuda.atomic.add(dbias, uint64(b * dbs[0] + h * dbs[1] + i * dbs[2] + j * dbs[3]), ds)
+                        ds *= softcap_grad(capped, softcap)
                     ds_s[ty * tm + r, tx + nx * c] = ds
             accumulate(ds_s, k, k0 + j0, n_keys, dim, one, row_buf, g)
         for r in range(tm):
@@ -262,9 +297,10 @@ def _make_dq(dtype, db, tm, tn, ny, nx):
     return dq_kernel
 
 
-def _make_dkdv(dtype, db, tm, tn, ny, nx):
+def _make_dkdv(dtype, db, tm, tn, ny, nx, bias_dtype=None):
     load, store = _device.codec(dtype)
     acc = acc_type(dtype)
+    extra = _extra_terms(dtype, _accum_np(dtype) if bias_dtype is None else bias_dtype)
     t = tile_math(acc)
     key_range, query_range, softcap_score, softcap_grad = t.key_range, t.query_range, t.softcap_score, t.softcap_grad
     alibi_bias = t.alibi_bias
@@ -275,7 +311,7 @@ def _make_dkdv(dtype, db, tm, tn, ny, nx):
     dk1, db1, cols1, vr = k_.dk + 1, db + 1, cols + 1, k_.vr
 
     def dkdv_kernel(dout, q, k, v, lse, delta, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, softcap, slopes,
-                    slope_stride, has_alibi, dk, dv):
+                    slope_stride, has_alibi, bias, bs, has_bias, mask, ms, has_mask, dk, dv):
         group = heads_q // heads_kv
         n_tiles = (sk + rows - 1) // rows
         tile = cuda.blockIdx.x % n_tiles
@@ -327,6 +363,7 @@ def _make_dkdv(dtype, db, tm, tn, ny, nx):
                             x = capped
                             if has_alibi:
                                 x += alibi_bias(slope, i, j, sq, sk)
+                            x = extra(x, b, h, i, j, bias, bs, has_bias, mask, ms, has_mask)
                             p = math.exp(x - row_lse[ci])
                             ds = p * (dpt[r, c] - row_delta[ci]) * softcap_grad(capped, softcap)
                         p_s[ty * tm + r, ci] = p
@@ -428,32 +465,74 @@ def _sizes(spec):
     return spec.heads_q, spec.heads_kv, spec.seq_q, spec.seq_k, spec.head_dim
 
 
-def forward(q, k, v, slopes, spec):
-    """Launch the forward kernel; return (out, lse) as numba device arrays."""
+def _extra_args(extra, spec):
+    """``(bias, strides, has_bias, mask, strides, has_mask)`` for a kernel, and the bias's dtype.
+
+    The caller's arrays flat, read at element strides over ``[B, Hq, Sq, Sk]``
+    (0 on broadcast axes); without them one-element arrays the kernels never read.
+    """
+    from .._validate import element_strides
+
+    none = (0, 0, 0, 0)
+    if extra and extra.bias is not None:
+        bias = _launch.contiguous(_launch.kernel_view(extra.bias))
+        bias_args = (_launch.flat(bias), element_strides(tuple(bias.shape)), True)
+        bias_dtype = np.dtype(extra.bias.dtype)
+    else:
+        bias_args = (cuda.device_array(1, spec.accum_dtype), none, False)
+        bias_dtype = np.dtype(spec.accum_dtype)
+    if extra and extra.mask is not None:
+        mask = _launch.contiguous(extra.mask)
+        mask_args = (_launch.flat(mask), element_strides(tuple(mask.shape)), True)
+    else:
+        mask_args = (cuda.device_array(1, np.bool_), none, False)
+    return (*bias_args, *mask_args), bias_dtype
+
+
+def forward(q, k, v, slopes, spec, extra=None):
+    """Launch the forward kernel; return (out, lse) as numba device arrays.
+
+    ``extra`` is the call's :class:`~fastattn._validate.Extra` (bias and mask) or None.
+    """
     db = _check_head_dim(spec)
     out = _launch.empty(q.shape, spec.dtype)
     lse = _launch.empty(q.shape[:3], spec.accum_dtype)
     if spec.batch * spec.heads_q * spec.seq_q == 0:
         return out, lse
     acc_np = np.dtype(spec.accum_dtype).type
-    kernel, shape = _compiled("forward", spec.dtype, db)
+    extra_args, bias_dtype = _extra_args(extra, spec)
+    kernel, shape = _compiled("forward", spec.dtype, db, bias_dtype)
     grid = _launch.blocks(spec.seq_q, shape[0] * shape[2]) * spec.batch * spec.heads_q
     kernel[grid, _threads(shape)](*(_launch.rows(x) for x in (q, k, v)), *_sizes(spec), acc_np(spec.scale),
                                   spec.window_left, spec.window_right, spec.shift, acc_np(spec.softcap),
-                                  *slopes_args(slopes, spec), _launch.rows(out), _launch.flat(lse))
+                                  *slopes_args(slopes, spec), *extra_args, _launch.rows(out), _launch.flat(lse))
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, slopes, spec):
-    """Launch the delta, dq and dk/dv kernels; return (dq, dk, dv) as device arrays."""
+def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False):
+    """Launch the delta, dq and dk/dv kernels; return (dq, dk, dv, dbias) as device arrays.
+
+    ``dbias`` (accumulation dtype, the caller's bias shape) is summed with
+    atomics in the dq kernel; None unless ``want_dbias`` and there is a bias.
+    """
     db = _check_head_dim(spec)
     dq = _launch.empty(q.shape, spec.dtype)
     dk = _launch.empty(k.shape, spec.dtype)
     dv = _launch.empty(v.shape, spec.dtype)
     acc_np = np.dtype(spec.accum_dtype).type
     inputs = [_launch.rows(x) for x in (dout, q, k, v)]
+    extra_args, bias_dtype = _extra_args(extra, spec)
     options = (*_sizes(spec), acc_np(spec.scale), spec.window_left, spec.window_right, acc_np(spec.softcap),
-               *slopes_args(slopes, spec))
+               *slopes_args(slopes, spec), *extra_args)
+    want_dbias = bool(want_dbias and extra and extra.bias is not None)
+    dbias = None
+    if want_dbias:
+        from .._validate import element_strides
+
+        dbias = cuda.to_device(np.zeros(extra.bias.shape, spec.accum_dtype))
+        dbias_args = (_launch.flat(dbias), element_strides(tuple(extra.bias.shape)), True)
+    else:
+        dbias_args = (cuda.device_array(1, spec.accum_dtype), (0, 0, 0, 0), False)
     delta = _launch.empty(q.shape[:3], spec.accum_dtype)
     lse = _launch.flat(lse)
     n_rows = spec.batch * spec.heads_q * spec.seq_q
@@ -461,15 +540,46 @@ def backward(dout, q, k, v, out, lse, slopes, spec):
     if n_rows:
         _kernel("delta", spec.dtype, db)[_launch.blocks(n_rows, threads), threads](
             inputs[0], _launch.rows(out), spec.head_dim, _launch.flat(delta))
-        kernel, shape = _compiled("dq", spec.dtype, db)
+        kernel, shape = _compiled("dq", spec.dtype, db, bias_dtype)
         grid = _launch.blocks(spec.seq_q, shape[0] * shape[2]) * spec.batch * spec.heads_q
-        kernel[grid, _threads(shape)](*inputs, lse, _launch.flat(delta), *options, _launch.rows(dq))
+        kernel[grid, _threads(shape)](*inputs, lse, _launch.flat(delta), *options, *dbias_args, _launch.rows(dq))
     if spec.batch * spec.heads_kv * spec.seq_k:
-        kernel, shape = _compiled("dkdv", spec.dtype, db)
+        kernel, shape = _compiled("dkdv", spec.dtype, db, bias_dtype)
         grid = _launch.blocks(spec.seq_k, shape[0] * shape[2]) * spec.batch * spec.heads_kv
         kernel[grid, _threads(shape)](*inputs, lse, _launch.flat(delta), *options, _launch.rows(dk),
                                       _launch.rows(dv))
-    return dq, dk, dv
+    if dbias is not None:
+        dbias = dbias.reshape(extra.bias_shape) if extra.bias_shape else dbias.reshape(())
+    return dq, dk, dv, dbias
+
+
+def _make_cast(src_dtype, dtype):
+    load = _device.codec(src_dtype)[0]
+    store = _device.codec(dtype)[1]
+
+    def cast_kernel(src, dst):
+        e = cuda.grid(1)
+        if e < dst.size:
+            dst[e] = store(load(src[e]))
+
+    return cast_kernel
+
+
+def cast(x, dtype):
+    """A device array in ``dtype`` (a gradient in accumulation precision, returned in its input's dtype)."""
+    dtype = np.dtype(dtype)
+    if np.dtype(x.dtype) == dtype:
+        return x
+    key = ("cast", np.dtype(x.dtype), dtype)
+    if key not in _kernels:
+        _kernels[key] = cuda.jit(_make_cast(x.dtype, dtype))
+    shape = tuple(x.shape)
+    out = _launch.empty(shape, dtype)
+    n = int(np.prod(shape))
+    if n:
+        threads = config.cuda_threads
+        _kernels[key][_launch.blocks(n, threads), threads](x.reshape(n), _launch.kernel_view(out).reshape(n))
+    return out
 
 
 def merge(outs, lses, dtype, out_mult=1.0):
@@ -520,20 +630,22 @@ def _dtype(name):
 
 def signature(name, dtype, db=None):
     """The argument types a kernel is launched with (C-contiguous arrays)."""
-    from numba import boolean, int32
+    from numba import boolean, int32, int64, types
 
     dtype = np.dtype(dtype)
     acc = acc_type(dtype)
     x2, a1 = element_type(dtype)[:, ::1], acc[::1]
     sizes = (int32,) * 5
     mask = (int32, int32)
+    strides = types.UniTuple(int64, 4)
+    extra = (a1, strides, boolean, boolean[::1], strides, boolean)  # bias (accumulation dtype), mask
     if name == "forward":
-        return (x2, x2, x2, *sizes, acc, *mask, int32, acc, a1, int32, boolean, x2, a1)
+        return (x2, x2, x2, *sizes, acc, *mask, int32, acc, a1, int32, boolean, *extra, x2, a1)
     if name == "delta":
         return (x2, x2, int32, a1)
-    options = (*sizes, acc, *mask, acc, a1, int32, boolean)
+    options = (*sizes, acc, *mask, acc, a1, int32, boolean, *extra)
     if name == "dq":
-        return (x2, x2, x2, x2, a1, a1, *options, x2)
+        return (x2, x2, x2, x2, a1, a1, *options, a1, strides, boolean, x2)
     return (x2, x2, x2, x2, a1, a1, *options, x2, x2)
 
 
