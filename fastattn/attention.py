@@ -173,18 +173,23 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
     >>> dbias.shape, bool(np.allclose(dbias, ref[3], atol=1e-5))
     ((1, 1, 6, 6), True)
     """
-    dout, q, k, v, out, lse, slopes, spec = _validate.attention_backward_args(
-        dout, q, k, v, out, lse, causal=causal, scale=scale, window=window, softcap=softcap,
-        alibi_slopes=alibi_slopes)
-    extra = _validate.extra_values(bias, mask, spec)
-    if return_dbias and extra.bias is None:
+    if return_dbias and bias is None:
         raise ValueError("return_dbias: expected a bias to differentiate, got bias=None")
+    backend, grads, extra = _backward(dout, q, k, v, out, lse, causal=causal, scale=scale, window=window,
+                                      softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, mask=mask,
+                                      return_dbias=return_dbias)
+    if not return_dbias:
+        return grads[:3]
+    return (*grads[:3], backend.attention.cast(grads[3], extra.bias.dtype))
+
+
+def _backward(dout, q, k, v, out, lse, *, bias, mask, return_dbias, **options):
+    """``(backend, (dq, dk, dv, dbias), extra)`` of :func:`attention_backward`, dbias in accumulation precision."""
+    dout, q, k, v, out, lse, slopes, spec = _validate.attention_backward_args(dout, q, k, v, out, lse, **options)
+    extra = _validate.extra_values(bias, mask, spec)
     backend = _dispatch.backend_of(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=slopes,
                                    bias=extra.bias, mask=extra.mask)
-    dq, dk, dv, dbias = backend.attention.backward(dout, q, k, v, out, lse, slopes, spec, extra, return_dbias)
-    if not return_dbias:
-        return dq, dk, dv
-    return dq, dk, dv, backend.attention.cast(dbias, extra.bias.dtype)
+    return backend, backend.attention.backward(dout, q, k, v, out, lse, slopes, spec, extra, return_dbias), extra
 
 
 def merge_attention_states(outs, lses):

@@ -127,13 +127,34 @@ def _segments(cu_seqlens):
     return list(zip(cu[:-1], cu[1:]))
 
 
+def varlen_corner(x, i, sq, sk):
+    """Sequence ``i``'s part of a varlen bias or mask ``[B, Hq, max_q, max_k]`` (any axis 1, leading axes
+    optional): rows ``:sq``, keys ``:sk`` of batch ``i``, broadcast axes kept at length 1."""
+    if x is None:
+        return None
+    shape = (1,) * (4 - len(x.shape)) + tuple(x.shape)
+    x = x.reshape(shape)
+    b = i if shape[0] > 1 else 0
+    return x[b:b + 1, :, :(sq if shape[2] > 1 else 1), :(sk if shape[3] > 1 else 1)]
+
+
+def _varlen_options(options, i, sq, sk):
+    options = _sequence_options(options, i)
+    for name in ("bias", "mask"):
+        if options.get(name) is not None:
+            options = dict(options, **{name: varlen_corner(np.asarray(options[name]), i, sq, sk)})
+    return options
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, **options):
     """Float64 reference of :func:`fastattn.attention_varlen` on packed sequences.
 
     ``q [total_q, Hq, D]``, ``k``/``v`` ``[total_k, Hkv, D]``; sequence ``i``
     holds rows ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]`` of ``q`` (and likewise
     for the keys) and is its own problem, bottom-right aligned as in
-    :func:`attention`.  Returns ``out [total_q, Hq, D]`` and, with
+    :func:`attention`.  A ``bias`` or ``mask`` is ``[B, Hq, max_q, max_k]``
+    (broadcastable): sequence ``i`` reads its top-left ``[Sq_i, Sk_i]`` corner
+    of batch ``i``.  Returns ``out [total_q, Hq, D]`` and, with
     ``return_lse``, ``lse [Hq, total_q]``.
     """
     q, k, v = _f64(q), _f64(k), _f64(v)
@@ -143,23 +164,29 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, *
         if q1 == q0:
             continue
         o, l = attention(*(x[None].transpose(0, 2, 1, 3) for x in (q[q0:q1], k[k0:k1], v[k0:k1])),
-                         return_lse=True, **_sequence_options(options, i))
+                         return_lse=True, **_varlen_options(options, i, q1 - q0, k1 - k0))
         out[q0:q1] = o[0].transpose(1, 0, 2)
         lse[:, q0:q1] = l[0]
     return (out, lse) if return_lse else out
 
 
-def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, out=None, lse=None, **options):
-    """Float64 reference of :func:`fastattn.attention_varlen_backward`: (dq, dk, dv) in the packed layout."""
+def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, out=None, lse=None, *,
+                              return_dbias=False, **options):
+    """Float64 reference of :func:`fastattn.attention_varlen_backward`: (dq, dk, dv) in the packed layout,
+    and with ``return_dbias`` the bias gradient in the shape of ``bias``."""
     dout, q, k, v = _f64(dout), _f64(q), _f64(k), _f64(v)
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    bias = options.get("bias")
+    dbias = np.zeros(np.shape(bias)) if return_dbias else None
     for i, ((q0, q1), (k0, k1)) in enumerate(zip(_segments(cu_seqlens_q), _segments(cu_seqlens_k))):
         if q1 == q0 or k1 == k0:
             continue
         heads = [x[None].transpose(0, 2, 1, 3) for x in (dout[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1])]
-        g = attention_backward(*heads, **_sequence_options(options, i))
-        dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x[0].transpose(1, 0, 2) for x in g)
-    return dq, dk, dv
+        g = attention_backward(*heads, return_dbias=return_dbias, **_varlen_options(options, i, q1 - q0, k1 - k0))
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x[0].transpose(1, 0, 2) for x in g[:3])
+        if return_dbias:
+            varlen_corner(dbias, i, q1 - q0, k1 - k0)[...] += g[3]
+    return (dq, dk, dv, dbias) if return_dbias else (dq, dk, dv)
 
 
 def naive_attention(q, k, v, *, causal=False, scale=None):

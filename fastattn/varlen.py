@@ -4,16 +4,39 @@ Sequences of different lengths travel packed, one after the other, in
 ``[total, H, D]`` arrays with offsets ``cu_seqlens`` (``[B + 1]``, 0 first,
 the total last).  Each sequence is its own problem; no padding is ever made.
 """
+from types import SimpleNamespace
+
+import numpy as np
+
 from . import _dispatch, _validate
-from .attention import attention, attention_backward
+from ._dtypes import accum_dtype
+from .attention import _backward, attention
 
 
 def _options(causal, scale, window, softcap):
     return dict(causal=causal, scale=scale, window=window, softcap=softcap)
 
 
+def _extra(bias, mask, q, cu_q, cu_k, max_seqlen_q, max_seqlen_k):
+    """The checked bias and mask of a packed batch: broadcastable to ``[B, Hq, max_q, max_k]``."""
+    longest = [int(np.diff(cu).max(initial=0)) for cu in (cu_q, cu_k)]
+    spec = SimpleNamespace(batch=len(cu_q) - 1, heads_q=int(q.shape[1]), dtype=np.dtype(q.dtype),
+                           seq_q=longest[0] if max_seqlen_q is None else int(max_seqlen_q),
+                           seq_k=longest[1] if max_seqlen_k is None else int(max_seqlen_k))
+    return _validate.extra_values(bias, mask, spec)
+
+
+def _corner(x, i, sq, sk):
+    """Sequence ``i``'s part of a 4-d bias or mask: batch ``i``, rows ``:sq``, keys ``:sk`` (broadcast axes as they are)."""
+    if x is None:
+        return None
+    b = i if x.shape[0] > 1 else 0
+    return x[b:b + 1, :, :(sq if x.shape[2] > 1 else 1), :(sk if x.shape[3] > 1 else 1)]
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
-                     scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None, return_lse=False):
+                     scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None, bias=None, mask=None,
+                     return_lse=False):
     """:func:`attention` over a packed batch of sequences of different lengths.
 
     Parameters
@@ -29,13 +52,17 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         rows last.  Zero-length sequences are allowed.
     max_seqlen_q, max_seqlen_k : int, optional
         FlashAttention's length hints; when given, checked to be at least the
-        longest sequence (nothing else depends on them).
+        longest sequence, and the padded sizes of ``bias`` and ``mask``.
     causal, scale, window, softcap
         As :func:`attention`, applied to each sequence on its own (bottom-right
         aligned: row ``i`` of a sequence sees key ``j`` of the same sequence iff
         ``j <= i + Sk - Sq``).
     alibi_slopes : array, shape [Hq] or [B, Hq], optional
         As :func:`attention`; ``[B, Hq]`` gives each sequence its own slopes.
+    bias, mask : arrays broadcastable to [B, Hq, max_seqlen_q, max_seqlen_k], optional
+        As :func:`attention`, in padded coordinates: sequence ``i`` reads the
+        top-left ``[Sq_i, Sk_i]`` corner of batch ``i`` (the maximum lengths
+        default to the longest sequences).  Axes of length 1 are shared.
     return_lse : bool
         Also return the log-sum-exp of each packed query row.
 
@@ -74,7 +101,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     ((8, 2, 16), True)
     """
     q, k, v, cu_q, cu_k = _validate.varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    backend = _dispatch.backend_of(q=q, k=k, v=v, alibi_slopes=alibi_slopes).varlen
+    extra = _extra(bias, mask, q, cu_q, cu_k, max_seqlen_q, max_seqlen_k)
+    backend = _dispatch.backend_of(q=q, k=k, v=v, alibi_slopes=alibi_slopes, bias=extra.bias, mask=extra.mask).varlen
     out = backend.zeros(tuple(q.shape), q.dtype)
     lse = backend.lse_zeros(int(q.shape[1]), int(q.shape[0]), q.dtype)
     for i in range(len(cu_q) - 1):
@@ -82,7 +110,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         if q1 == q0:
             continue
         o, l = attention(backend.heads_view(q, q0, q1), backend.heads_view(k, k0, k1), backend.heads_view(v, k0, k1),
-                         alibi_slopes=backend.row(alibi_slopes, i), return_lse=True,
+                         alibi_slopes=backend.row(alibi_slopes, i), bias=_corner(extra.bias, i, q1 - q0, k1 - k0),
+                         mask=_corner(extra.mask, i, q1 - q0, k1 - k0), return_lse=True,
                          **_options(causal, scale, window, softcap))
         backend.put_rows(out, q0, o)
         backend.put_lse(lse, q0, l)
@@ -91,7 +120,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                               max_seqlen_k=None, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                              alibi_slopes=None):
+                              alibi_slopes=None, bias=None, mask=None, return_dbias=False):
     """Gradients of :func:`attention_varlen` with respect to the packed q, k and v.
 
     Parameters
@@ -103,8 +132,10 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     out, lse : arrays
         The forward outputs (``attention_varlen(..., return_lse=True)``):
         ``[total_q, Hq, D]`` and ``[Hq, total_q]``.
-    max_seqlen_q, max_seqlen_k, causal, scale, window, softcap, alibi_slopes
+    max_seqlen_q, max_seqlen_k, causal, scale, window, softcap, alibi_slopes, bias, mask
         The forward options, unchanged.
+    return_dbias : bool
+        Also return the gradient with respect to ``bias`` (which must be given).
 
     Returns
     -------
@@ -112,6 +143,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     dk, dv : arrays, shape [total_k, Hkv, D]
         In the dtype and on the device of ``q``; zero for the keys of a
         sequence with no query.  On the CPU the same bits at any thread count.
+    dbias : array, the shape and dtype of ``bias``
+        Only with ``return_dbias=True``; zero outside every sequence's corner.
 
     Raises
     ------
@@ -140,18 +173,31 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     if tuple(lse.shape) != (int(q.shape[1]), int(q.shape[0])):
         raise ValueError(f"lse: expected shape [Hq, total_q] = {(int(q.shape[1]), int(q.shape[0]))}, "
                          f"got {tuple(lse.shape)}")
-    backend = _dispatch.backend_of(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=alibi_slopes).varlen
-    dq = backend.zeros(tuple(q.shape), q.dtype)
-    dk = backend.zeros(tuple(k.shape), k.dtype)
-    dv = backend.zeros(tuple(v.shape), v.dtype)
+    if return_dbias and bias is None:
+        raise ValueError("return_dbias: expected a bias to differentiate, got bias=None")
+    extra = _extra(bias, mask, q, cu_q, cu_k, max_seqlen_q, max_seqlen_k)
+    backend = _dispatch.backend_of(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=alibi_slopes,
+                                   bias=extra.bias, mask=extra.mask)
+    helpers = backend.varlen
+    dq = helpers.zeros(tuple(q.shape), q.dtype)
+    dk = helpers.zeros(tuple(k.shape), k.dtype)
+    dv = helpers.zeros(tuple(v.shape), v.dtype)
+    dbias = helpers.zeros(tuple(extra.bias.shape), accum_dtype(q.dtype)) if return_dbias else None
     for i in range(len(cu_q) - 1):
         q0, q1, k0, k1 = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
         if q1 == q0 or k1 == k0:
             continue
-        rows = [backend.heads_view(x, q0, q1) for x in (dout, q)]
-        keys = [backend.heads_view(x, k0, k1) for x in (k, v)]
-        grads = attention_backward(*rows, *keys, backend.heads_view(out, q0, q1), backend.lse_view(lse, q0, q1),
-                                   alibi_slopes=backend.row(alibi_slopes, i), **_options(causal, scale, window, softcap))
+        rows = [helpers.heads_view(x, q0, q1) for x in (dout, q)]
+        keys = [helpers.heads_view(x, k0, k1) for x in (k, v)]
+        _, grads, _ = _backward(*rows, *keys, helpers.heads_view(out, q0, q1), helpers.lse_view(lse, q0, q1),
+                                alibi_slopes=helpers.row(alibi_slopes, i),
+                                bias=_corner(extra.bias, i, q1 - q0, k1 - k0),
+                                mask=_corner(extra.mask, i, q1 - q0, k1 - k0), return_dbias=return_dbias,
+                                **_options(causal, scale, window, softcap))
         for dst, start, grad in zip((dq, dk, dv), (q0, k0, k0), grads):
-            backend.put_rows(dst, start, grad)
-    return dq, dk, dv
+            helpers.put_rows(dst, start, grad)
+        if return_dbias:  # sequences sharing a broadcast batch axis add up, in order
+            helpers.add_into(_corner(dbias, i, q1 - q0, k1 - k0), grads[3])
+    if not return_dbias:
+        return dq, dk, dv
+    return dq, dk, dv, backend.attention.cast(dbias.reshape(extra.bias_shape), extra.bias.dtype)

@@ -73,6 +73,52 @@ def test_varlen_is_the_same_as_separate_dense_calls(rng):
         assert np.array_equal(out[rows], dense[0].transpose(1, 0, 2))
 
 
+# (lengths q, lengths k, Hq, Hkv, D, dtype, bias shape over [B, Hq, max_q, max_k], mask kind)
+BIAS_CASES = {
+    "gqa-d40-full-bias-f32": ([113, 0, 7], [203, 5, 7], 8, 2, 40, F32, "full", "padding"),
+    "mqa-d59-shared-bias-f16": ([31, 9], [31, 70], 4, 1, 59, F16, "rows-keys", None),
+}
+CUDA_BIAS_CASES = {
+    "gqa-d8-head-keys-bf16": ([5, 0, 3], [7, 2, 3], 4, 2, 8, BF16, "head-keys", "padding"),
+}
+
+
+def _bias_case(name, rng):
+    lens_q, lens_k, hq, hkv, d, dtype, bias_kind, mask_kind = {**BIAS_CASES, **CUDA_BIAS_CASES}[name]
+    cu_q = np.cumsum([0] + lens_q).astype(np.int32)
+    cu_k = np.cumsum([0] + lens_k).astype(np.int32)
+    q = random((cu_q[-1], hq, d), dtype, rng)
+    k, v = random((cu_k[-1], hkv, d), dtype, rng), random((cu_k[-1], hkv, d), dtype, rng)
+    b, mq, mk = len(lens_q), max(lens_q), max(lens_k)
+    shape = {"full": (b, hq, mq, mk), "rows-keys": (mq, mk), "head-keys": (1, hq, 1, mk)}[bias_kind]
+    options = {"bias": random(shape, F32, rng), "causal": True}
+    if mask_kind == "padding":  # [B, 1, 1, max_k]: each sequence's keys past a random length are out
+        keep = rng.integers(1, mk + 1, size=b)
+        options["mask"] = (np.arange(mk) < keep[:, None])[:, None, None, :]
+    return q, k, v, cu_q, cu_k, options, dtype
+
+
+@pytest.mark.parametrize("device, name", on_devices(list(BIAS_CASES), list(CUDA_BIAS_CASES)), indirect=["device"])
+def test_varlen_with_bias_and_mask_matches_the_reference(device, name, rng):
+    """A bias and mask in padded coordinates: each sequence reads its top-left corner; dbias sums over sequences."""
+    q, k, v, cu_q, cu_k, options, dtype = _bias_case(name, rng)
+    dev = {n: device.put(x) for n, x in dict(q=q, k=k, v=v).items()}
+    dopts = {n: device.put(x) if isinstance(x, np.ndarray) else x for n, x in options.items()}
+    out, lse = fastattn.attention_varlen(dev["q"], dev["k"], dev["v"], cu_q, cu_k, return_lse=True, **dopts)
+    ref_out = reference.attention_varlen(q, k, v, cu_q, cu_k, **options)
+    assert_close(device.get(out), ref_out, dtype, "out")
+    dout = random(q.shape, dtype, rng)
+    grads = fastattn.attention_varlen_backward(device.put(dout), dev["q"], dev["k"], dev["v"], out, lse, cu_q, cu_k,
+                                               return_dbias=True, **dopts)
+    expected = reference.attention_varlen_backward(dout, q, k, v, cu_q, cu_k, return_dbias=True, **options)
+    magnitudes = reference.attention_varlen_backward(np.abs(dout), np.abs(q), np.abs(k), np.abs(v), cu_q, cu_k,
+                                                     return_dbias=True, **options)
+    for gname, got, ref, mag in zip(("dq", "dk", "dv", "dbias"), grads, expected, magnitudes):
+        got = device.get(got)
+        assert got.shape == ref.shape
+        assert_close(got, ref, dtype, gname, magnitude=np.abs(mag).max())
+
+
 BAD = {
     "not-from-0": (dict(cu_seqlens_q=[1, 3, 5]), ValueError, r"^cu_seqlens_q: expected 0 as the first offset"),
     "decreasing": (dict(cu_seqlens_k=[0, 4, 2]), ValueError, r"^cu_seqlens_k: expected non-decreasing offsets"),
@@ -81,6 +127,9 @@ BAD = {
     "float-offsets": (dict(cu_seqlens_q=np.array([0.0, 2.0, 5.0])), TypeError, r"^cu_seqlens_q: expected an integer"),
     "short-hint": (dict(max_seqlen_q=2), ValueError, r"^max_seqlen_q: expected at least the longest sequence \(3\)"),
     "4d-q": (dict(q=np.zeros((1, 5, 2, 8), np.float32)), ValueError, r"^q: expected a 3-d array \[total_q, Hq, D\]"),
+    "bias-not-padded-shape": (dict(bias=np.zeros((2, 2, 3, 5), np.float32)), ValueError,
+                              r"^bias: expected a shape broadcastable to \[B, Hq, Sq, Sk\] = \(2, 2, 3, 4\)"),
+    "float-mask": (dict(mask=np.ones((3, 4), np.float32)), TypeError, r"^mask: expected a boolean array"),
 }
 
 

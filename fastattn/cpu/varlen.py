@@ -71,3 +71,8 @@ def row(x, i):
         return None
     x = np.asarray(x)
     return x[i] if x.ndim == 2 else x
+
+
+def add_into(dst, src):
+    """``dst += src`` (a sequence's bias gradient into its corner of the batch's)."""
+    dst += src
