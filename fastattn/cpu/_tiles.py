@@ -76,6 +76,10 @@ def softmax_tile(s, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, 
 @njit(fastmath=FASTMATH, cache=True)
 def _transform_scores(seen, i, j, sq, sk, softcap, slope, has_alibi, extra, has_extra):
     """softcap, ALiBi, then the extra terms on the visible scores of row i, which start at key j."""
+    if softcap <= 0 and not has_alibi:  # the extra terms alone: a vectorised add
+        for c in range(seen.size):
+            seen[c] += extra[c]
+        return
     for c in range(seen.size):
         x = softcap_fast(seen[c], softcap)
         if has_alibi:
@@ -95,20 +99,26 @@ def extra_tile(extra, b, h, i0, m, j0, n, out):
     (0 on broadcast axes).
     """
     bias, bs, codec, has_bias, mask, ms, has_mask = extra
-    if has_bias:
-        for r in range(m):
+    for r in range(m):
+        row = out[r]
+        if has_bias:
             at = b * bs[0] + h * bs[1] + (i0 + r) * bs[2] + j0 * bs[3]
-            row = out[r]
-            for c in range(n):
-                row[c] = decode_one(bias[at + c * bs[3]], codec)
-    else:
-        out[:] = 0
-    if has_mask:
-        for r in range(m):
+            if bs[3] == 1:  # keys contiguous: a straight (vectorised) copy
+                part = bias[at:at + n]
+                for c in range(n):
+                    row[c] = decode_one(part[c], codec)
+            else:  # one bias for every key of the row
+                row[:] = decode_one(bias[at], codec)
+        else:
+            row[:] = 0
+        if has_mask:
             at = b * ms[0] + h * ms[1] + (i0 + r) * ms[2] + j0 * ms[3]
-            for c in range(n):
-                if not mask[at + c * ms[3]]:
-                    out[r, c] = -np.inf
+            if ms[3] == 1:
+                keep = mask[at:at + n]
+                for c in range(n):
+                    row[c] = row[c] if keep[c] else -np.inf
+            elif not mask[at]:
+                row[:] = -np.inf
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -118,10 +128,19 @@ def add_tile(dst, strides, b, h, i0, j0, src):
     ``strides`` are ``dst``'s element strides over ``[B, Hq, Sq, Sk]``, 0 on the
     axes it sums over (so elements repeat, and are added one after the other).
     """
+    n = src.shape[1]
     for r in range(src.shape[0]):
         at = b * strides[0] + h * strides[1] + (i0 + r) * strides[2] + j0 * strides[3]
-        for c in range(src.shape[1]):
-            dst[at + c * strides[3]] += src[r, c]
+        row = src[r]
+        if strides[3] == 1:
+            part = dst[at:at + n]
+            for c in range(n):
+                part[c] += row[c]
+        else:  # the row sums into one element, in key order
+            total = dst[at]
+            for c in range(n):
+                total += row[c]
+            dst[at] = total
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -146,7 +165,9 @@ def grad_tile(s, dp, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi,
         p, c0 = _visible_part(s[r], i, j0, sq, sk, wl, wr)
         ds = _visible_part(dp[r], i, j0, sq, sk, wl, wr)[0]
         row_delta = delta[r]
-        if softcap > 0 or has_alibi or has_extra:
+        if has_extra and softcap <= 0 and not has_alibi:
+            _grad_row_extra(p, ds, _visible_part(extra[r], i, j0, sq, sk, wl, wr)[0], row_lse, row_delta)
+        elif softcap > 0 or has_alibi or has_extra:
             g = _visible_part(extra[r], i, j0, sq, sk, wl, wr)[0] if has_extra else p
             slope = slopes[r // period]
             for c in range(p.size):
@@ -167,6 +188,17 @@ def grad_tile(s, dp, i0, period, j0, sq, sk, wl, wr, softcap, slopes, has_alibi,
                 e = exp_shifted(p[c], row_lse)
                 p[c] = e
                 ds[c] = e * (ds[c] - row_delta)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _grad_row_extra(p, ds, g, row_lse, row_delta):
+    """:func:`grad_tile` on one row with the extra terms ``g`` alone (no softcap, no ALiBi): vectorised."""
+    for c in range(p.size):
+        e = exp_shifted(p[c] + g[c], row_lse)
+        p[c] = e
+        d = e * (ds[c] - row_delta)
+        g[c] = d
+        ds[c] = d
 
 
 @njit(fastmath=FASTMATH, cache=True)

@@ -111,7 +111,6 @@ def _backward(dout, q, k, v, lse, delta, codec, scale, wl, wr, softcap, slopes, 
     group = heads_q // heads_kv
     n_split = dq_part.shape[0]
     n_tiles = (sk + block_k - 1) // block_k
-    per_split = (n_tiles + n_split - 1) // n_split
     acc_t = lse.dtype
     own_b = 1 if fold_b else batch
     own_h = 1 if fold_h else heads_kv
@@ -124,7 +123,7 @@ def _backward(dout, q, k, v, lse, delta, codec, scale, wl, wr, softcap, slopes, 
         for member in range(per_b * per_h):
             b = ob + member // per_h
             hk = oh + member % per_h
-            for tile in range(split * per_split, min(n_tiles, (split + 1) * per_split)):
+            for tile in range(split, n_tiles, n_split):  # interleaved: causal work spreads evenly
                 j0 = tile * block_k
                 n = min(block_k, sk - j0)
                 kt = np.empty((n, dim), acc_t)
