@@ -6,7 +6,7 @@ device) with the argument's name first, then what was expected, then what
 came; and it returns a small frozen spec so kernels receive plain numbers.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -156,6 +156,27 @@ class Extra:
 
     def __bool__(self):
         return self.bias is not None or self.mask is not None
+
+    def sequence(self, b, sq, sk):
+        """The Extra of sequence ``b`` of a packed batch (this one in padded coordinates): batch ``b``,
+        rows ``:sq``, keys ``:sk``, axes of length 1 kept."""
+        bias, mask = corner(self.bias, b, sq, sk), corner(self.mask, b, sq, sk)
+        return Extra(bias, mask, () if bias is None else tuple(int(n) for n in bias.shape))
+
+
+def corner(x, b, sq, sk):
+    """Sequence ``b``'s part of a 4-d bias or mask of a padded batch (axes of length 1 kept); None stays None."""
+    if x is None:
+        return None
+    i = b if x.shape[0] > 1 else 0
+    return x[i:i + 1, :, :(sq if x.shape[2] > 1 else 1), :(sk if x.shape[3] > 1 else 1)]
+
+
+def sequence_args(spec, extra, slopes, b, sq, sk):
+    """``(spec, extra, slopes)`` of sequence ``b`` of a packed batch, alone."""
+    if slopes is not None and len(slopes.shape) == 2:
+        slopes = slopes[b]
+    return replace(spec, batch=1, seq_q=sq, seq_k=sk), extra.sequence(b, sq, sk), slopes
 
 
 def _as_4d(name, x, full):
@@ -729,8 +750,13 @@ def cu_seqlens(name, x, total, batch=None):
     return host
 
 
-def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    """Check packed ``[total, H, D]`` inputs and their offsets; return (q, k, v, cu_q, cu_k)."""
+def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal, scale, window,
+                softcap, alibi_slopes):
+    """Check packed ``[total, H, D]`` inputs, their offsets and options; return (q, k, v, cu_q, cu_k, slopes, spec).
+
+    ``spec`` describes the batch padded to its longest sequences (``seq_q``/``seq_k``
+    are ``max_seqlen_*`` when given): the coordinates of a bias or mask.
+    """
     q, k, v = as_array("q", q), as_array("k", k), as_array("v", v)
     total_q, hq, d = _shape("q", q, 3, "[total_q, Hq, D]")
     total_k, hkv, dk = _shape("k", k, 3, "[total_k, Hkv, D]")
@@ -738,8 +764,15 @@ def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         raise ValueError(f"k: expected shape [total_k, Hkv, D] with D={d} (the head dim of q), got {tuple(k.shape)}")
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"k: expected a number of KV heads that divides Hq={hq}, got Hkv={hkv}")
+    if d == 0:
+        raise ValueError(f"q: expected head dimension D >= 1, got shape {(total_q, hq, d)}")
+    dtype = float_dtype("q", q)
+    same_dtype(dtype, k=k, v=v)
     cu_q = cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q)
     cu_k = cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, batch=cu_q.shape[0] - 1)
+    lengths = []
     for name, cu, hint in (("max_seqlen_q", cu_q, max_seqlen_q), ("max_seqlen_k", cu_k, max_seqlen_k)):
         longest = int(np.diff(cu).max(initial=0))
         if hint is not None:
@@ -747,4 +780,9 @@ def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
                 raise TypeError(f"{name}: expected an int or None, got {type(hint).__name__}")
             if hint < longest:
                 raise ValueError(f"{name}: expected at least the longest sequence ({longest}), got {hint}")
-    return q, k, v, cu_q, cu_k
+        lengths.append(longest if hint is None else int(hint))
+    batch = cu_q.shape[0] - 1
+    slopes = alibi_values(alibi_slopes, batch, hq)
+    spec = AttentionSpec(batch, hq, hkv, lengths[0], lengths[1], d, dtype, scale_value(scale, d),
+                         *window_values(window, causal), softcap_value(softcap))
+    return q, k, v, cu_q, cu_k, slopes, spec

@@ -4,34 +4,9 @@ Sequences of different lengths travel packed, one after the other, in
 ``[total, H, D]`` arrays with offsets ``cu_seqlens`` (``[B + 1]``, 0 first,
 the total last).  Each sequence is its own problem; no padding is ever made.
 """
-from types import SimpleNamespace
-
 import numpy as np
 
 from . import _dispatch, _validate
-from ._dtypes import accum_dtype
-from .attention import _backward, attention
-
-
-def _options(causal, scale, window, softcap):
-    return dict(causal=causal, scale=scale, window=window, softcap=softcap)
-
-
-def _extra(bias, mask, q, cu_q, cu_k, max_seqlen_q, max_seqlen_k):
-    """The checked bias and mask of a packed batch: broadcastable to ``[B, Hq, max_q, max_k]``."""
-    longest = [int(np.diff(cu).max(initial=0)) for cu in (cu_q, cu_k)]
-    spec = SimpleNamespace(batch=len(cu_q) - 1, heads_q=int(q.shape[1]), dtype=np.dtype(q.dtype),
-                           seq_q=longest[0] if max_seqlen_q is None else int(max_seqlen_q),
-                           seq_k=longest[1] if max_seqlen_k is None else int(max_seqlen_k))
-    return _validate.extra_values(bias, mask, spec)
-
-
-def _corner(x, i, sq, sk):
-    """Sequence ``i``'s part of a 4-d bias or mask: batch ``i``, rows ``:sq``, keys ``:sk`` (broadcast axes as they are)."""
-    if x is None:
-        return None
-    b = i if x.shape[0] > 1 else 0
-    return x[b:b + 1, :, :(sq if x.shape[2] > 1 else 1), :(sk if x.shape[3] > 1 else 1)]
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
@@ -84,10 +59,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
 
     Notes
     -----
-    Each sequence's rows are copied head-major (no padding; on every core)
-    and run through the dense kernels, one sequence after the other; each
-    call spreads its heads and query tiles over every core, so one long
-    sequence among many short ones keeps the machine busy.
+    Nothing is copied or padded: the kernels read the packed rows in place.
+    On the CPU one parallel loop runs the query tiles of every sequence and
+    head, so one long sequence among many short ones keeps every core busy;
+    the backward runs the sequences one after the other, each over every
+    core.  On CUDA each sequence is one launch of the dense kernels.
 
     Examples
     --------
@@ -100,21 +76,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     >>> out.shape, bool(np.allclose(out[:3], first[0].transpose(1, 0, 2), atol=1e-5))
     ((8, 2, 16), True)
     """
-    q, k, v, cu_q, cu_k = _validate.varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    extra = _extra(bias, mask, q, cu_q, cu_k, max_seqlen_q, max_seqlen_k)
-    backend = _dispatch.backend_of(q=q, k=k, v=v, alibi_slopes=alibi_slopes, bias=extra.bias, mask=extra.mask).varlen
-    out = backend.zeros(tuple(q.shape), q.dtype)
-    lse = backend.lse_zeros(int(q.shape[1]), int(q.shape[0]), q.dtype)
-    for i in range(len(cu_q) - 1):
-        q0, q1, k0, k1 = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
-        if q1 == q0:
-            continue
-        o, l = attention(backend.heads_view(q, q0, q1), backend.heads_view(k, k0, k1), backend.heads_view(v, k0, k1),
-                         alibi_slopes=backend.row(alibi_slopes, i), bias=_corner(extra.bias, i, q1 - q0, k1 - k0),
-                         mask=_corner(extra.mask, i, q1 - q0, k1 - k0), return_lse=True,
-                         **_options(causal, scale, window, softcap))
-        backend.put_rows(out, q0, o)
-        backend.put_lse(lse, q0, l)
+    q, k, v, cu_q, cu_k, slopes, spec = _validate.varlen_args(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, scale=scale, window=window,
+        softcap=softcap, alibi_slopes=alibi_slopes)
+    extra = _validate.extra_values(bias, mask, spec)
+    backend = _dispatch.backend_of(q=q, k=k, v=v, alibi_slopes=slopes, bias=extra.bias, mask=extra.mask)
+    out, lse = backend.varlen.forward(q, k, v, cu_q, cu_k, slopes, spec, extra)
     return (out, lse) if return_lse else out
 
 
@@ -164,40 +131,28 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     >>> bool(np.allclose(dk, ref[1], atol=1e-5)), dv.shape
     (True, (9, 1, 8))
     """
-    q, k, v, cu_q, cu_k = _validate.varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    q, k, v, cu_q, cu_k, slopes, spec = _validate.varlen_args(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, scale=scale, window=window,
+        softcap=softcap, alibi_slopes=alibi_slopes)
     dout, out = _validate.as_array("dout", dout), _validate.as_array("out", out)
     lse = _validate.as_array("lse", lse)
     for name, x in (("dout", dout), ("out", out)):
         if tuple(x.shape) != tuple(q.shape):
             raise ValueError(f"{name}: expected the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
+    _validate.same_dtype(spec.dtype, dout=dout, out=out)
     if tuple(lse.shape) != (int(q.shape[1]), int(q.shape[0])):
         raise ValueError(f"lse: expected shape [Hq, total_q] = {(int(q.shape[1]), int(q.shape[0]))}, "
                          f"got {tuple(lse.shape)}")
+    if np.dtype(lse.dtype) != spec.accum_dtype:
+        raise TypeError(f"lse: expected dtype {spec.accum_dtype} (as returned with return_lse=True), "
+                        f"got {np.dtype(lse.dtype)}")
     if return_dbias and bias is None:
         raise ValueError("return_dbias: expected a bias to differentiate, got bias=None")
-    extra = _extra(bias, mask, q, cu_q, cu_k, max_seqlen_q, max_seqlen_k)
-    backend = _dispatch.backend_of(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=alibi_slopes,
+    extra = _validate.extra_values(bias, mask, spec)
+    backend = _dispatch.backend_of(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=slopes,
                                    bias=extra.bias, mask=extra.mask)
-    helpers = backend.varlen
-    dq = helpers.zeros(tuple(q.shape), q.dtype)
-    dk = helpers.zeros(tuple(k.shape), k.dtype)
-    dv = helpers.zeros(tuple(v.shape), v.dtype)
-    dbias = helpers.zeros(tuple(extra.bias.shape), accum_dtype(q.dtype)) if return_dbias else None
-    for i in range(len(cu_q) - 1):
-        q0, q1, k0, k1 = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
-        if q1 == q0 or k1 == k0:
-            continue
-        rows = [helpers.heads_view(x, q0, q1) for x in (dout, q)]
-        keys = [helpers.heads_view(x, k0, k1) for x in (k, v)]
-        _, grads, _ = _backward(*rows, *keys, helpers.heads_view(out, q0, q1), helpers.lse_view(lse, q0, q1),
-                                alibi_slopes=helpers.row(alibi_slopes, i),
-                                bias=_corner(extra.bias, i, q1 - q0, k1 - k0),
-                                mask=_corner(extra.mask, i, q1 - q0, k1 - k0), return_dbias=return_dbias,
-                                **_options(causal, scale, window, softcap))
-        for dst, start, grad in zip((dq, dk, dv), (q0, k0, k0), grads):
-            helpers.put_rows(dst, start, grad)
-        if return_dbias:  # sequences sharing a broadcast batch axis add up, in order
-            helpers.add_into(_corner(dbias, i, q1 - q0, k1 - k0), grads[3])
+    dq, dk, dv, dbias = backend.varlen.backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, spec, extra,
+                                                return_dbias)
     if not return_dbias:
         return dq, dk, dv
-    return dq, dk, dv, backend.attention.cast(dbias.reshape(extra.bias_shape), extra.bias.dtype)
+    return dq, dk, dv, backend.attention.cast(dbias, extra.bias.dtype)

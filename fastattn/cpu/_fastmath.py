@@ -231,7 +231,7 @@ def decode_one(x, codec):
     """One float16/bfloat16 value from its bits (``uint16``), or a float as it is."""
 
 
-@overload(decode_one, inline="always", fastmath=FASTMATH)
+@overload(decode_one, fastmath=FASTMATH)  # not IR-inlined (LLVM still inlines it): used twice in one function
 def _decode_one(x, codec):
     if isinstance(x, types.Float):
         return lambda x, codec: x

@@ -13,9 +13,54 @@ negative-index wraparound and stays scalar).
 """
 import numpy as np
 from numba import njit
+from numba.extending import overload
 
 from .._tile import alibi_bias, key_range, query_range, softcap_grad
 from ._fastmath import FASTMATH, decode_one, decode_rows, exp_row, exp_shifted, max_of, softcap_fast
+
+
+def tile_rows(x, a, h, r0, n, buf, codec):
+    """Rows ``r0 : r0 + n`` of ``x[a, h]`` (a ``[B, H, S, D]`` array) in accumulation precision: the rows
+    themselves when ``x`` already holds that precision (no copy), else decoded into ``buf[:n]``."""
+
+
+@overload(tile_rows, inline="always", fastmath=FASTMATH)
+def _tile_rows(x, a, h, r0, n, buf, codec):
+    if x.dtype == buf.dtype and x.layout == "C":
+        return lambda x, a, h, r0, n, buf, codec: x[a, h, r0:r0 + n]
+
+    def decoded(x, a, h, r0, n, buf, codec):
+        part = buf[:n]
+        decode_rows(x[a, h, r0:r0 + n], part, codec)
+        return part
+    return decoded
+
+
+def row_of(x, a, h, r):
+    """Row ``r`` of head ``h``: ``x[a, h, r]`` of a dense ``[B, H, S, ...]`` array, ``x[r, h]`` of a packed one."""
+
+
+@overload(row_of, inline="always")
+def _row_of(x, a, h, r):
+    if x.ndim == 4:
+        return lambda x, a, h, r: x[a, h, r]
+    return lambda x, a, h, r: x[r, h]
+
+
+def set_lse(lse, a, h, r, value):
+    """``lse[a, h, r] = value`` of a dense ``[B, H, S]`` lse, ``lse[h, r]`` of a packed ``[H, total]`` one."""
+
+
+@overload(set_lse, inline="always")
+def _set_lse(lse, a, h, r, value):
+    if lse.ndim == 3:
+        def dense(lse, a, h, r, value):
+            lse[a, h, r] = value
+        return dense
+
+    def packed(lse, a, h, r, value):
+        lse[h, r] = value
+    return packed
 
 
 @njit(inline="always")
@@ -202,18 +247,22 @@ def _grad_row_extra(p, ds, g, row_lse, row_delta):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, extra,
-                      dbias, dbias_strides, want_dbias, lse, delta, scale, codec, block_q, dk_acc, dv_acc, dq_part, want_dq):
+def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, extra,
+                      dbias, dbias_strides, want_dbias, lse, delta, scale, codec, block_q, dk_acc, dv_acc, dq_part,
+                      want_dq):
     """Add one tile of keys' contributions from every query head of KV head hk of sequence b.
 
     ``kt``/``vt`` are the tile's keys and values (from ``j0``, ``sk`` keys in all),
-    ``dk_acc``/``dv_acc`` its gradient accumulators; with ``want_dq`` the
-    (unscaled) dq contributions are added to ``dq_part[b, h]``.  ``extra`` is
+    ``dk_acc``/``dv_acc`` its gradient accumulators.  The sequence's ``sq``
+    query rows are ``q[a, h, r0 + i]`` with ``at_q = (a, r0)`` (``dout``,
+    ``lse``, ``delta`` and ``dq_part`` alike); with ``want_dq`` the (unscaled)
+    dq contributions are added to ``dq_part``.  ``extra`` is
     :func:`extra_tile`'s tuple; with ``want_dbias`` the bias gradient is added
     into the flat ``dbias`` (element strides ``dbias_strides`` over
-    ``[B, Hq, Sq, Sk]``, see :func:`add_tile`).  FlashAttention-2's backward inner loop, shared by the dense and the
-    paged kernels.
+    ``[B, Hq, Sq, Sk]``, see :func:`add_tile`).  FlashAttention-2's backward
+    inner loop, shared by the dense, packed and paged kernels.
     """
+    qa, r0 = at_q
     m_max = min(block_q, sq)
     dim = kt.shape[1]
     n = kt.shape[0]
@@ -226,8 +275,8 @@ def key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap
             m = min(m_max, i_hi - i0)
             qt = np.empty((m, dim), acc_t)
             dt = np.empty((m, dim), acc_t)
-            decode_rows(q[b, h, i0:i0 + m], qt, codec)
-            decode_rows(dout[b, h, i0:i0 + m], dt, codec)
+            decode_rows(q[qa, h, r0 + i0:r0 + i0 + m], qt, codec)
+            decode_rows(dout[qa, h, r0 + i0:r0 + i0 + m], dt, codec)
             qt *= scale
             s = np.dot(qt, kt.T)
             dp = np.dot(dt, vt.T)
@@ -235,13 +284,13 @@ def key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap
             if has_extra:
                 extra_tile(extra, b, h, i0, m, j0, n, e)
             grad_tile(s, dp, i0, m, j0, sq, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi, e, has_extra,
-                      lse[b, h, i0:i0 + m], delta[b, h, i0:i0 + m])
+                      lse[qa, h, r0 + i0:r0 + i0 + m], delta[qa, h, r0 + i0:r0 + i0 + m])
             if want_dbias:
                 add_tile(dbias, dbias_strides, b, h, i0, j0, e)
             dv_acc += np.dot(s.T, dt)
             dk_acc += np.dot(dp.T, qt)
             if want_dq:
-                dq_part[b, h, i0:i0 + m] += np.dot(dp, kt)
+                dq_part[qa, h, r0 + i0:r0 + i0 + m] += np.dot(dp, kt)
 
 
 def no_extra(acc_dtype):

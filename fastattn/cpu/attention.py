@@ -19,60 +19,95 @@ from .._tile import finish_lse, key_range
 from .._validate import element_strides
 from ._blas import single_threaded_blas
 from ._fastmath import FASTMATH, decode_rows, encode_row
-from ._tiles import extra_tile, key_tile_backward, no_extra, softmax_tile
+from ._tiles import extra_tile, key_tile_backward, no_extra, row_of, set_lse, softmax_tile, tile_rows
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _query_tile(q, k, v, at_q, at_k, b, h, hk, i0, m, sq, sk, codec, scale, wl, wr, shift, softcap, slopes,
+                has_alibi, extra, out, lse, block_k):
+    """Output rows ``i0 : i0 + m`` of query head ``h`` of sequence ``b`` (its ``sq`` rows against ``sk`` keys).
+
+    Inputs are ``[B, H, S, D]`` and a sequence's rows ``q[at_q[0], h, at_q[1] + i]`` (keys likewise with
+    ``at_k``): ``at = (b, 0)`` for a batch of a dense array, ``(0, start)`` for a sequence of a packed
+    batch copied head-major.  Outputs are ``[B, H, S, D]`` (lse ``[B, H, S]``) indexed like q, or the
+    packed ``[total, H, D]`` (lse ``[H, total]``) at row ``start + i``.  ``b`` picks the ALiBi slopes and
+    the bias/mask of :func:`extra_tile`.
+    """
+    dim = q.shape[3]
+    qa, q0 = at_q
+    ka, k0 = at_k
+    sq_d = sq - shift  # the mask helpers put row i on key i + sk - sq_d
+    acc_t = lse.dtype
+    qt = np.empty((m, dim), acc_t)
+    decode_rows(q[qa, h, q0 + i0:q0 + i0 + m], qt, codec)
+    qt *= scale
+    acc = np.zeros((m, dim), acc_t)
+    row_max = np.full(m, -np.inf, acc_t)
+    row_sum = np.zeros(m, acc_t)
+    j_lo = key_range(i0, sq_d, sk, wl, wr)[0]
+    j_hi = key_range(i0 + m - 1, sq_d, sk, wl, wr)[1]
+    # tile buffers made once per task: a malloc per tile can cost a page fault each time
+    # (e.g. under dask's MALLOC_TRIM_THRESHOLD_), which halved the speed in worker processes
+    k_buf = np.empty((block_k, dim), acc_t)
+    v_buf = np.empty((block_k, dim), acc_t)
+    s_buf = np.empty(m * block_k, acc_t)
+    pv = np.empty((m, dim), acc_t)
+    has_extra = extra[3] or extra[6]
+    e_buf = np.empty(m * block_k if has_extra else 0, acc_t)
+    for j0 in range(j_lo, j_hi, block_k):
+        n = min(block_k, j_hi - j0)
+        s = s_buf[:m * n].reshape(m, n)
+        kt = tile_rows(k, ka, hk, k0 + j0, n, k_buf, codec)
+        vt = tile_rows(v, ka, hk, k0 + j0, n, v_buf, codec)
+        np.dot(qt, kt.T, s)
+        e = e_buf[:m * n].reshape(m, n) if has_extra else s
+        if has_extra:
+            extra_tile(extra, b, h, i0, m, j0, n, e)
+        softmax_tile(s, i0, m, j0, sq_d, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi, e, has_extra,
+                     row_max, row_sum, acc)
+        np.dot(s, vt, pv)
+        acc += pv
+    for r in range(m):
+        if row_sum[r] > 0:
+            acc[r] *= 1.0 / row_sum[r]
+        encode_row(acc[r], row_of(out, qa, h, q0 + i0 + r), codec)
+        set_lse(lse, qa, h, q0 + i0 + r, finish_lse(row_max[r], row_sum[r]))
 
 
 @njit(**_JIT)
 def _forward(q, k, v, codec, scale, wl, wr, shift, softcap, slopes, has_alibi, extra, out, lse, block_q, block_k):
     batch, heads_q, sq, dim = q.shape
     heads_kv, sk = k.shape[1], k.shape[2]
-    sq_d = sq - shift  # the mask helpers put row i on key i + sk - sq_d
     group = heads_q // heads_kv
     n_tiles = (sq + block_q - 1) // block_q
-    acc_t = lse.dtype
     for task in prange(batch * heads_q * n_tiles):
         tile = task % n_tiles
         h = (task // n_tiles) % heads_q
         b = task // (n_tiles * heads_q)
-        hk = h // group
         i0 = tile * block_q
-        m = min(block_q, sq - i0)
-        qt = np.empty((m, dim), acc_t)
-        decode_rows(q[b, h, i0:i0 + m], qt, codec)
-        qt *= scale
-        acc = np.zeros((m, dim), acc_t)
-        row_max = np.full(m, -np.inf, acc_t)
-        row_sum = np.zeros(m, acc_t)
-        j_lo = key_range(i0, sq_d, sk, wl, wr)[0]
-        j_hi = key_range(i0 + m - 1, sq_d, sk, wl, wr)[1]
-        # tile buffers made once per task: a malloc per tile can cost a page fault each time
-        # (e.g. under dask's MALLOC_TRIM_THRESHOLD_), which halved the speed in worker processes
-        k_buf = np.empty((block_k, dim), acc_t)
-        v_buf = np.empty((block_k, dim), acc_t)
-        s_buf = np.empty(m * block_k, acc_t)
-        pv = np.empty((m, dim), acc_t)
-        has_extra = extra[3] or extra[6]
-        e_buf = np.empty(m * block_k if has_extra else 0, acc_t)
-        for j0 in range(j_lo, j_hi, block_k):
-            n = min(block_k, j_hi - j0)
-            kt, vt, s = k_buf[:n], v_buf[:n], s_buf[:m * n].reshape(m, n)
-            decode_rows(k[b, hk, j0:j0 + n], kt, codec)
-            decode_rows(v[b, hk, j0:j0 + n], vt, codec)
-            np.dot(qt, kt.T, s)
-            e = e_buf[:m * n].reshape(m, n) if has_extra else s
-            if has_extra:
-                extra_tile(extra, b, h, i0, m, j0, n, e)
-            softmax_tile(s, i0, m, j0, sq_d, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi, e, has_extra,
-                         row_max, row_sum, acc)
-            np.dot(s, vt, pv)
-            acc += pv
-        for r in range(m):
-            if row_sum[r] > 0:
-                acc[r] *= 1.0 / row_sum[r]
-            encode_row(acc[r], out[b, h, i0 + r], codec)
-            lse[b, h, i0 + r] = finish_lse(row_max[r], row_sum[r])
+        _query_tile(q, k, v, (b, 0), (b, 0), b, h, h // group, i0, min(block_q, sq - i0), sq, sk, codec, scale,
+                    wl, wr, shift, softcap, slopes, has_alibi, extra, out, lse, block_k)
+
+
+@njit(**_JIT)
+def _forward_packed(q, k, v, cu_q, cu_k, tiles, codec, scale, wl, wr, softcap, slopes, has_alibi, extra, out, lse,
+                    block_q, block_k):
+    """Every sequence of a packed batch in one parallel loop: ``tiles`` lists ``(sequence, first row)``.
+
+    ``q``, ``k``, ``v`` are the packed arrays copied head-major, ``[1, H, total, D]``; ``out`` is the
+    packed ``[total_q, Hq, D]`` and ``lse`` ``[Hq, total_q]``.  Long and short sequences share the cores.
+    """
+    heads_q = q.shape[1]
+    group = heads_q // k.shape[1]
+    n = tiles.shape[0]
+    for task in prange(n * heads_q):
+        h = task // n
+        b, i0 = tiles[task - h * n, 0], tiles[task - h * n, 1]
+        sq, sk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
+        _query_tile(q, k, v, (0, cu_q[b]), (0, cu_k[b]), b, h, h // group, i0, min(block_q, sq - i0), sq, sk,
+                    codec, scale, wl, wr, 0, softcap, slopes, has_alibi, extra, out, lse, block_k)
 
 
 @njit(**_JIT)
@@ -95,53 +130,57 @@ def _delta(dout, out, codec, delta, block):
 
 
 @njit(**_JIT)
-def _backward(dout, q, k, v, lse, delta, codec, scale, wl, wr, softcap, slopes, has_alibi, extra, dbias_sums,
-              dbias_strides, want_dbias, fold_b, fold_h, dq_part, dk, dv, block_q, block_k):
+def _backward(dout, q, k, v, lse, delta, seqs, owner_start, members, codec, scale, wl, wr, softcap, slopes,
+              has_alibi, extra, dbias_sums, dbias_strides, want_dbias, dq_part, dk, dv, block_q, block_k):
     """dK/dV of each key tile, dq and dbias partial sums; one task per (owner, key split).
 
-    An owner is one (batch, KV head) pair, or, with ``fold_b``/``fold_h``, all the
-    batches/KV heads whose bias gradients land on the same elements (a bias
-    broadcast over those axes): one task then walks them in a fixed order, so
-    every element of the bias gradient's sums has one writer.  ``dbias_sums``
-    is ``[splits or 1, bias size]``, read through ``dbias_strides`` (split,
-    then the four of ``[B, Hq, Sq, Sk]``).
+    Sequence ``s`` is ``seqs[s] = (qa, q0, ka, k0, sq, sk)``: its query rows are
+    ``q[qa, h, q0 + i]`` (dout, lse, delta and dq_part alike) and its keys
+    ``k[ka, hk, k0 + j]`` (v alike; dk/dv rows are written at
+    :func:`~fastattn.cpu._tiles.row_of` ``(dk, ka, hk, k0 + j)``).  An owner
+    is a list of (sequence, KV head) members, ``members[owner_start[o]:
+    owner_start[o + 1]]``: one pair, or every pair whose bias gradients land on
+    the same elements (a bias broadcast over batches or heads), walked in a
+    fixed order.  Split ``p`` takes key tiles ``p, p + n_split, ...`` of each
+    member (interleaved, so causal work spreads evenly) and adds into
+    ``dq_part[p]`` and ``dbias_sums[p or 0]`` (``dbias_strides``: split, then
+    the four of ``[B, Hq, Sq, Sk]``): every element has one writer.
     """
-    batch, heads_q, sq, dim = q.shape
-    heads_kv, sk = k.shape[1], k.shape[2]
-    group = heads_q // heads_kv
+    dim = q.shape[3]
+    group = q.shape[1] // k.shape[1]
     n_split = dq_part.shape[0]
-    n_tiles = (sk + block_k - 1) // block_k
+    n_owner = owner_start.size - 1
     acc_t = lse.dtype
-    own_b = 1 if fold_b else batch
-    own_h = 1 if fold_h else heads_kv
-    per_b = batch // own_b
-    per_h = heads_kv // own_h
-    for task in prange(own_b * own_h * n_split):
+    for task in prange(n_owner * n_split):
         split = task % n_split
-        oh = (task // n_split) % own_h
-        ob = task // (n_split * own_h)
-        for member in range(per_b * per_h):
-            b = ob + member // per_h
-            hk = oh + member % per_h
+        o = task // n_split
+        for member in range(owner_start[o], owner_start[o + 1]):
+            b, hk = members[member, 0], members[member, 1]
+            qa, q0, ka, k0, sq, sk = seqs[b, 0], seqs[b, 1], seqs[b, 2], seqs[b, 3], seqs[b, 4], seqs[b, 5]
+            if sq == 0:  # no query: the keys' gradients stay 0
+                continue
+            n_tiles = (sk + block_k - 1) // block_k
+            k_buf = np.empty((block_k, dim), acc_t)
+            v_buf = np.empty((block_k, dim), acc_t)
             for tile in range(split, n_tiles, n_split):  # interleaved: causal work spreads evenly
                 j0 = tile * block_k
                 n = min(block_k, sk - j0)
-                kt = np.empty((n, dim), acc_t)
-                vt = np.empty((n, dim), acc_t)
-                decode_rows(k[b, hk, j0:j0 + n], kt, codec)
-                decode_rows(v[b, hk, j0:j0 + n], vt, codec)
+                kt = tile_rows(k, ka, hk, k0 + j0, n, k_buf, codec)
+                vt = tile_rows(v, ka, hk, k0 + j0, n, v_buf, codec)
                 dk_acc = np.zeros((n, dim), acc_t)
                 dv_acc = np.zeros((n, dim), acc_t)
-                key_tile_backward(dout, q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi,
-                                  extra, dbias_sums[split if dbias_strides[0] else 0], dbias_strides[1:], want_dbias,
-                                  lse, delta, scale, codec, block_q, dk_acc, dv_acc, dq_part[split], True)
+                key_tile_backward(dout, q, (qa, q0), b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes,
+                                  has_alibi, extra, dbias_sums[split if dbias_strides[0] else 0], dbias_strides[1:],
+                                  want_dbias, lse, delta, scale, codec, block_q, dk_acc, dv_acc, dq_part[split], True)
                 for r in range(n):
-                    encode_row(dk_acc[r], dk[b, hk, j0 + r], codec)
-                    encode_row(dv_acc[r], dv[b, hk, j0 + r], codec)
+                    encode_row(dk_acc[r], row_of(dk, ka, hk, k0 + j0 + r), codec)
+                    encode_row(dv_acc[r], row_of(dv, ka, hk, k0 + j0 + r), codec)
 
 
 @njit(**_JIT)
 def _reduce_dq(dq_part, scale, codec, dq):
+    """``dq`` = scale x the sum of the splits' parts, in split order (dq dense ``[B, H, S, D]``, or packed
+    ``[total, H, D]`` for parts ``[n_split, 1, H, total, D]``)."""
     n_split, batch, heads, sq, dim = dq_part.shape
     for bh in prange(batch * heads):
         b, h = bh // heads, bh % heads
@@ -151,7 +190,7 @@ def _reduce_dq(dq_part, scale, codec, dq):
             for s in range(1, n_split):
                 row += dq_part[s, b, h, i]
             row *= scale
-            encode_row(row, dq[b, h, i], codec)
+            encode_row(row, row_of(dq, b, h, i), codec)
 
 
 def _slopes(slopes, spec):
@@ -286,6 +325,62 @@ def _folds(extra, want_dbias, spec):
     return shape[0] == 1 and spec.batch > 1, shape[1] == 1 and spec.heads_kv > 1
 
 
+def _spread(n):
+    """A permutation of ``range(n)`` that places items ``0, 1, 2, ...`` far apart (van der Corput order):
+    numba hands each thread one contiguous block of a parallel loop, so the heaviest tasks, listed
+    first, end up in different blocks whatever the thread count."""
+    def radical_inverse(i):
+        x, f = 0.0, 0.5
+        while i:
+            x, i, f = x + f * (i & 1), i >> 1, f / 2
+        return x
+    return np.argsort([radical_inverse(i) for i in range(n)], kind="stable")
+
+
+def owners(seqs, heads_kv, fold_b, fold_h):
+    """``(owner_start, members)`` of :func:`_backward`: each (sequence, KV head) its own owner, or grouped
+    over the sequences (``fold_b``) and/or the KV heads (``fold_h``), members in order.  Owners are listed
+    by cost (``sq * sk``) spread out by :func:`_spread`; the order changes who runs what, never the bits."""
+    groups = {}
+    for b in range(seqs.shape[0]):
+        for hk in range(heads_kv):
+            groups.setdefault((0 if fold_b else b, 0 if fold_h else hk), []).append((b, hk))
+    lists = list(groups.values())
+    cost = [sum(int(seqs[b, 4]) * int(seqs[b, 5]) for b, _ in g) for g in lists]
+    by_cost = sorted(range(len(lists)), key=lambda i: -cost[i])
+    lists = [lists[by_cost[i]] for i in _spread(len(lists))]
+    members = np.array([m for g in lists for m in g], np.int64).reshape(-1, 2)
+    owner_start = np.cumsum([0] + [len(g) for g in lists]).astype(np.int64)
+    return owner_start, members
+
+
+def run_backward(dout, q, k, v, lse, seqs, slopes, spec, extra, want_dbias, dq, dk, dv, n_rows):
+    """The delta, backward and dq kernels on 4-d inputs (``[B, H, S, D]``, or packed ones copied head-major
+    ``[1, H, total, D]``, lse ``[1, H, total]``) for the sequences ``seqs``; outputs dense or packed
+    (:func:`_backward`).  ``n_rows``: the length of the query axis.  Returns dbias (accumulation dtype,
+    the bias's 4-d shape) or None."""
+    acc = spec.accum_dtype
+    slopes, has_alibi = _slopes(slopes, spec)
+    fold_b, fold_h = _folds(extra, want_dbias, spec)
+    owner_start, members = owners(seqs, spec.heads_kv, fold_b, fold_h)
+    n_split = _num_splits(spec, owner_start.size - 1)
+    dq_part = np.zeros((n_split, q.shape[0], q.shape[1], n_rows, q.shape[3]), acc)
+    sums, dbias_strides = _dbias_sums(extra if want_dbias else None, n_split, spec)
+    delta = np.empty(lse.shape, acc)
+    with single_threaded_blas():
+        _delta(dout[0], dout[1], spec.codec, delta, config.cpu_bwd_block_q)
+        _backward(dout[0], q, k, v, lse, delta, seqs, owner_start, members, spec.codec, spec.scale,
+                  spec.window_left, spec.window_right, spec.softcap, slopes, has_alibi, _extra(extra, spec), sums,
+                  dbias_strides, want_dbias, dq_part, dk, dv, config.cpu_bwd_block_q, config.cpu_bwd_block_k)
+        _reduce_dq(dq_part, spec.scale, spec.codec, dq)
+    if not want_dbias:
+        return None
+    dbias = sums[0].copy()
+    for part in sums[1:]:  # in split order: the same bits at any thread count
+        dbias += part
+    return dbias.reshape(extra.bias.shape)
+
+
 def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False):
     """Run the backward kernels; return (dq, dk, dv, dbias) as NumPy arrays.
 
@@ -296,33 +391,14 @@ def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False
     dk = np.zeros(k.shape, spec.dtype)
     dv = np.zeros(v.shape, spec.dtype)
     want_dbias = bool(want_dbias and extra and extra.bias is not None)
-    acc = spec.accum_dtype
     if dq.size == 0 or dk.size == 0:
         dq.fill(0)
-        return dq, dk, dv, (np.zeros(extra.bias_shape, acc) if want_dbias else None)
-    slopes, has_alibi = _slopes(slopes, spec)
+        return dq, dk, dv, (np.zeros(extra.bias_shape, spec.accum_dtype) if want_dbias else None)
     db, qb, kb, vb, ob = _inputs(dout, q, k, v, out)
-    lse = np.ascontiguousarray(lse)
-    delta = np.empty(q.shape[:3], acc)
-    fold_b, fold_h = _folds(extra, want_dbias, spec)
-    owners = (1 if fold_b else spec.batch) * (1 if fold_h else spec.heads_kv)
-    n_split = _num_splits(spec, owners)
-    dq_part = np.zeros((n_split,) + q.shape, acc)
-    sums, dbias_strides = _dbias_sums(extra if want_dbias else None, n_split, spec)
-    with single_threaded_blas():
-        _delta(db, ob, spec.codec, delta, config.cpu_bwd_block_q)
-        _backward(db, qb, kb, vb, lse, delta, spec.codec, spec.scale, spec.window_left,
-                  spec.window_right, spec.softcap, slopes, has_alibi, _extra(extra, spec), sums,
-                  dbias_strides, want_dbias, fold_b, fold_h, dq_part, bits_view(dk), bits_view(dv), config.cpu_bwd_block_q,
-                  config.cpu_bwd_block_k)
-        _reduce_dq(dq_part, spec.scale, spec.codec, bits_view(dq))
-    dbias = None
-    if want_dbias:
-        dbias = sums[0].copy()
-        for part in sums[1:]:  # in split order: the same bits at any thread count
-            dbias += part
-        dbias = dbias.reshape(extra.bias_shape)
-    return dq, dk, dv, dbias
+    seqs = np.array([(b, 0, b, 0, spec.seq_q, spec.seq_k) for b in range(spec.batch)], np.int64)
+    dbias = run_backward((db, ob), qb, kb, vb, np.ascontiguousarray(lse), seqs, slopes, spec, extra, want_dbias,
+                         bits_view(dq), bits_view(dk), bits_view(dv), spec.seq_q)
+    return dq, dk, dv, (None if dbias is None else dbias.reshape(extra.bias_shape))
 
 
 def cast(x, dtype):
