@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 
-from fastattn.bench import core as bench_core, dense as bench_dense
+from fastattn.bench import core as bench_core, dense as bench_dense, masked as bench_masked
 
 _SEQ = list(bench_dense.ASV_SEQ_LENS)
 
@@ -154,35 +154,41 @@ class TimeCompile:
 
 
 class TimeAttentionVarlen:
-    """A packed batch of one 2048-token and fifteen 128-token sequences (H=8, D=64, causal, f32):
-    ``attention_varlen`` against the same sequences as separate ``attention`` calls and against
-    padding every sequence to the longest."""
+    """A packed batch of one 2048-token and fifteen 128-token causal sequences (H=8, D=64, f32):
+    ``attention_varlen`` (packed) against the same sequences as separate ``attention`` calls and against
+    padding every sequence to the longest (:mod:`fastattn.bench.masked`)."""
 
-    params = (["packed", "separate", "padded"],)
-    param_names = ["layout"]
+    params = (["packed", "separate", "padded"], ["forward", "forward+backward"])
+    param_names = ["layout", "op"]
     timeout = 300
 
-    def setup(self, layout):
-        import numpy as np
-
-        import fastattn
-
-        rng = np.random.default_rng(0)
-        lens = [2048] + [128] * 15
-        cu = np.cumsum([0] + lens).astype(np.int32)
-        q, k, v = (rng.standard_normal((cu[-1], 8, 64), dtype=np.float32) for _ in range(3))
-        if layout == "packed":
-            self.run = lambda: fastattn.attention_varlen(q, k, v, cu, cu, causal=True)
-        elif layout == "separate":
-            seqs = [[np.ascontiguousarray(x[a:b].transpose(1, 0, 2)[None]) for x in (q, k, v)]
-                    for a, b in zip(cu[:-1], cu[1:])]
-            self.run = lambda: [fastattn.attention(*s, causal=True) for s in seqs]
-        else:
-            padded = [rng.standard_normal((len(lens), 8, max(lens), 64), dtype=np.float32) for _ in range(3)]
-            self.run = lambda: fastattn.attention(*padded, causal=True)
+    def setup(self, layout, op):
+        size = bench_masked.SIZES["full"]
+        case = bench_masked.VarlenCase(op, size["long"], size["short"], size["short_count"], size["heads"],
+                                       size["head_dim"])
+        self.run = bench_masked.varlen_calls(case)[layout]
         self.run()
 
-    def time_forward(self, layout):
+    def time_varlen(self, layout, op):
+        self.run()
+
+
+class TimeAttentionBias:
+    """Dense float32 attention (B=1, H=8, N=2048, D=64) with a bias or mask of each broadcast kind, against
+    the same call without (``none``); the backward returns dbias (:mod:`fastattn.bench.masked`)."""
+
+    params = (list(bench_masked.BIAS_KINDS), ["forward", "forward causal", "backward causal"])
+    param_names = ["extra", "op"]
+    timeout = 300
+
+    def setup(self, kind, op):
+        size = bench_masked.SIZES["full"]
+        case = bench_masked.BiasCase(op.split()[0], kind, op.endswith("causal"), size["seq"], size["heads"],
+                                     size["head_dim"])
+        self.run = bench_masked.bias_call(case)
+        self.run()
+
+    def time_bias(self, kind, op):
         self.run()
 
 
