@@ -224,5 +224,17 @@ def test_cpu_dbias_gives_the_same_bits_at_any_thread_count(rng, monkeypatch):
                                                              return_dbias=True)
             for name, one, two in zip(("dq", "dk", "dv", "dbias"), grads[1], grads[2]):
                 assert one.tobytes() == two.tobytes(), f"{name} of a {bias_shape} bias differs between 1 and 2 threads"
+        # a packed batch (its backward runs the same owner tables), a bias shared by its sequences
+        cu = np.array([0, 150, 151, 200], np.int32)
+        pq, pk, pv, pdout = (random((200, 4, 32), F32, rng) for _ in range(4))
+        pbias = random((1, 4, 150, 150), F32, rng)
+        out, lse = fastattn.attention_varlen(pq, pk, pv, cu, cu, causal=True, bias=pbias, return_lse=True)
+        grads = {}
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            grads[threads] = fastattn.attention_varlen_backward(pdout, pq, pk, pv, out, lse, cu, cu, causal=True,
+                                                                bias=pbias, return_dbias=True)
+        for name, one, two in zip(("dq", "dk", "dv", "dbias"), grads[1], grads[2]):
+            assert one.tobytes() == two.tobytes(), f"varlen {name} differs between 1 and 2 threads"
     finally:
         numba.set_num_threads(before)
