@@ -14,6 +14,7 @@ from .layers import MultiheadAttention
 from .paged import paged_attention, paged_attention_backward, paged_attention_fp8, write_kv_cache
 from .projection import (fused_output_projection_residual, fused_output_projection_residual_backward,
                          fused_qkv_projection, fused_qkv_projection_backward)
+from .rotary import rotary, rotary_backward, rotary_tables
 from .varlen import attention_varlen, attention_varlen_backward
 
 __version__ = "0.1.0"
@@ -23,5 +24,6 @@ __all__ = ["attention", "attention_backward", "merge_attention_states", "attenti
            "paged_attention_fp8", "paged_attention_backward", "write_kv_cache", "PagedKVCache",
            "OutOfBlocksError", "repeat_kv", "repeat_kv_backward", "GQAConfig", "fused_qkv_projection",
            "fused_qkv_projection_backward", "fused_output_projection_residual",
-           "fused_output_projection_residual_backward", "MultiheadAttention", "config", "reference",
+           "fused_output_projection_residual_backward", "MultiheadAttention", "rotary", "rotary_backward",
+           "rotary_tables", "config", "reference",
            "__version__"]

@@ -26,7 +26,7 @@ from ._ptxas import (KIB, SM_LIMITS, count_f64, count_mma, find_ptxas, occupancy
 
 #: The modules whose ``variants(head_dims=None)`` the report collects.
 KERNEL_MODULES = ("fastattn.cuda.attention", "fastattn.cuda.paged", "fastattn.cuda.gqa",
-                  "fastattn.cuda.projection")
+                  "fastattn.cuda.projection", "fastattn.cuda.rotary")
 
 #: The keys of every row, in table order (``error`` is None for a kernel that compiles).
 KEYS = ("kernel", "role", "dtype", "head_dim", "block_threads", "registers", "spill_bytes", "stack_frame",

@@ -786,3 +786,61 @@ def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     spec = AttentionSpec(batch, hq, hkv, lengths[0], lengths[1], d, dtype, scale_value(scale, d),
                          *window_values(window, causal), softcap_value(softcap))
     return q, k, v, cu_q, cu_k, slopes, spec
+
+
+# --- rotary embeddings ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RotarySpec:
+    """Resolved sizes of one rotary call: ``x [B, H, S, D]`` with the first ``2 * half`` features rotated."""
+
+    batch: int
+    heads: int
+    seq: int
+    head_dim: int
+    half: int
+    max_pos: int
+    dtype: np.dtype
+    interleaved: bool
+
+    @property
+    def codec(self):
+        return _dtypes.codec_of(self.dtype)
+
+    @property
+    def accum_dtype(self):
+        return _dtypes.accum_dtype(self.dtype)
+
+
+def rotary_args(name, x, cos, sin, positions, interleaved):
+    """Check :func:`fastattn.rotary` arguments (``name`` is that of ``x``); return (x, cos, sin, positions, spec).
+
+    ``positions`` is checked against the table length on the host before any kernel runs.
+    """
+    x, cos, sin = as_array(name, x), as_array("cos", cos), as_array("sin", sin)
+    b, h, s, d = _shape(name, x, 4, "[B, H, S, D]")
+    dtype = float_dtype(name, x)
+    if len(cos.shape) != 2:
+        raise ValueError(f"cos: expected a 2-d table [max_pos, rotary_dim / 2], got shape {tuple(cos.shape)}")
+    if tuple(sin.shape) != tuple(cos.shape):
+        raise ValueError(f"sin: expected the shape of cos {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    max_pos, half = (int(n) for n in cos.shape)
+    for tname, t in (("cos", cos), ("sin", sin)):
+        if np.dtype(t.dtype) not in (np.float32, np.float64):
+            raise TypeError(f"{tname}: expected float32 or float64, got {np.dtype(t.dtype)}")
+    if half == 0 or 2 * half > d:
+        raise ValueError(f"cos: expected 1 <= rotary_dim / 2 <= D / 2 = {d // 2} columns, got {half}")
+    if not isinstance(interleaved, (bool, np.bool_)):
+        raise TypeError(f"interleaved: expected a bool, got {type(interleaved).__name__}")
+    if positions is not None:
+        host = _integer_array("positions", positions, "[B, S] or [S]")
+        if host.shape not in ((s,), (b, s)):
+            raise ValueError(f"positions: expected shape [S] = ({s},) or [B, S] = ({b}, {s}), got {host.shape}")
+        if host.size and (host.min() < 0 or host.max() >= max_pos):
+            bad = host[(host < 0) | (host >= max_pos)][0]
+            raise ValueError(f"positions: expected values in [0, {max_pos}) (the rows of cos), got {bad}")
+        positions = host.astype(np.int64).reshape(-1, s)
+    elif s > max_pos:
+        raise ValueError(f"cos: expected at least S = {s} rows for the default positions 0..S-1, got {max_pos}")
+    spec = RotarySpec(b, h, s, d, half, max_pos, dtype, bool(interleaved))
+    return x, cos, sin, positions, spec

@@ -293,3 +293,27 @@ def paged_attention_backward(dout, q, k_cache, v_cache, out=None, lse=None, bloc
         np.add.at(dk_cache, (blocks, rows), dk[0].transpose(1, 0, 2))
         np.add.at(dv_cache, (blocks, rows), dv[0].transpose(1, 0, 2))
     return dq, dk_cache, dv_cache
+
+
+def rotary(x, cos, sin, *, positions=None, interleaved=False, inverse=False):
+    """Float64 reference of :func:`fastattn.rotary` (``inverse=True``: of :func:`fastattn.rotary_backward`).
+
+    Builds the rotation explicitly: the pairs ``(i, i + R/2)`` (or ``(2i, 2i + 1)``
+    interleaved) of the first ``R = 2 * cos.shape[1]`` features of the row at
+    position ``p`` are multiplied by the 2x2 matrix ``[[c, -s], [s, c]]``.
+    """
+    x = _f64(x)
+    cos, sin = np.asarray(cos, np.float64), np.asarray(sin, np.float64)
+    b, h, s, d = x.shape
+    half = cos.shape[1]
+    pos = np.arange(s) if positions is None else np.asarray(positions)
+    pos = np.broadcast_to(pos.reshape(-1, s), (b, s))
+    c = cos[pos][:, None]  # [B, 1, S, half]
+    n = -sin[pos][:, None] if inverse else sin[pos][:, None]
+    first = np.arange(0, 2 * half, 2) if interleaved else np.arange(half)
+    second = first + 1 if interleaved else first + half
+    out = x.copy()
+    u, v = x[..., first], x[..., second]
+    out[..., first] = u * c - v * n
+    out[..., second] = v * c + u * n
+    return out

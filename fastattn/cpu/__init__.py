@@ -8,4 +8,4 @@ import numba
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "threadsafe"
 
-from . import attention, gqa, paged, projection, varlen  # noqa: E402,F401
+from . import attention, gqa, paged, projection, rotary, varlen  # noqa: E402,F401

@@ -1,2 +1,2 @@
 """CUDA kernels (numba.cuda), one module per family, mirroring fastattn.cpu."""
-from . import attention, gqa, paged, projection, varlen  # noqa: F401
+from . import attention, gqa, paged, projection, rotary, varlen  # noqa: F401

@@ -1,0 +1,181 @@
+"""fastattn.rotary, rotary_backward and rotary_tables against float64 references and their definitions."""
+import math
+
+import numpy as np
+import pytest
+
+import fastattn
+from cases import BF16, F16, F32, F64, random
+from conftest import assert_close, on_devices
+from fastattn import reference
+
+# (x shape, rotary_dim, interleaved, positions kind, dtype)
+CPU_CASES = {
+    "full-half-f32": ((2, 4, 37, 64), 64, False, None, F32),
+    "partial-interleaved-f16": ((1, 3, 19, 80), 32, True, "gaps", F16),
+    "partial-half-per-batch-bf16": ((2, 2, 11, 128), 96, False, "per-batch", BF16),
+    "full-interleaved-gaps-f64": ((1, 2, 9, 40), 40, True, "gaps", F64),
+    "two-features-f32": ((1, 1, 5, 59), 2, False, "per-batch", F32),
+}
+CUDA_CASES = {
+    "half-f32": ((2, 2, 3, 8), 6, False, "per-batch", F32),
+    "interleaved-f16": ((1, 2, 4, 8), 8, True, "gaps", F16),
+    "half-bf16": ((1, 1, 3, 16), 8, False, None, BF16),
+    "interleaved-f64": ((1, 1, 2, 6), 4, True, "per-batch", F64),
+}
+MAX_POS = 64
+
+
+def make(name, rng):
+    shape, rotary_dim, interleaved, pos_kind, dtype = {**CPU_CASES, **CUDA_CASES}[name]
+    b, _, s, _ = shape
+    cos, sin = fastattn.rotary_tables(rotary_dim, MAX_POS, dtype=F64 if dtype == F64 else F32)
+    positions = None
+    if pos_kind == "gaps":  # increasing with jumps, as after evicted or skipped tokens
+        positions = np.cumsum(rng.integers(1, 4, size=s)) - 1
+    elif pos_kind == "per-batch":
+        positions = rng.integers(0, MAX_POS, size=(b, s))
+    return random(shape, dtype, rng), cos, sin, positions, interleaved, dtype
+
+
+@pytest.mark.parametrize("device, name", on_devices(list(CPU_CASES), list(CUDA_CASES)), indirect=["device"])
+def test_rotary_and_its_backward_match_the_reference(device, name, rng):
+    x, cos, sin, positions, interleaved, dtype = make(name, rng)
+    tables = device.put(cos), device.put(sin)
+    out = device.get(fastattn.rotary(device.put(x), *tables, positions=positions, interleaved=interleaved))
+    assert out.dtype == dtype
+    assert_close(out, reference.rotary(x, cos, sin, positions=positions, interleaved=interleaved), dtype, "out")
+    dy = random(x.shape, dtype, rng)
+    dx = device.get(fastattn.rotary_backward(device.put(dy), *tables, positions=positions, interleaved=interleaved))
+    ref = reference.rotary(dy, cos, sin, positions=positions, interleaved=interleaved, inverse=True)
+    assert_close(dx, ref, dtype, "dx")
+
+
+def test_backward_is_the_adjoint(rng):
+    """<rotary(x), dy> = <x, rotary_backward(dy)>: the backward is the gradient of a linear map."""
+    x, dy = rng.standard_normal((2, 3, 6, 16)), rng.standard_normal((2, 3, 6, 16))
+    cos, sin = fastattn.rotary_tables(12, 32, dtype=F64)
+    positions = rng.integers(0, 32, size=(2, 6))
+    for interleaved in (False, True):
+        y = fastattn.rotary(x, cos, sin, positions=positions, interleaved=interleaved)
+        dx = fastattn.rotary_backward(dy, cos, sin, positions=positions, interleaved=interleaved)
+        assert math.isclose(float((y * dy).sum()), float((x * dx).sum()), rel_tol=1e-12)
+
+
+def test_gradient_matches_finite_differences(rng):
+    x = rng.standard_normal((1, 1, 3, 8))
+    dy = rng.standard_normal(x.shape)
+    cos, sin = fastattn.rotary_tables(8, 8, dtype=F64)
+    positions = np.array([5, 0, 2])
+    dx = fastattn.rotary_backward(dy, cos, sin, positions=positions)
+    step, numeric = 1e-6, np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[idx] += step
+        down[idx] -= step
+        loss = [float((fastattn.rotary(z, cos, sin, positions=positions) * dy).sum()) for z in (up, down)]
+        numeric[idx] = (loss[0] - loss[1]) / (2 * step)
+    np.testing.assert_allclose(dx, numeric, rtol=1e-7, atol=1e-9)
+
+
+def test_features_past_rotary_dim_are_copied_bit_for_bit(rng):
+    x = random((1, 2, 5, 24), BF16, rng)
+    cos, sin = fastattn.rotary_tables(8, 16)
+    out = fastattn.rotary(x, cos, sin)
+    assert out[..., 8:].tobytes() == np.ascontiguousarray(x[..., 8:]).tobytes()
+    assert (out[:, :, 0] == x[:, :, 0]).all()  # position 0 turns by nothing
+
+
+def test_tables_follow_the_definition():
+    cos, sin = fastattn.rotary_tables(16, 50, base=500.0, dtype=F64)
+    inv = 500.0 ** (-np.arange(0, 16, 2) / 16)
+    angles = np.arange(50)[:, None] * inv
+    np.testing.assert_allclose(cos, np.cos(angles), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(sin, np.sin(angles), rtol=0, atol=1e-15)
+    assert fastattn.rotary_tables(16, 50)[0].dtype == F32
+
+
+def test_linear_and_ntk_scaling():
+    plain = fastattn.rotary_tables(32, 64, dtype=F64)
+    linear = fastattn.rotary_tables(32, 256, scaling={"type": "linear", "factor": 4.0}, dtype=F64)
+    np.testing.assert_allclose(linear[0][::4], plain[0], atol=1e-12)  # position 4p reads like p
+    ntk = fastattn.rotary_tables(32, 64, scaling={"type": "ntk", "factor": 4.0}, dtype=F64)
+    bigger_base = fastattn.rotary_tables(32, 64, base=10000.0 * 4.0 ** (32 / 30), dtype=F64)
+    np.testing.assert_allclose(ntk[0], bigger_base[0], atol=1e-12)
+
+
+def _yarn_inv_freq(dim, base, factor, original, beta_fast=32.0, beta_slow=1.0):
+    """Hugging Face's _compute_yarn_parameters, transcribed."""
+    pos_freqs = base ** (np.arange(0, dim, 2) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+
+    def find_correction_dim(num_rotations):
+        return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(find_correction_dim(beta_fast)), 0)
+    high = min(math.ceil(find_correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2) - low) / (high - low), 0, 1)
+    extrapolation_factor = 1 - ramp
+    return interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+
+
+def test_yarn_scaling_matches_the_transformers_formula():
+    cos, sin = fastattn.rotary_tables(64, 100, scaling={"type": "yarn", "factor": 4.0, "original_max_position": 2048},
+                                      dtype=F64)
+    angles = np.arange(100)[:, None] * _yarn_inv_freq(64, 10000.0, 4.0, 2048)
+    mscale = 0.1 * math.log(4.0) + 1.0
+    np.testing.assert_allclose(cos, np.cos(angles) * mscale, atol=1e-12)
+    np.testing.assert_allclose(sin, np.sin(angles) * mscale, atol=1e-12)
+
+
+def test_llama3_scaling_keeps_high_and_divides_low_frequencies():
+    spec = {"type": "llama3", "factor": 8.0, "original_max_position": 8192}
+    scaled = fastattn.rotary_tables(128, 2, base=500000.0, scaling=spec, dtype=F64)[1][1]  # sin(inv_freq)
+    plain = fastattn.rotary_tables(128, 2, base=500000.0, dtype=F64)[1][1]
+    inv = 500000.0 ** (-np.arange(0, 128, 2) / 128)
+    wavelen = 2 * math.pi / inv
+    high, low = wavelen < 8192 / 4.0, wavelen > 8192 / 1.0
+    np.testing.assert_allclose(scaled[high], plain[high], atol=1e-15)
+    np.testing.assert_allclose(scaled[low], np.sin(inv[low] / 8.0), atol=1e-15)
+
+
+BAD = {
+    "position-past-table": (dict(positions=np.array([0, 1, 64])), ValueError,
+                            r"^positions: expected values in \[0, 64\).*got 64"),
+    "negative-position": (dict(positions=np.array([0, -1, 2])), ValueError, r"^positions: .*got -1"),
+    "float-positions": (dict(positions=np.array([0.0, 1.0, 2.0])), TypeError, r"^positions: expected an integer"),
+    "positions-shape": (dict(positions=np.zeros((3, 3), np.int64)), ValueError,
+                        r"^positions: expected shape \[S\] = \(3,\) or \[B, S\] = \(2, 3\)"),
+    "rotary-dim-past-d": (dict(cos=np.ones((64, 5), F32), sin=np.zeros((64, 5), F32)), ValueError,
+                          r"^cos: expected 1 <= rotary_dim / 2 <= D / 2 = 4"),
+    "sin-shape": (dict(sin=np.zeros((64, 3), F32)), ValueError, r"^sin: expected the shape of cos \(64, 4\)"),
+    "table-dtype": (dict(cos=np.ones((64, 4), F16)), TypeError, r"^cos: expected float32 or float64, got float16"),
+    "x-int": (dict(x=np.zeros((2, 1, 3, 8), np.int32)), TypeError, r"^x: expected float32"),
+    "x-3d": (dict(x=np.zeros((1, 3, 8), F32)), ValueError, r"^x: expected a 4-d array"),
+    "short-table-default-positions": (dict(cos=np.ones((2, 4), F32), sin=np.zeros((2, 4), F32)), ValueError,
+                                      r"^cos: expected at least S = 3 rows"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_rotary_rejects_bad_inputs(name):
+    args = dict(x=np.zeros((2, 1, 3, 8), F32), cos=np.ones((64, 4), F32), sin=np.zeros((64, 4), F32))
+    change, error, pattern = BAD[name]
+    args.update(change)
+    x = args.pop("x")
+    with pytest.raises(error, match=pattern):
+        fastattn.rotary(x, **args)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(rotary_dim=7, max_pos=4), r"^rotary_dim: expected an even int >= 2, got 7"),
+    (dict(rotary_dim=8, max_pos=-1), r"^max_pos: "),
+    (dict(rotary_dim=8, max_pos=4, base=0.0), r"^base: "),
+    (dict(rotary_dim=8, max_pos=4, scaling={"type": "dynamic"}), r"^scaling: expected None or a dict"),
+    (dict(rotary_dim=8, max_pos=4, scaling={"type": "yarn", "factor": 2.0}), r"^scaling: expected 'original_max"),
+])
+def test_tables_reject_bad_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        fastattn.rotary_tables(**kwargs)
