@@ -817,9 +817,34 @@ def rotary_args(name, x, cos, sin, positions, interleaved):
 
     ``positions`` is checked against the table length on the host before any kernel runs.
     """
-    x, cos, sin = as_array(name, x), as_array("cos", cos), as_array("sin", sin)
+    x = as_array(name, x)
     b, h, s, d = _shape(name, x, 4, "[B, H, S, D]")
     dtype = float_dtype(name, x)
+    plan = rotary_plan((cos, sin), positions, interleaved, b, s, d)
+    spec = RotarySpec(b, h, s, d, int(plan.cos.shape[1]), int(plan.cos.shape[0]), dtype, plan.interleaved)
+    return x, plan.cos, plan.sin, plan.positions, spec
+
+
+@dataclass(frozen=True)
+class RotaryPlan:
+    """Checked rotary tables (on the caller's device), host positions ``[B or 1, S]`` int64, the layout."""
+
+    cos: object
+    sin: object
+    positions: object
+    interleaved: bool
+
+
+def rotary_plan(rotary, positions, interleaved, batch, seq, head_dim):
+    """Check a ``rotary=(cos, sin)`` option for rows ``[B, S]`` of head dim ``D``; return a :class:`RotaryPlan`.
+
+    Default positions are ``0 .. S-1``; positions are checked against the tables on the host.
+    """
+    try:
+        cos, sin = rotary
+    except (TypeError, ValueError):
+        raise TypeError(f"rotary: expected a pair (cos, sin) of tables, got {type(rotary).__name__}") from None
+    cos, sin = as_array("cos", cos), as_array("sin", sin)
     if len(cos.shape) != 2:
         raise ValueError(f"cos: expected a 2-d table [max_pos, rotary_dim / 2], got shape {tuple(cos.shape)}")
     if tuple(sin.shape) != tuple(cos.shape):
@@ -828,19 +853,22 @@ def rotary_args(name, x, cos, sin, positions, interleaved):
     for tname, t in (("cos", cos), ("sin", sin)):
         if np.dtype(t.dtype) not in (np.float32, np.float64):
             raise TypeError(f"{tname}: expected float32 or float64, got {np.dtype(t.dtype)}")
-    if half == 0 or 2 * half > d:
-        raise ValueError(f"cos: expected 1 <= rotary_dim / 2 <= D / 2 = {d // 2} columns, got {half}")
+    if half == 0 or 2 * half > head_dim:
+        raise ValueError(f"cos: expected 1 <= rotary_dim / 2 <= D / 2 = {head_dim // 2} columns, got {half}")
     if not isinstance(interleaved, (bool, np.bool_)):
         raise TypeError(f"interleaved: expected a bool, got {type(interleaved).__name__}")
     if positions is not None:
         host = _integer_array("positions", positions, "[B, S] or [S]")
-        if host.shape not in ((s,), (b, s)):
-            raise ValueError(f"positions: expected shape [S] = ({s},) or [B, S] = ({b}, {s}), got {host.shape}")
+        if host.shape not in ((seq,), (batch, seq)):
+            raise ValueError(f"positions: expected shape [S] = ({seq},) or [B, S] = ({batch}, {seq}), "
+                             f"got {host.shape}")
         if host.size and (host.min() < 0 or host.max() >= max_pos):
             bad = host[(host < 0) | (host >= max_pos)][0]
             raise ValueError(f"positions: expected values in [0, {max_pos}) (the rows of cos), got {bad}")
-        positions = host.astype(np.int64).reshape(-1, s)
-    elif s > max_pos:
-        raise ValueError(f"cos: expected at least S = {s} rows for the default positions 0..S-1, got {max_pos}")
-    spec = RotarySpec(b, h, s, d, half, max_pos, dtype, bool(interleaved))
-    return x, cos, sin, positions, spec
+        positions = host.astype(np.int64).reshape(-1, seq)
+    else:
+        if seq > max_pos:
+            raise ValueError(f"cos: expected at least S = {seq} rows for the default positions 0..S-1, "
+                             f"got {max_pos}")
+        positions = np.arange(seq, dtype=np.int64)[None]
+    return RotaryPlan(cos, sin, positions, bool(interleaved))

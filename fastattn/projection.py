@@ -6,7 +6,8 @@ arrays' device and calls the kernel; see ``docs/layer.md``.
 from . import _dispatch, _validate
 
 
-def fused_qkv_projection(x, weight, bias=None, *, num_heads, num_kv_heads, head_dim):
+def fused_qkv_projection(x, weight, bias=None, *, num_heads, num_kv_heads, head_dim, rotary=None, positions=None,
+                         interleaved=False):
     """Project ``x`` to queries, keys and values in head layout with one GEMM.
 
     ``x @ weight.T + bias`` is computed tile by tile and each tile's columns go
@@ -23,6 +24,15 @@ def fused_qkv_projection(x, weight, bias=None, *, num_heads, num_kv_heads, head_
     bias : array, shape [(num_heads + 2*num_kv_heads) * head_dim], optional
     num_heads, num_kv_heads, head_dim : int
         ``num_kv_heads`` divides ``num_heads`` (grouped-query attention).
+    rotary : (cos, sin), optional
+        Rotary tables (:func:`fastattn.rotary_tables`, on the device of ``x``):
+        q and k come out rotated as :func:`fastattn.rotary` would turn them, the
+        rotation done in the projection's epilogue while each row is in cache
+        (on the CPU; on CUDA a rotary kernel follows the GEMM).
+    positions : int array, shape [B, S] or [S], optional
+        The tokens' positions for ``rotary`` (default ``0 .. S-1``).
+    interleaved : bool
+        GPT-J's pairing for ``rotary`` (default: GPT-NeoX halves).
 
     Returns
     -------
@@ -50,11 +60,27 @@ def fused_qkv_projection(x, weight, bias=None, *, num_heads, num_kv_heads, head_
     """
     x, weight, bias, (hq, hkv, d) = _validate.qkv_projection_args(x, weight, bias, num_heads, num_kv_heads,
                                                                  head_dim)
-    backend = _dispatch.backend_of(x=x, weight=weight, bias=bias)
-    return tuple(backend.projection.project_heads(x, weight, bias, (hq, hkv, hkv), d))
+    plan = _rotary_plan(rotary, positions, interleaved, x, d)
+    backend = _dispatch.backend_of(x=x, weight=weight, bias=bias, **_tables(plan))
+    return tuple(backend.projection.project_heads(x, weight, bias, (hq, hkv, hkv), d, rotary=plan,
+                                                  rotated=(True, True, False)))
 
 
-def fused_qkv_projection_backward(dq, dk, dv, x, weight, *, has_bias=False):
+def _rotary_plan(rotary, positions, interleaved, x, head_dim):
+    """The checked rotary option of a projection of ``x [B, S, H]`` (None without one)."""
+    if rotary is None:
+        if positions is not None:
+            raise ValueError("positions: expected rotary=(cos, sin) to go with them, got rotary=None")
+        return None
+    return _validate.rotary_plan(rotary, positions, interleaved, int(x.shape[0]), int(x.shape[1]), head_dim)
+
+
+def _tables(plan):
+    return {} if plan is None else {"cos": plan.cos, "sin": plan.sin}
+
+
+def fused_qkv_projection_backward(dq, dk, dv, x, weight, *, has_bias=False, rotary=None, positions=None,
+                                  interleaved=False):
     """Gradients of :func:`fused_qkv_projection` with respect to x, weight and bias.
 
     The head-layout gradients are read in place, tile by tile (no concatenated copy).
@@ -68,6 +94,8 @@ def fused_qkv_projection_backward(dq, dk, dv, x, weight, *, has_bias=False):
         The forward inputs.
     has_bias : bool
         Whether the forward had a bias (then its gradient is returned).
+    rotary, positions, interleaved
+        As given to the forward: ``dq`` and ``dk`` are turned back first.
 
     Returns
     -------
@@ -95,8 +123,10 @@ def fused_qkv_projection_backward(dq, dk, dv, x, weight, *, has_bias=False):
     (True, [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0])
     """
     dq, dk, dv, x, weight = _validate.qkv_backward_args(dq, dk, dv, x, weight, has_bias)
-    backend = _dispatch.backend_of(dq=dq, dk=dk, dv=dv, x=x, weight=weight)
-    return backend.projection.qkv_backward((dq, dk, dv), x, weight, bool(has_bias))
+    plan = _rotary_plan(rotary, positions, interleaved, x, int(dq.shape[3]))
+    backend = _dispatch.backend_of(dq=dq, dk=dk, dv=dv, x=x, weight=weight, **_tables(plan))
+    return backend.projection.qkv_backward((dq, dk, dv), x, weight, bool(has_bias), rotary=plan,
+                                           rotated=(True, True, False))
 
 
 def fused_output_projection_residual(attn_out, weight, bias, residual):

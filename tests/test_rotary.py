@@ -179,3 +179,35 @@ def test_rotary_rejects_bad_inputs(name):
 def test_tables_reject_bad_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         fastattn.rotary_tables(**kwargs)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)], indirect=True)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_fused_projection_rotates_q_and_k(device, interleaved, rng):
+    """fused_qkv_projection(rotary=...) is the projection followed by rotary on q and k; its backward
+    turns dq and dk back before the GEMMs."""
+    hq, hkv, d = 4, 2, 8
+    x = random((2, 5, 16), F32, rng)
+    w = random(((hq + 2 * hkv) * d, 16), F32, rng)
+    b = random(((hq + 2 * hkv) * d,), F32, rng)
+    cos, sin = fastattn.rotary_tables(6, 32)
+    positions = rng.integers(0, 32, size=(2, 5))
+    heads = dict(num_heads=hq, num_kv_heads=hkv, head_dim=d)
+    rot = dict(rotary=(device.put(cos), device.put(sin)), positions=positions, interleaved=interleaved)
+    got = [device.get(t) for t in fastattn.fused_qkv_projection(*map(device.put, (x, w, b)), **heads, **rot)]
+    plain = fastattn.fused_qkv_projection(x, w, b, **heads)
+    for name, g, p, turned in zip("qkv", got, plain, (True, True, False)):
+        want = reference.rotary(p, cos, sin, positions=positions, interleaved=interleaved) if turned else p
+        assert_close(g, want, F32, name)
+    grads = [random(t.shape, F32, rng) for t in got]
+    fused = fastattn.fused_qkv_projection_backward(*map(device.put, (*grads, x, w)), has_bias=True, **rot)
+    back = [fastattn.rotary_backward(g, cos, sin, positions=positions, interleaved=interleaved) for g in grads[:2]]
+    expected = fastattn.fused_qkv_projection_backward(*back, grads[2], x, w, has_bias=True)
+    for name, g, e in zip(("dx", "dweight", "dbias"), fused, expected):
+        assert_close(device.get(g), e, F32, name)
+
+
+def test_positions_need_rotary():
+    x, w = np.zeros((1, 2, 8), F32), np.zeros((24, 8), F32)
+    with pytest.raises(ValueError, match=r"^positions: expected rotary=\(cos, sin\)"):
+        fastattn.fused_qkv_projection(x, w, num_heads=1, num_kv_heads=1, head_dim=8, positions=[0, 1])

@@ -34,6 +34,7 @@ from .._config import config
 from .._dtypes import accum_dtype, bits_view, codec_of
 from ._blas import single_threaded_blas
 from ._fastmath import FASTMATH, decode_rows, encode_row
+from .rotary import plan as rotary_plan, rotate_row, unrotate
 
 _JIT = dict(cache=True, fastmath=FASTMATH, nogil=True)  # one thread each: see the module docstring
 
@@ -62,8 +63,11 @@ def _head_of(g, n_first, n_second):
 
 
 @njit(**_JIT)
-def _qkv_epilogue(y, bias, has_bias, seq, out0, out1, out2, codec):
-    """out0/1/2 [B, Hi, S, D] = each head's columns of y [B*S, N] (+ bias), encoded in the outputs' dtype."""
+def _qkv_epilogue(y, bias, has_bias, seq, out0, out1, out2, codec, cos, sin, positions, rotated, interleaved):
+    """out0/1/2 [B, Hi, S, D] = each head's columns of y [B*S, N] (+ bias), encoded in the outputs' dtype.
+
+    Heads of section ``i`` with bit ``i`` of ``rotated`` set are turned by the rotary tables ``cos``/``sin``
+    at ``positions[b or 0, s]`` first (:func:`~fastattn.cpu.rotary.rotate_row`)."""
     dim = out0.shape[3]
     h0, h1 = out0.shape[1], out1.shape[1]
     n_heads = y.shape[1] // dim
@@ -73,10 +77,14 @@ def _qkv_epilogue(y, bias, has_bias, seq, out0, out1, out2, codec):
         row = y[t]
         if has_bias:
             row += bias
+        p = positions[b if positions.shape[0] > 1 else 0, s] if rotated else 0
         for g in range(n_heads):
             section, h = _head_of(g, h0, h1)
             dst = out0 if section == 0 else out1 if section == 1 else out2
-            encode_row(row[g * dim:(g + 1) * dim], dst[b, h, s], codec)
+            part = row[g * dim:(g + 1) * dim]
+            if rotated & (1 << section):
+                rotate_row(part, cos[p], sin[p], interleaved, cos.dtype.type(1))
+            encode_row(part, dst[b, h, s], codec)
 
 
 @njit(**_JIT)
@@ -226,11 +234,13 @@ def _tokens_major(arrays, batch, seq, acc, with_sums=False):
     return (out, sums) if with_sums else out
 
 
-def project_heads(x, weight, bias, sections, head_dim, pool=None):
+def project_heads(x, weight, bias, sections, head_dim, pool=None, rotary=None, rotated=()):
     """x [B, S, K] @ weight.T (+ bias) split into head-layout outputs [B, h, S, D] for h in sections.
 
     ``pool``: whose threads run the GEMM, NumPy's BLAS (``"numpy"``) or numba's (``"numba"``);
-    None takes :attr:`fastattn.config.cpu_proj_pool`.
+    None takes :attr:`fastattn.config.cpu_proj_pool`.  ``rotary`` (a
+    :class:`~fastattn._validate.RotaryPlan`) turns the sections flagged in
+    ``rotated`` in the epilogue, as :func:`fastattn.rotary` would after it.
     """
     dtype = np.dtype(x.dtype)
     acc = accum_dtype(dtype)
@@ -241,7 +251,10 @@ def project_heads(x, weight, bias, sections, head_dim, pool=None):
     if x.size and weight.shape[0]:
         y = _matmul(_wide(x, acc).reshape(batch * seq, k_in), _wide(weight, acc).T, pool)
         b = _wide(bias, acc) if bias is not None else np.zeros(0, acc)
-        _qkv_epilogue(y, b, bias is not None, seq, *(bits_view(o) for o in outs), codec_of(dtype))
+        rot_bits = sum(1 << i for i, r in enumerate(rotated) if r) if rotary is not None else 0
+        cos, sin, positions, interleaved = rotary_plan(rotary, dtype)
+        _qkv_epilogue(y, b, bias is not None, seq, *(bits_view(o) for o in outs), codec_of(dtype), cos, sin,
+                      positions, rot_bits, interleaved)
     else:
         for o in outs:
             o.fill(0)
@@ -259,8 +272,13 @@ def _backward(grads, x2d, weight, batch, seq, acc, pool):
     return _matmul(dy, _wide(weight, acc), pool), _weight_grad(dy, x2d, pool), dbias
 
 
-def qkv_backward(grads, x, weight, has_bias, pool=None):
-    """(dx [B, S, K], dweight [N, K], dbias [N] or None) from head-layout grads of the QKV outputs."""
+def qkv_backward(grads, x, weight, has_bias, pool=None, rotary=None, rotated=()):
+    """(dx [B, S, K], dweight [N, K], dbias [N] or None) from head-layout grads of the QKV outputs.
+
+    With ``rotary``, the grads of the sections flagged in ``rotated`` are first turned back
+    (:func:`fastattn.rotary_backward`)."""
+    if rotary is not None:
+        grads = [unrotate(g, rotary) if r else g for g, r in zip(grads, tuple(rotated) + (False,) * 3)]
     dtype = np.dtype(x.dtype)
     acc = accum_dtype(dtype)
     batch, seq, k_in = x.shape

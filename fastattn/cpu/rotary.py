@@ -14,10 +14,26 @@ from ._fastmath import FASTMATH, decode_rows, encode_row
 _ROWS = 64
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def rotate_row(row, c, s, interleaved, sign):
+    """Turn the pairs of ``row``'s first ``2 * c.size`` features in place by the angles of ``c``/``s``
+    (``sign=-1``: by their opposites): ``(u, v) -> (u c - v s, v c + u s)``."""
+    half = c.size
+    if interleaved:
+        for i in range(half):
+            u, v = row[2 * i], row[2 * i + 1]
+            row[2 * i] = u * c[i] - sign * v * s[i]
+            row[2 * i + 1] = v * c[i] + sign * u * s[i]
+    else:
+        for i in range(half):
+            u, v = row[i], row[i + half]
+            row[i] = u * c[i] - sign * v * s[i]
+            row[i + half] = v * c[i] + sign * u * s[i]
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 def _rotate(x, cos, sin, positions, interleaved, sign, codec, out):
     batch, heads, seq, dim = x.shape
-    half = cos.shape[1]
     n_blocks = (seq + _ROWS - 1) // _ROWS
     for task in prange(batch * heads * n_blocks):
         block = task % n_blocks
@@ -29,20 +45,9 @@ def _rotate(x, cos, sin, positions, interleaved, sign, codec, out):
         decode_rows(x[b, h, s0:s0 + m], rows, codec)
         at = positions[b if positions.shape[0] > 1 else 0]
         for r in range(m):
-            row = rows[r]
-            c = cos[at[s0 + r]]
-            s = sin[at[s0 + r]]
-            if interleaved:
-                for i in range(half):
-                    u, v = row[2 * i], row[2 * i + 1]
-                    row[2 * i] = u * c[i] - sign * v * s[i]
-                    row[2 * i + 1] = v * c[i] + sign * u * s[i]
-            else:
-                for i in range(half):
-                    u, v = row[i], row[i + half]
-                    row[i] = u * c[i] - sign * v * s[i]
-                    row[i + half] = v * c[i] + sign * u * s[i]
-            encode_row(row, out[b, h, s0 + r], codec)
+            p = at[s0 + r]
+            rotate_row(rows[r], cos[p], sin[p], interleaved, sign)
+            encode_row(rows[r], out[b, h, s0 + r], codec)
 
 
 def rotate(x, cos, sin, positions, spec, sign):
@@ -51,8 +56,28 @@ def rotate(x, cos, sin, positions, spec, sign):
     if out.size == 0:
         return out
     acc = spec.accum_dtype
-    if positions is None:
-        positions = np.arange(spec.seq, dtype=np.int64)[None]
     _rotate(bits_view(np.ascontiguousarray(x)), np.ascontiguousarray(cos, acc), np.ascontiguousarray(sin, acc),
             positions, spec.interleaved, acc.type(sign), spec.codec, bits_view(out))
     return out
+
+
+def plan(rotary, spec_dtype):
+    """``(cos, sin, positions, interleaved)`` of a :class:`~fastattn._validate.RotaryPlan` as the fused
+    kernels take them (tables in accumulation precision), or one-element stand-ins without rotary."""
+    from .._dtypes import accum_dtype
+
+    acc = accum_dtype(spec_dtype)
+    if rotary is None:
+        return np.ones((1, 1), acc), np.zeros((1, 1), acc), np.zeros((1, 1), np.int64), False
+    return (np.ascontiguousarray(rotary.cos, acc), np.ascontiguousarray(rotary.sin, acc), rotary.positions,
+            rotary.interleaved)
+
+
+def unrotate(x, rotary):
+    """``x [B, H, S, D]`` turned back by a :class:`~fastattn._validate.RotaryPlan` (a fused backward's step)."""
+    from .._validate import RotarySpec
+
+    b, h, s, d = x.shape
+    spec = RotarySpec(b, h, s, d, int(rotary.cos.shape[1]), int(rotary.cos.shape[0]), np.dtype(x.dtype),
+                      rotary.interleaved)
+    return rotate(x, rotary.cos, rotary.sin, rotary.positions, spec, -1)

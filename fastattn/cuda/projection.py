@@ -215,8 +215,11 @@ def _dummy(dtype):
     return _launch.kernel_view(_launch.empty((1, 1, 1, 1), dtype))
 
 
-def project_heads(x, weight, bias, sections, head_dim, pool=None):
-    """x [B, S, K] @ weight.T (+ bias) split into head-layout device arrays [B, h, S, D]."""
+def project_heads(x, weight, bias, sections, head_dim, pool=None, rotary=None, rotated=()):
+    """x [B, S, K] @ weight.T (+ bias) split into head-layout device arrays [B, h, S, D].
+
+    ``rotary`` (a :class:`~fastattn._validate.RotaryPlan`) turns the sections flagged in ``rotated``
+    after the GEMM (the rotary kernel on each; the CPU fuses it into the epilogue)."""
     dtype = np.dtype(x.dtype)
     batch, seq, kdim = (int(s) for s in x.shape)
     outs = [_launch.empty((batch, h, seq, head_dim), dtype) for h in sections]
@@ -229,6 +232,10 @@ def project_heads(x, weight, bias, sections, head_dim, pool=None):
         _launch_gemm(_gemm("rows", "weight_t", "qkv", dtype), batch * seq, n, kdim, (x2, x2, x2),
                      _launch.kernel_view(weight), views, b, views[0], seq, bias is not None,
                      False, widths[0], widths[1])
+    if rotary is not None:
+        from .rotary import apply
+
+        outs = [apply(o, rotary) if r else o for o, r in zip(outs, tuple(rotated) + (False,) * 3)]
     return outs
 
 
@@ -251,8 +258,14 @@ def _weight_grads(a_kind, grads, widths, x_heads, weight, seq, has_bias):
     return _convert(dw, dtype), (_convert(db, dtype) if has_bias else None)
 
 
-def qkv_backward(grads, x, weight, has_bias, pool=None):
-    """(dx, dweight, dbias or None) on the device, from the head-layout q/k/v gradients."""
+def qkv_backward(grads, x, weight, has_bias, pool=None, rotary=None, rotated=()):
+    """(dx, dweight, dbias or None) on the device, from the head-layout q/k/v gradients.
+
+    With ``rotary``, the grads of the sections flagged in ``rotated`` are first turned back."""
+    if rotary is not None:
+        from .rotary import unrotate
+
+        grads = [unrotate(g, rotary) if r else g for g, r in zip(grads, tuple(rotated) + (False,) * 3)]
     dtype = np.dtype(x.dtype)
     batch, seq, kdim = (int(s) for s in x.shape)
     views = [_launch.kernel_view(g) for g in grads]

@@ -66,8 +66,6 @@ def rotate(x, cos, sin, positions, spec, sign):
     acc = np.dtype(spec.accum_dtype)
     tables = [t if np.dtype(t.dtype) == acc and t.is_c_contiguous() else
               _launch.to_device(t.copy_to_host().astype(acc)) for t in (cos, sin)]
-    if positions is None:
-        positions = np.arange(spec.seq, dtype=np.int64)[None]
     # rows are (b * H + h) * S + s; per-batch positions sit at b * S: the row's b * H + h divided by H
     per_batch = positions.shape[0] > 1
     pos = np.repeat(positions, spec.heads, axis=0) if per_batch else positions
@@ -92,3 +90,23 @@ def variants(head_dims=None):
         sig = (x2, acc[:, ::1], acc[:, ::1], int64[::1], int64, int64, boolean, acc, x2)
         out.append(_launch.Variant("rotary", "other", name, 0, config.cuda_threads, _make_rotate(dtype), sig))
     return out
+
+
+def unrotate(x, rotary):
+    """``x [B, H, S, D]`` turned back by a :class:`~fastattn._validate.RotaryPlan` (a fused backward's step)."""
+    from .._validate import RotarySpec
+
+    b, h, s, d = (int(n) for n in x.shape)
+    spec = RotarySpec(b, h, s, d, int(rotary.cos.shape[1]), int(rotary.cos.shape[0]), np.dtype(x.dtype),
+                      rotary.interleaved)
+    return rotate(x, rotary.cos, rotary.sin, rotary.positions, spec, -1)
+
+
+def apply(x, rotary):
+    """``x [B, H, S, D]`` turned by a :class:`~fastattn._validate.RotaryPlan` (the fused projection's step)."""
+    from .._validate import RotarySpec
+
+    b, h, s, d = (int(n) for n in x.shape)
+    spec = RotarySpec(b, h, s, d, int(rotary.cos.shape[1]), int(rotary.cos.shape[0]), np.dtype(x.dtype),
+                      rotary.interleaved)
+    return rotate(x, rotary.cos, rotary.sin, rotary.positions, spec, 1)
