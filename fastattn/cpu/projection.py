@@ -34,7 +34,7 @@ from .._config import config
 from .._dtypes import accum_dtype, bits_view, codec_of
 from ._blas import single_threaded_blas
 from ._fastmath import FASTMATH, decode_rows, encode_row
-from .rotary import plan as rotary_plan, rotate_row, unrotate
+from .rotary import plan as rotary_plan, rotate_row
 
 _JIT = dict(cache=True, fastmath=FASTMATH, nogil=True)  # one thread each: see the module docstring
 
@@ -117,19 +117,28 @@ def _gather_heads(src, b, s0, m, tile, col0, codec):
 
 
 @njit(**_JIT)
-def _token_rows(g0_, g1_, g2_, codec, out, sums):
+def _token_rows(g0_, g1_, g2_, codec, out, sums, cos, sin, positions, rotated, interleaved):
     """out [B*S, N] = the head-layout arrays g0_, g1_, g2_ [B, Gi, S, Dg] side by side, token-major, decoded;
-    with ``sums`` of length N, also its column sums (token order, while the rows are in cache)."""
+    with ``sums`` of length N, also its column sums (token order, while the rows are in cache).  The heads
+    of array ``i`` with bit ``i`` of ``rotated`` are turned back by the rotary tables on the way (a fused
+    backward of :func:`fastattn.rotary`)."""
     batch, seq = g0_.shape[0], g0_.shape[2]
     block = 64
+    back = -cos.dtype.type(1)
     for b in range(batch):
         for s0 in range(0, seq, block):
             m = min(block, seq - s0)
             rows = out[b * seq + s0:b * seq + s0 + m]
             col = 0
-            for src in (g0_, g1_, g2_):
+            for i, src in enumerate((g0_, g1_, g2_)):
                 _gather_heads(src, b, s0, m, rows, col, codec)
-                col += src.shape[1] * src.shape[3]
+                dg = src.shape[3]
+                if rotated & (1 << i):
+                    for r in range(m):
+                        p = positions[b if positions.shape[0] > 1 else 0, s0 + r]
+                        for g in range(src.shape[1]):
+                            rotate_row(rows[r, col + g * dg:col + (g + 1) * dg], cos[p], sin[p], interleaved, back)
+                col += src.shape[1] * dg
             if sums.shape[0]:
                 for r in range(m):
                     sums += rows[r]
@@ -216,12 +225,15 @@ def _as_heads(x):
     return x if x.ndim == 4 else x.reshape(x.shape[0], 1, x.shape[1], x.shape[2])
 
 
-def _tokens_major(arrays, batch, seq, acc, with_sums=False):
+def _tokens_major(arrays, batch, seq, acc, with_sums=False, rotary=None, rotated=()):
     """``[B*S, N]`` in ``acc``: head-layout arrays ``[B, Gi, S, Dg]`` side by side, token by token
     (a view of one ``[B, 1, S, N]`` array already in ``acc``); with ``with_sums``, ``(that, its
-    column sums)``."""
-    arrays = [a for a in arrays if a.shape[1] * a.shape[3]]
-    if len(arrays) == 1 and arrays[0].shape[1] == 1:
+    column sums)``.  ``rotary``: the arrays flagged in ``rotated`` are turned back on the way."""
+    flags = tuple(rotated) + (False,) * 3
+    kept = [i for i, a in enumerate(arrays) if a.shape[1] * a.shape[3]]
+    arrays = [arrays[i] for i in kept]
+    rot_bits = sum(1 << j for j, i in enumerate(kept) if flags[i]) if rotary is not None else 0
+    if len(arrays) == 1 and arrays[0].shape[1] == 1 and not rot_bits:
         out = _wide(arrays[0], acc).reshape(batch * seq, -1)
         return (out, out.sum(axis=0)) if with_sums else out
     n = sum(a.shape[1] * a.shape[3] for a in arrays)
@@ -230,7 +242,8 @@ def _tokens_major(arrays, batch, seq, acc, with_sums=False):
     if out.size:
         views = [bits_view(np.ascontiguousarray(a)) for a in arrays]
         views += [views[0][:, :0]] * (3 - len(views))
-        _token_rows(*views, codec_of(arrays[0].dtype), out, sums)
+        cos, sin, positions, interleaved = rotary_plan(rotary, arrays[0].dtype)
+        _token_rows(*views, codec_of(arrays[0].dtype), out, sums, cos, sin, positions, rot_bits, interleaved)
     return (out, sums) if with_sums else out
 
 
@@ -261,11 +274,12 @@ def project_heads(x, weight, bias, sections, head_dim, pool=None, rotary=None, r
     return outs[:len(sections)]
 
 
-def _backward(grads, x2d, weight, batch, seq, acc, pool):
+def _backward(grads, x2d, weight, batch, seq, acc, pool, rotary=None, rotated=()):
     """(dx [T, K], dweight [N, K], dbias [N]) in ``acc``: ``dx = dY @ weight``, ``dweight = dY.T @ x2d``
-    and dY's column sums, where dY [T, N] is the head-layout grads side by side, token-major."""
+    and dY's column sums, where dY [T, N] is the head-layout grads side by side, token-major (the
+    ``rotated`` ones turned back by ``rotary`` on the way)."""
     tokens = batch * seq
-    dy, dbias = _tokens_major(grads, batch, seq, acc, with_sums=True)
+    dy, dbias = _tokens_major(grads, batch, seq, acc, with_sums=True, rotary=rotary, rotated=rotated)
     if tokens == 0 or dy.shape[1] == 0:
         return (np.zeros((tokens, weight.shape[1]), acc), np.zeros(weight.shape, acc),
                 np.zeros(weight.shape[0], acc))
@@ -275,14 +289,13 @@ def _backward(grads, x2d, weight, batch, seq, acc, pool):
 def qkv_backward(grads, x, weight, has_bias, pool=None, rotary=None, rotated=()):
     """(dx [B, S, K], dweight [N, K], dbias [N] or None) from head-layout grads of the QKV outputs.
 
-    With ``rotary``, the grads of the sections flagged in ``rotated`` are first turned back
-    (:func:`fastattn.rotary_backward`)."""
-    if rotary is not None:
-        grads = [unrotate(g, rotary) if r else g for g, r in zip(grads, tuple(rotated) + (False,) * 3)]
+    With ``rotary``, the grads of the sections flagged in ``rotated`` are turned back
+    (:func:`fastattn.rotary_backward`) while they are gathered token-major for the GEMMs."""
     dtype = np.dtype(x.dtype)
     acc = accum_dtype(dtype)
     batch, seq, k_in = x.shape
-    dx, dw, db = _backward(grads, _wide(x, acc).reshape(batch * seq, k_in), weight, batch, seq, acc, pool)
+    dx, dw, db = _backward(grads, _wide(x, acc).reshape(batch * seq, k_in), weight, batch, seq, acc, pool,
+                           rotary, rotated)
     return _narrow(dx.reshape(x.shape), dtype), _narrow(dw, dtype), _narrow(db, dtype) if has_bias else None
 
 

@@ -72,12 +72,3 @@ def plan(rotary, spec_dtype):
     return (np.ascontiguousarray(rotary.cos, acc), np.ascontiguousarray(rotary.sin, acc), rotary.positions,
             rotary.interleaved)
 
-
-def unrotate(x, rotary):
-    """``x [B, H, S, D]`` turned back by a :class:`~fastattn._validate.RotaryPlan` (a fused backward's step)."""
-    from .._validate import RotarySpec
-
-    b, h, s, d = x.shape
-    spec = RotarySpec(b, h, s, d, int(rotary.cos.shape[1]), int(rotary.cos.shape[0]), np.dtype(x.dtype),
-                      rotary.interleaved)
-    return rotate(x, rotary.cos, rotary.sin, rotary.positions, spec, -1)
