@@ -42,6 +42,14 @@ class MultiheadAttention:
         compute in float32).
     seed : int, optional
         Seed of ``np.random.default_rng`` for the Xavier-uniform weights.
+    rotary_dim : int, optional
+        Rotate the first ``rotary_dim`` features of every query and key head
+        (RoPE, GPT-NeoX layout, :func:`fastattn.rotary`) inside the fused QKV
+        projection; ``head_dim`` for full rotary, None (default) for none.
+        Queries sit at positions ``Sk - Sq + i`` and keys at ``j`` (the
+        bottom-right alignment of ``causal``).
+    rope_base : float
+        The rotary frequency base (:func:`fastattn.rotary_tables`).
 
     Examples
     --------
@@ -54,10 +62,21 @@ class MultiheadAttention:
     ((2, 5, 32), ['input', 'k_proj.bias', 'k_proj.weight'], (2, 5, 32))
     """
 
-    def __init__(self, embed_dim, num_heads, num_kv_heads=None, *, bias=True, dtype=np.float32, seed=None):
+    def __init__(self, embed_dim, num_heads, num_kv_heads=None, *, bias=True, dtype=np.float32, seed=None,
+                 rotary_dim=None, rope_base=10000.0):
         e, hq, hkv, dtype = _validate.layer_args(embed_dim, num_heads, num_kv_heads, dtype)
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias: expected a bool, got {type(bias).__name__}")
+        if rotary_dim is not None:
+            if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, (int, np.integer)) or rotary_dim < 2 \
+                    or rotary_dim % 2 or rotary_dim > e // hq:
+                raise ValueError(f"rotary_dim: expected None or an even int in [2, head_dim={e // hq}], "
+                                 f"got {rotary_dim!r}")
+            if not isinstance(rope_base, (int, float, np.integer, np.floating)) or not rope_base > 0:
+                raise ValueError(f"rope_base: expected a positive float, got {rope_base!r}")
+        self.rotary_dim = None if rotary_dim is None else int(rotary_dim)
+        self.rope_base = float(rope_base)
+        self._tables = None
         self.embed_dim, self.num_heads, self.num_kv_heads = e, hq, hkv
         self.head_dim = e // hq
         self.dtype = dtype
@@ -71,6 +90,27 @@ class MultiheadAttention:
         self._qkv_bias = np.zeros(e + 2 * kv, dtype) if bias else None
         self._out_bias = np.zeros(e, dtype) if bias else None
         self._saved = None
+
+    def _rotary(self, seq_q, seq_k):
+        """``(plan for q, plan for k)`` of the rotary option (None, None without it); tables grown on demand."""
+        if self.rotary_dim is None:
+            return None, None
+        length = max(seq_q, seq_k, 1)
+        if self._tables is None or int(self._tables[0].shape[0]) < length:
+            from .rotary import rotary_tables
+
+            rows = 1 << (length - 1).bit_length()  # powers of two: a few table builds, not one per length
+            tables = rotary_tables(self.rotary_dim, rows, self.rope_base,
+                                   dtype=np.float64 if self.dtype == np.float64 else np.float32)
+            if self.device == "cuda":
+                from numba import cuda
+
+                tables = tuple(cuda.to_device(t) for t in tables)
+            self._tables = tables
+        d = self.head_dim
+        plan_q = _validate.rotary_plan(self._tables, np.arange(seq_k - seq_q, seq_k), False, 1, seq_q, d)
+        plan_k = _validate.rotary_plan(self._tables, np.arange(seq_k), False, 1, seq_k, d)
+        return plan_q, plan_k
 
     # --- parameters ----------------------------------------------------------------
 
@@ -107,6 +147,7 @@ class MultiheadAttention:
                 setattr(self, name, convert(value))
         self.device = device
         self._saved = None
+        self._tables = None
         return self
 
     def to_device(self):
@@ -169,8 +210,9 @@ class MultiheadAttention:
             raise ValueError(f"{missing}: expected both key and value (cross-attention) or neither (self-attention)")
         if key is None:
             backend = self._backend(query=query)
+            rot_q, rot_k = self._rotary(int(query.shape[1]), int(query.shape[1]))
             q, k, v = backend.projection.project_heads(query, self._qkv_weight, self._qkv_bias, (hq, hkv, hkv), d,
-                                                       pool=_POOL)
+                                                       pool=_POOL, rotary=rot_q, rotated=(True, True, False))
             inputs = (query,)
         else:
             batch = int(query.shape[0])
@@ -179,8 +221,11 @@ class MultiheadAttention:
             if tuple(value.shape) != tuple(key.shape):
                 raise ValueError(f"value: expected the shape of key {tuple(key.shape)}, got {tuple(value.shape)}")
             backend = self._backend(query=query, key=key, value=value)
-            (q,) = backend.projection.project_heads(query, *self._weights("q_proj"), (hq,), d, pool=_POOL)
-            (k,) = backend.projection.project_heads(key, *self._weights("k_proj"), (hkv,), d, pool=_POOL)
+            rot_q, rot_k = self._rotary(int(query.shape[1]), int(key.shape[1]))
+            (q,) = backend.projection.project_heads(query, *self._weights("q_proj"), (hq,), d, pool=_POOL,
+                                                    rotary=rot_q, rotated=(True,))
+            (k,) = backend.projection.project_heads(key, *self._weights("k_proj"), (hkv,), d, pool=_POOL,
+                                                    rotary=rot_k, rotated=(True,))
             (v,) = backend.projection.project_heads(value, *self._weights("v_proj"), (hkv,), d, pool=_POOL)
             inputs = (query, key, value)
         out, lse = attention(q, k, v, causal=causal, return_lse=True)
@@ -188,7 +233,8 @@ class MultiheadAttention:
         # decode fast path: with one query, the head layout [B, Hq, 1, D] is already [B, 1, Hq*D]
         attn = out.reshape(b, 1, hq * d) if sq == 1 else out
         y = backend.projection.output_projection(attn, self._out_weight, self._out_bias, None, pool=_POOL)
-        self._saved = dict(inputs=inputs, q=q, k=k, v=v, out=out, lse=lse, causal=causal, backend=backend)
+        self._saved = dict(inputs=inputs, q=q, k=k, v=v, out=out, lse=lse, causal=causal, backend=backend,
+                           rotary=(rot_q, rot_k))
         return y
 
     def backward(self, dout):
@@ -230,18 +276,20 @@ class MultiheadAttention:
         dq, dk, dv = attention_backward(dattn, saved["q"], saved["k"], saved["v"], out, saved["lse"],
                                         causal=saved["causal"])
         grads = {}
+        rot_q, rot_k = saved["rotary"]
         if len(saved["inputs"]) == 1:
             dx, dw, db = backend.projection.qkv_backward((dq, dk, dv), query, self._qkv_weight, self.bias,
-                                                         pool=_POOL)
+                                                         pool=_POOL, rotary=rot_q, rotated=(True, True, False))
             for name, rows in self._sections().items():
                 grads[f"{name}.weight"] = dw[rows]
                 if self.bias:
                     grads[f"{name}.bias"] = db[rows]
             grads["input"] = dx
         else:
-            for name, x, g in zip(("q_proj", "k_proj", "v_proj"), saved["inputs"], (dq, dk, dv)):
+            for name, x, g, rot in zip(("q_proj", "k_proj", "v_proj"), saved["inputs"], (dq, dk, dv),
+                                       (rot_q, rot_k, None)):
                 dx, dw, db = backend.projection.qkv_backward((g,), x, self._weights(name)[0], self.bias,
-                                                             pool=_POOL)
+                                                             pool=_POOL, rotary=rot, rotated=(True,))
                 grads[f"{name}.weight"] = dw
                 if self.bias:
                     grads[f"{name}.bias"] = db

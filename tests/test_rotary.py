@@ -211,3 +211,76 @@ def test_positions_need_rotary():
     x, w = np.zeros((1, 2, 8), F32), np.zeros((24, 8), F32)
     with pytest.raises(ValueError, match=r"^positions: expected rotary=\(cos, sin\)"):
         fastattn.fused_qkv_projection(x, w, num_heads=1, num_kv_heads=1, head_dim=8, positions=[0, 1])
+
+
+def _layer_forward_reference(layer, params, query, key, value, causal):
+    """The layer in float64 NumPy with the reference's rotary on q and k (queries at Sk - Sq + i)."""
+    from test_layers import from_heads, to_heads
+
+    p = {n: np.asarray(a, np.float64) for n, a in params.items()}
+    kx = query if key is None else key
+    vx = query if value is None else value
+    sq, sk = query.shape[1], kx.shape[1]
+    cos, sin = fastattn.rotary_tables(layer.rotary_dim, sk, layer.rope_base, dtype=F64)
+
+    def linear(inp, name):
+        return np.asarray(inp, np.float64) @ p[f"{name}.weight"].T + p.get(f"{name}.bias", 0.0)
+    q = reference.rotary(to_heads(linear(query, "q_proj"), layer.num_heads), cos, sin,
+                         positions=np.arange(sk - sq, sk))
+    k = reference.rotary(to_heads(linear(kx, "k_proj"), layer.num_kv_heads), cos, sin)
+    v = to_heads(linear(vx, "v_proj"), layer.num_kv_heads)
+    return linear(from_heads(reference.attention(q, k, v, causal=causal)), "out_proj")
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_layer_with_rotary_matches_reference_and_finite_differences(cross, rng):
+    layer = fastattn.MultiheadAttention(16, 4, 2, dtype=F64, seed=0, rotary_dim=4, rope_base=100.0)
+    for name, p in layer.named_parameters():
+        if name.endswith(".bias"):
+            p[...] = rng.standard_normal(p.shape) * 0.1
+    params = {n: p.copy() for n, p in layer.named_parameters()}
+    query = rng.standard_normal((2, 5, 16))
+    key, value = (rng.standard_normal((2, 7, 16)) for _ in range(2)) if cross else (None, None)
+    y = layer.forward(query, key, value, causal=True)
+    np.testing.assert_allclose(y, _layer_forward_reference(layer, params, query, key, value, True), atol=1e-12)
+    dout = rng.standard_normal(y.shape)
+    grads = layer.backward(dout)
+    inputs = {"query": query, "key": key, "value": value} if cross else {"input": query}
+    eps = 1e-6
+
+    def loss(p, inp):
+        args = (inp["query"], inp["key"], inp["value"]) if cross else (inp["input"], None, None)
+        return float((_layer_forward_reference(layer, p, *args, True) * dout).sum())
+
+    for name, g in grads.items():
+        source = params if name in params else inputs
+        for flat in (0, source[name].size // 2, source[name].size - 1):
+            idx = np.unravel_index(flat, source[name].shape)
+            plus = {n: a.copy() for n, a in source.items()}
+            minus = {n: a.copy() for n, a in source.items()}
+            plus[name][idx] += eps
+            minus[name][idx] -= eps
+            if source is params:
+                numeric = (loss(plus, inputs) - loss(minus, inputs)) / (2 * eps)
+            else:
+                numeric = (loss(params, plus) - loss(params, minus)) / (2 * eps)
+            assert abs(numeric - g[idx]) <= 1e-6 * max(1.0, abs(numeric)), (name, idx, numeric, g[idx])
+
+
+def test_layer_rejects_bad_rotary_dim():
+    with pytest.raises(ValueError, match=r"^rotary_dim: expected None or an even int in \[2, head_dim=4\]"):
+        fastattn.MultiheadAttention(16, 4, rotary_dim=6)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda)], indirect=True)
+def test_layer_with_rotary_on_cuda_matches_the_cpu(rng, device):
+    """The CUDA layer (a rotary kernel after each projection GEMM) against the CPU layer (fused epilogue)."""
+    cpu = fastattn.MultiheadAttention(8, 2, 1, seed=0, rotary_dim=4)
+    gpu = fastattn.MultiheadAttention(8, 2, 1, seed=0, rotary_dim=4).to_device()
+    x = random((1, 3, 8), F32, rng)
+    y_cpu, y_gpu = cpu.forward(x, causal=True), device.get(gpu.forward(device.put(x), causal=True))
+    assert_close(y_gpu, y_cpu, F32, "y")
+    dout = random(y_cpu.shape, F32, rng)
+    g_cpu, g_gpu = cpu.backward(dout), gpu.backward(device.put(dout))
+    for name, g in g_cpu.items():
+        assert_close(device.get(g_gpu[name]), g, F32, name)
