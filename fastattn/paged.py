@@ -207,7 +207,8 @@ def paged_attention_backward(dout, q, k_cache, v_cache, out, lse, block_table, s
     return backend.paged.backward(dout, q, k_cache, v_cache, out, lse, table, lens, slopes, spec)
 
 
-def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0):
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0, rotary=None, positions=None,
+                   interleaved=False):
     """Write new keys and values into the paged caches, in place.
 
     Token ``t`` goes to block ``slot_mapping[t] // block_size``, row
@@ -225,6 +226,15 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, k_scale=1.0, v_scale
         Slots ``block * block_size + row``; each at most once; negative = skip.
     k_scale, v_scale : float or array of shape [Hkv]
         Quantisation scales of fp8 caches (must be 1 for float caches).
+    rotary : (cos, sin), optional
+        Rotary tables (:func:`fastattn.rotary_tables`): the keys are rotated on
+        their way into the cache (before scaling and rounding to the cache's
+        dtype, fp8 included), as :func:`fastattn.rotary` would turn them; the
+        values are written as they are.
+    positions : int array, shape [T], optional
+        Each token's position for ``rotary`` (default ``0 .. T-1``).
+    interleaved : bool
+        GPT-J's pairing for ``rotary``.
 
     Returns
     -------
@@ -249,5 +259,11 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, k_scale=1.0, v_scale
     k_cache, v_cache = as_array("k_cache", k_cache), as_array("v_cache", v_cache)
     k, v, slots, k_scale, v_scale = _validate.write_kv_args(k, v, k_cache, v_cache, slot_mapping,
                                                             k_scale, v_scale)
-    backend = _dispatch.backend_of(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
-    backend.paged.write(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+    plan = None
+    if rotary is not None:
+        plan = _validate.rotary_plan(rotary, positions, interleaved, 1, int(k.shape[0]), int(k.shape[2]))
+    elif positions is not None:
+        raise ValueError("positions: expected rotary=(cos, sin) to go with them, got rotary=None")
+    tables = {} if plan is None else {"cos": plan.cos, "sin": plan.sin}
+    backend = _dispatch.backend_of(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping, **tables)
+    backend.paged.write(k, v, k_cache, v_cache, slots, k_scale, v_scale, rotary=plan)

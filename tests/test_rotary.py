@@ -284,3 +284,34 @@ def test_layer_with_rotary_on_cuda_matches_the_cpu(rng, device):
     g_cpu, g_gpu = cpu.backward(dout), gpu.backward(device.put(dout))
     for name, g in g_cpu.items():
         assert_close(device.get(g_gpu[name]), g, F32, name)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)], indirect=True)
+@pytest.mark.parametrize("cache_dtype", ["float32", "float8_e4m3fn"])
+def test_write_kv_cache_rotates_the_keys(device, cache_dtype, rng):
+    """write_kv_cache(rotary=...) stores what rotary-then-write on the same device stores, bit for bit
+    (float32 keys), also in fp8."""
+    import ml_dtypes
+
+    dtype = np.dtype(getattr(ml_dtypes, cache_dtype, None) or cache_dtype)
+    tokens, heads, dim = 5, 2, 8
+    k, v = random((tokens, heads, dim), F32, rng), random((tokens, heads, dim), F32, rng)
+    cos, sin = fastattn.rotary_tables(6, 40)
+    positions = rng.integers(0, 40, size=tokens)
+    slots = np.array([3, 0, 7, 9, 12])
+    scale = 1.0 if dtype == F32 else 0.5
+    caches = {}
+    for fused in (True, False):
+        kc, vc = (device.put(np.zeros((4, 4, heads, dim), dtype)) for _ in range(2))
+        if fused:
+            fastattn.write_kv_cache(device.put(k), device.put(v), kc, vc, device.put(slots), k_scale=scale,
+                                    v_scale=scale,
+                                    rotary=(device.put(cos), device.put(sin)), positions=positions)
+        else:
+            turned = fastattn.rotary(device.put(k.reshape(tokens, heads, 1, dim)), device.put(cos), device.put(sin),
+                                     positions=positions[:, None])
+            fastattn.write_kv_cache(turned.reshape(tokens, heads, dim), device.put(v), kc, vc,
+                                    device.put(slots), k_scale=scale, v_scale=scale)
+        caches[fused] = [device.get(c) for c in (kc, vc)]
+    for fused, unfused in zip(caches[True], caches[False]):
+        assert np.ascontiguousarray(fused).tobytes() == np.ascontiguousarray(unfused).tobytes()

@@ -35,6 +35,7 @@ from ._decode import add_values, scores
 from ._fastmath import FASTMATH, decode_rows, decode_token, encode_row
 from ._simd import E4M3_SCALE, LANES, simd_view
 from ._tiles import grad_tile, key_tile_backward, softmax_tile
+from .rotary import plan as rotary_plan, rotate_row
 from .attention import _delta, _slopes, merge
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
@@ -291,26 +292,33 @@ def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_s
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _store_token(src, scale, dst, buf, in_codec, cache_codec):
-    """dst [Hkv, D] (one cache row) = encode(decode(src [Hkv, D]) / scale[h])."""
+def _store_token(src, scale, dst, buf, in_codec, cache_codec, cos, sin, position, rotated, interleaved):
+    """dst [Hkv, D] (one cache row) = encode(decode(src [Hkv, D]) / scale[h]); with ``rotated``, each
+    head's row turned by the rotary tables at ``position`` first."""
     decode_rows(src, buf, in_codec)
     for h in range(buf.shape[0]):
         inv_row = buf[h]
+        if rotated:
+            rotate_row(inv_row, cos[position], sin[position], interleaved, cos.dtype.type(1))
         for d in range(inv_row.size):
             inv_row[d] = inv_row[d] / scale[h]
         encode_row(inv_row, dst[h], cache_codec)
 
 
 @njit(**_JIT)
-def _write(k, v, k_cache, v_cache, slots, in_codec, cache_codec, k_scale, v_scale):
+def _write(k, v, k_cache, v_cache, slots, in_codec, cache_codec, k_scale, v_scale, cos, sin, positions, rotated,
+           interleaved):
     tokens, heads, dim = k.shape
     bs = k_cache.shape[1]
     for t in prange(tokens):
         slot = slots[t]
         if slot >= 0:
             buf = np.empty((heads, dim), k_scale.dtype)
-            _store_token(k[t], k_scale, k_cache[slot // bs, slot % bs], buf, in_codec, cache_codec)
-            _store_token(v[t], v_scale, v_cache[slot // bs, slot % bs], buf, in_codec, cache_codec)
+            p = positions[0, t] if rotated else 0
+            _store_token(k[t], k_scale, k_cache[slot // bs, slot % bs], buf, in_codec, cache_codec, cos, sin, p,
+                         rotated, interleaved)
+            _store_token(v[t], v_scale, v_cache[slot // bs, slot % bs], buf, in_codec, cache_codec, cos, sin, p,
+                         False, interleaved)
 
 
 @njit(**_JIT)
@@ -431,14 +439,16 @@ def backward(dout, q, k_cache, v_cache, out, lse, table, lens, slopes, spec):
     return dq, dk_cache, dv_cache
 
 
-def write(k, v, k_cache, v_cache, slots, k_scale, v_scale):
-    """Write k, v [T, Hkv, D] into the caches at ``slots`` (negative: skipped), in place."""
+def write(k, v, k_cache, v_cache, slots, k_scale, v_scale, rotary=None):
+    """Write k, v [T, Hkv, D] into the caches at ``slots`` (negative: skipped), in place; ``rotary`` (a
+    :class:`~fastattn._validate.RotaryPlan` with positions ``[1, T]``) turns the keys on the way."""
     if k.shape[0] == 0:
         return
-    if k.dtype == k_cache.dtype and not (k_scale != 1).any() and not (v_scale != 1).any():
+    if rotary is None and k.dtype == k_cache.dtype and not (k_scale != 1).any() and not (v_scale != 1).any():
         _copy(*(bits_view(np.ascontiguousarray(x)) for x in (k, v)), bits_view(k_cache), bits_view(v_cache), slots)
         return
     acc = np.float64 if k.dtype == np.float64 and k_cache.dtype == np.float64 else np.float32
+    cos, sin, positions, interleaved = rotary_plan(rotary, np.dtype(acc))
     _write(bits_view(np.ascontiguousarray(k)), bits_view(np.ascontiguousarray(v)), bits_view(k_cache),
            bits_view(v_cache), slots, codec_of(k.dtype), codec_of(k_cache.dtype),
-           k_scale.astype(acc), v_scale.astype(acc))
+           k_scale.astype(acc), v_scale.astype(acc), cos, sin, positions, rotary is not None, interleaved)

@@ -389,7 +389,10 @@ def _make_write(in_dtype, cache_dtype, db, rows, tile, threads):
     load = _device.codec(in_dtype)[0]
     store = _device.codec(cache_dtype)[1]
 
-    def write(k, v, k_cache, v_cache, slots, heads, dim, k_scale, v_scale):
+    def write(k, v, k_cache, v_cache, slots, heads, dim, k_scale, v_scale, cos, sin, positions, rotated,
+              interleaved):
+        """One thread per element of ``k``/``v`` ``[T * Hkv, D]``; with ``rotated`` the keys are turned by
+        the rotary tables at ``positions[token]`` (the thread reads its feature's partner)."""
         e = cuda.grid(1)
         if e < k.shape[0] * dim:
             t = e // dim
@@ -398,7 +401,20 @@ def _make_write(in_dtype, cache_dtype, db, rows, tile, threads):
             slot = slots[t // heads]
             if slot >= 0:
                 row = uint64(slot * heads + h)  # slot = block * block_size + row: the cache's flat token
-                k_cache[row, uint64(d)] = store(load(k[uint64(t), uint64(d)]) / k_scale[h])
+                key = load(k[uint64(t), uint64(d)])
+                half = cos.shape[1]
+                if rotated and d < 2 * half:
+                    p = positions[t // heads]
+                    if interleaved:
+                        i = d // 2
+                        other = load(k[uint64(t), uint64(d ^ 1)])
+                        turn = -other if d % 2 == 0 else other
+                    else:
+                        i = d if d < half else d - half
+                        other = load(k[uint64(t), uint64(d + half if d < half else d - half)])
+                        turn = -other if d < half else other
+                    key = key * cos[p, i] + turn * sin[p, i]
+                k_cache[row, uint64(d)] = store(key / k_scale[h])
                 v_cache[row, uint64(d)] = store(load(v[uint64(t), uint64(d)]) / v_scale[h])
 
     return write
@@ -595,17 +611,26 @@ def backward(dout, q, k_cache, v_cache, out, lse, table, lens, slopes, spec):
             _convert(dv_acc.reshape(*tuple(v_cache.shape)), spec.dtype))
 
 
-def write(k, v, k_cache, v_cache, slots, k_scale, v_scale):
-    """Write k, v [T, Hkv, D] into the device caches at ``slots`` (negative: skipped), in place."""
+def write(k, v, k_cache, v_cache, slots, k_scale, v_scale, rotary=None):
+    """Write k, v [T, Hkv, D] into the device caches at ``slots`` (negative: skipped), in place; ``rotary``
+    (a :class:`~fastattn._validate.RotaryPlan` with positions ``[1, T]``) turns the keys on the way."""
     size = int(np.prod(tuple(k.shape)))
     if size == 0:
         return
     tokens, heads, dim = (int(s) for s in k.shape)
     kernel = _compiled("write", (np.dtype(k.dtype), np.dtype(k_cache.dtype)), 16)[0]
+    if rotary is None:
+        tables = [cuda.device_array((1, 1), np.float32)] * 2
+        positions, interleaved = np.zeros(1, np.int64), False
+    else:
+        tables = [t if np.dtype(t.dtype) == np.float32 and t.is_c_contiguous()
+                  else _launch.to_device(t.copy_to_host().astype(np.float32)) for t in (rotary.cos, rotary.sin)]
+        positions, interleaved = rotary.positions.reshape(-1), rotary.interleaved
     kernel[_launch.blocks(size, 256), 256](
         _launch.kernel_view(k).reshape(tokens * heads, dim), _launch.kernel_view(v).reshape(tokens * heads, dim),
         _flat_rows(k_cache), _flat_rows(v_cache), _device_slots(slots), heads, dim,
-        _scales(k_scale, np.float32), _scales(v_scale, np.float32))
+        _scales(k_scale, np.float32), _scales(v_scale, np.float32), *tables, _launch.to_device(positions),
+        rotary is not None, interleaved)
 
 
 # --- what cuda-report compiles -------------------------------------------------------
@@ -630,7 +655,8 @@ def signature(name, q_dtype, cache_dtype):
         return (q2, q2, c2, c2, table, lens, a1, a1, i, i, i, i, i, i, acc, i, i, acc, a1, i, boolean, i,
                 acc[:, ::1], acc[:, ::1], acc[:, ::1])
     if name == "write":
-        return (q2, q2, c2, c2, int64[::1], i, i, float32[::1], float32[::1])
+        return (q2, q2, c2, c2, int64[::1], i, i, float32[::1], float32[::1], float32[:, ::1], float32[:, ::1],
+                int64[::1], boolean, boolean)
     return (acc[::1], element_type(cache_dtype)[::1])
 
 
