@@ -378,7 +378,7 @@ class PagedKVCache:
         self._lens[seq_id] = 0
         return seq_id
 
-    def append(self, seq_id, k, v):
+    def append(self, seq_id, k, v, *, rotary=None, interleaved=False):
         """Append ``T`` tokens of keys and values to sequence ``seq_id``.
 
         Takes free blocks as needed (copying a shared, partly filled last block
@@ -391,6 +391,11 @@ class PagedKVCache:
         k, v : array, shape [T, Hkv, D]
             On the cache's device; a dtype that ``write_kv_cache`` accepts.
             ``T = 0`` appends nothing.
+        rotary : (cos, sin), optional
+            Rotary tables (:func:`fastattn.rotary_tables`): each key is rotated
+            by its position in the sequence on its way into the cache.
+        interleaved : bool
+            GPT-J's pairing for ``rotary``.
 
         Raises
         ------
@@ -446,8 +451,9 @@ class PagedKVCache:
         try:
             # write_kv_cache checks everything before it writes, so a rejected call leaves the
             # caches as they were; the copied rows and the new rows are disjoint, so copy after
+            rope = {} if rotary is None else dict(rotary=rotary, positions=positions, interleaved=interleaved)
             write_kv_cache(k, v, self.k_cache, self.v_cache, self._on_device(slots),
-                           k_scale=self.k_scale, v_scale=self.v_scale)
+                           k_scale=self.k_scale, v_scale=self.v_scale, **rope)
             if cow:
                 self._copy_rows(old[-1], taken[0], length % self.block_size)
         except BaseException:
