@@ -106,3 +106,23 @@ class TimeAttentionLayer:
 
     def peakmem_forward_backward(self):
         self.layer()
+
+
+class TimeRotary:
+    """Rotary embeddings (:mod:`fastattn.bench.rotary`, full size): ``rotary`` alone and against NumPy, and
+    the fused QKV projection, its backward and the layer's forward+backward with and without rotary."""
+
+    params = (["rotary (q)", "qkv projection + rotary", "qkv backward + rotary", "layer fwd+bwd + rotary"],
+              ["fastattn", "peer"])
+    param_names = ["op", "side"]
+    timeout = 300
+
+    def setup(self, op, side):
+        from fastattn.bench import rotary
+
+        row = {c[0]: c for c in rotary.cases("full")}[op]
+        self.run = row[2] if side == "fastattn" else row[3]
+        self.run()
+
+    def time_rotary(self, op, side):
+        self.run()

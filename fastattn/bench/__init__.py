@@ -9,6 +9,7 @@ what they share (timers, machine probes, printing) and imports none of them.
 - :mod:`~fastattn.bench.masked`: packed variable-length batches, biases and masks;
 - :mod:`~fastattn.bench.paged`: paged decode, prefill, backward and cache writes;
 - :mod:`~fastattn.bench.projection`: the fused projections and the layer;
+- :mod:`~fastattn.bench.rotary`: rotary embeddings, alone and fused;
 - :mod:`~fastattn.bench.torch_peers`: PyTorch side by side (``--peers``);
 - :mod:`~fastattn.bench.gpu`: the GPU section (a real GPU only);
 - :mod:`~fastattn.bench.scaleout`: ``fastattn.dask`` on a local cluster.
@@ -33,7 +34,7 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None, peer
     ``"gpu"`` whenever the cuda backend was asked for.
     """
     from .. import _info
-    from . import masked, paged, projection
+    from . import masked, paged, projection, rotary
     from .dense import SIZES, format_table, measure, sweep, table
 
     stream = sys.stdout if stream is None else stream
@@ -88,7 +89,7 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None, peer
             torch = torch_peers.torch_status()[0]
             torch_peer = None if torch is None else functools.partial(torch_peers.dense_peer, torch)
         points = sweep(size, stream, torch_peer)
-    paged_rows, bandwidth, paged_ratios, projection_rows, masked_rows = [], None, {}, [], {}
+    paged_rows, bandwidth, paged_ratios, projection_rows, masked_rows, rotary_rows = [], None, {}, [], {}, []
     if "cpu" in backends:
         say(stream, "", end="\n")
         masked_rows = masked.run(size, stream)
@@ -96,6 +97,8 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None, peer
         paged_rows, bandwidth, paged_ratios = paged.run(size, stream, ["cpu"])
         say(stream, "", end="\n")
         projection_rows = projection.run(size, stream)
+        say(stream, "", end="\n")
+        rotary_rows = rotary.run(size, stream)
     torch_section = None
     if peers and "cpu" in backends:
         from . import torch_peers
@@ -110,7 +113,7 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None, peer
     if json_path:
         report = dict(size=size, settings=settings, sgemm_gflops=sgemm, rows=rows, notes=notes,
                       read_bandwidth_gbs=bandwidth, paged_rows=paged_rows, paged_ratios=paged_ratios,
-                      projection_rows=projection_rows, masked=masked_rows, sweep=points,
+                      projection_rows=projection_rows, masked=masked_rows, rotary=rotary_rows, sweep=points,
                       machine=_info.machine_info())
         if "cuda" in backends:
             report["gpu"] = gpu
