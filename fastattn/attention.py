@@ -9,7 +9,8 @@ from . import _dispatch, _validate
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-              alibi_slopes=None, bias=None, mask=None, return_lse=False):
+              alibi_slopes=None, bias=None, mask=None, dropout_p=0.0, seed=None, return_seed=False,
+              return_lse=False):
     """Scaled dot-product attention with an online softmax (FlashAttention-2 semantics).
 
     Parameters
@@ -41,6 +42,16 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     mask : bool array, broadcastable to [B, Hq, Sq, Sk], optional
         ``True`` where the key takes part (the meaning of PyTorch SDPA's boolean
         ``attn_mask``); combines with ``causal`` and ``window``.
+    dropout_p : float in [0, 1)
+        Dropout on the attention probabilities (FlashAttention's semantics: each
+        probability is kept with ``1 - p`` and scaled by ``1 / (1 - p)``; lse is
+        unaffected).  The keep bits come from Philox4x32-10 keyed by ``seed`` and
+        counted by ``(batch, head, row, key)``: never stored, the same on the CPU
+        and CUDA.
+    seed : int in [0, 2**64), optional
+        The dropout seed; None draws one from NumPy's default generator.
+    return_seed : bool
+        Also return the seed (None without dropout), for the backward.
     return_lse : bool
         Also return the natural-log sum of exponentials of each row's scores.
 
@@ -50,6 +61,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         In the dtype of ``q``, on the device of ``q``.
     lse : array, shape [B, Hq, Sq]
         Only with ``return_lse=True``; float32 (float64 for float64 inputs).
+    seed : int or None
+        Only with ``return_seed=True``, after ``lse``.
 
     Raises
     ------
@@ -91,9 +104,12 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes)
     extra = _validate.extra_values(bias, mask, spec)
+    dropout = _validate.dropout_values(dropout_p, seed, forward=True)
     backend = _dispatch.backend_of(q=q, k=k, v=v, alibi_slopes=slopes, bias=extra.bias, mask=extra.mask)
-    out, lse = backend.attention.forward(q, k, v, slopes, spec, extra)
-    return (out, lse) if return_lse else out
+    out, lse = backend.attention.forward(q, k, v, slopes, spec, extra, dropout)
+    result = (out,) + ((lse,) if return_lse else ()) + ((None if dropout is None else dropout[0],)
+                                                        if return_seed else ())
+    return result if len(result) > 1 else out
 
 
 def _attention_block(q, k, v, *, q_start, k_start, seq_q, seq_k, causal=False, scale=None,
@@ -116,7 +132,8 @@ def _attention_block(q, k, v, *, q_start, k_start, seq_q, seq_k, causal=False, s
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window=(-1, -1),
-                       softcap=0.0, alibi_slopes=None, bias=None, mask=None, return_dbias=False):
+                       softcap=0.0, alibi_slopes=None, bias=None, mask=None, dropout_p=0.0, seed=None,
+                       return_dbias=False):
     """Gradients of :func:`attention` with respect to q, k and v (and the bias).
 
     Probabilities are recomputed from ``lse`` (FlashAttention-2 style).  With
@@ -133,6 +150,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
         The forward outputs (``attention(..., return_lse=True)``).
     causal, scale, window, softcap, alibi_slopes, bias, mask
         The forward options, unchanged.
+    dropout_p, seed
+        The forward's dropout and its seed (required with ``dropout_p > 0``:
+        ``attention(..., return_seed=True)``); the keep mask is regenerated.
     return_dbias : bool
         Also return the gradient with respect to ``bias`` (which must be given).
 
@@ -177,19 +197,21 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
         raise ValueError("return_dbias: expected a bias to differentiate, got bias=None")
     backend, grads, extra = _backward(dout, q, k, v, out, lse, causal=causal, scale=scale, window=window,
                                       softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, mask=mask,
-                                      return_dbias=return_dbias)
+                                      return_dbias=return_dbias,
+                                      dropout=_validate.dropout_values(dropout_p, seed, forward=False))
     if not return_dbias:
         return grads[:3]
     return (*grads[:3], backend.attention.cast(grads[3], extra.bias.dtype))
 
 
-def _backward(dout, q, k, v, out, lse, *, bias, mask, return_dbias, **options):
+def _backward(dout, q, k, v, out, lse, *, bias, mask, return_dbias, dropout=None, **options):
     """``(backend, (dq, dk, dv, dbias), extra)`` of :func:`attention_backward`, dbias in accumulation precision."""
     dout, q, k, v, out, lse, slopes, spec = _validate.attention_backward_args(dout, q, k, v, out, lse, **options)
     extra = _validate.extra_values(bias, mask, spec)
     backend = _dispatch.backend_of(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=slopes,
                                    bias=extra.bias, mask=extra.mask)
-    return backend, backend.attention.backward(dout, q, k, v, out, lse, slopes, spec, extra, return_dbias), extra
+    return (backend, backend.attention.backward(dout, q, k, v, out, lse, slopes, spec, extra, return_dbias, dropout),
+            extra)
 
 
 def merge_attention_states(outs, lses):

@@ -53,13 +53,29 @@ def _scores(q, k, scale, softcap, alibi_slopes, causal, window, bias=None, mask=
     return s, capped, visible
 
 
+def dropout_scale(shape, dropout_p, seed):
+    """``keep / (1 - p)`` over ``[B, Hq, Sq, Sk]`` (1 without dropout): Philox4x32-10 in NumPy, vectorised,
+    with the counters and the key of :mod:`fastattn._philox`."""
+    if not dropout_p:
+        return np.ones(shape)
+    from . import _philox
+
+    u = np.uint64
+    b, h, i, j = np.meshgrid(*(np.arange(n, dtype=u) for n in shape), indexing="ij")
+    lo, hi = _philox.seed_words(int(seed))
+    words = _philox.build(decorate=lambda fn: fn).philox(j >> u(2), i, h, b, lo, hi)
+    word = np.choose((j & u(3)).astype(np.intp), words)
+    return np.where(word >= _philox.threshold(dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
+
+
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-              alibi_slopes=None, bias=None, mask=None, return_lse=False):
+              alibi_slopes=None, bias=None, mask=None, dropout_p=0.0, seed=None, return_lse=False):
     """Float64 reference of :func:`fastattn.attention`; returns float64 arrays.
 
     ``bias`` and ``mask`` are broadcastable to ``[B, Hq, Sq, Sk]``: the bias is
     added to the scores after softcap and ALiBi, the mask (``True`` = the key
     takes part, as in PyTorch's SDPA) hides keys like ``causal`` and ``window``.
+    ``dropout_p``/``seed``: the probabilities times :func:`dropout_scale` (lse unaffected).
     """
     q, k, v = _f64(q), _f64(k), _f64(v)
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
@@ -70,7 +86,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     total = p.sum(axis=-1, keepdims=True)
     p = np.where(seen, p / np.where(seen, total, 1.0), 0.0)
     vv = np.repeat(v, q.shape[1] // v.shape[1], axis=1)
-    out = p @ vv
+    out = (p * dropout_scale(p.shape, dropout_p, seed)) @ vv
     with np.errstate(divide="ignore"):
         lse = np.where(seen, row_max + np.log(total), -np.inf)[..., 0]
     return (out, lse) if return_lse else out
@@ -88,7 +104,7 @@ def _reduce_to(x, shape):
 
 def attention_backward(dout, q, k, v, out=None, lse=None, *, causal=False, scale=None,
                        window=(-1, -1), softcap=0.0, alibi_slopes=None, bias=None, mask=None,
-                       return_dbias=False):
+                       dropout_p=0.0, seed=None, return_dbias=False):
     """Float64 reference of :func:`fastattn.attention_backward`: (dq, dk, dv), and dbias.
 
     ``out`` and ``lse`` are accepted for signature parity and ignored: the
@@ -106,9 +122,10 @@ def attention_backward(dout, q, k, v, out=None, lse=None, *, causal=False, scale
     p = np.exp(s - np.where(seen, row_max, 0.0))
     p = np.where(seen, p / np.where(seen, p.sum(axis=-1, keepdims=True), 1.0), 0.0)
     kk, vv = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    dv_full = p.transpose(0, 1, 3, 2) @ dout
-    dp = dout @ vv.transpose(0, 1, 3, 2)
-    o = p @ vv
+    keep = dropout_scale(p.shape, dropout_p, seed)
+    dv_full = (p * keep).transpose(0, 1, 3, 2) @ dout
+    dp = (dout @ vv.transpose(0, 1, 3, 2)) * keep
+    o = (p * keep) @ vv
     delta = (dout * o).sum(axis=-1, keepdims=True)
     ds_bias = p * (dp - delta)  # the gradient of the scores after softcap: the bias's
     ds = ds_bias * (1.0 - (capped / softcap) ** 2) if softcap else ds_bias

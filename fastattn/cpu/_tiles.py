@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit
 from numba.extending import overload
 
+from .._philox import philox
 from .._tile import alibi_bias, key_range, query_range, softcap_grad
 from ._fastmath import FASTMATH, decode_one, decode_rows, exp_row, exp_shifted, max_of, softcap_fast
 
@@ -167,6 +168,28 @@ def extra_tile(extra, b, h, i0, m, j0, n, out):
 
 
 @njit(fastmath=FASTMATH, cache=True)
+def dropout_tile(drop, scale, b, h, i0, j0, x):
+    """``x[r, c] *= scale`` where key ``j0 + c`` of row ``i0 + r`` (head h, batch b) survives dropout, else 0.
+
+    ``drop`` is ``[seed_lo, seed_hi, threshold]`` (uint64); the keep bits come from
+    :mod:`fastattn._philox`, one call per four keys.
+    """
+    lo, hi, t = drop[0], drop[1], drop[2]
+    two = np.uint64(2)
+    n = x.shape[1]
+    for r in range(x.shape[0]):
+        i = np.uint64(i0 + r)
+        c = 0
+        while c < n:
+            j = j0 + c
+            words = philox(np.uint64(j) >> two, i, np.uint64(h), np.uint64(b), lo, hi)
+            end = min(n, c + 4 - (j & 3))
+            for cc in range(c, end):
+                x[r, cc] = x[r, cc] * scale if words[(j0 + cc) & 3] >= t else x[r, cc] * 0
+            c = end
+
+
+@njit(fastmath=FASTMATH, cache=True)
 def add_tile(dst, strides, b, h, i0, j0, src):
     """Add ``src [m, n]`` into the flat ``dst`` at rows ``i0 ...``, keys ``j0 ...`` of (b, h), in order.
 
@@ -248,8 +271,8 @@ def _grad_row_extra(p, ds, g, row_lse, row_delta):
 
 @njit(fastmath=FASTMATH, cache=True)
 def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, extra,
-                      dbias, dbias_strides, want_dbias, lse, delta, scale, codec, block_q, dk_acc, dv_acc, dq_part,
-                      want_dq):
+                      dbias, dbias_strides, want_dbias, drop, drop_scale, lse, delta, scale, codec, block_q, dk_acc,
+                      dv_acc, dq_part, want_dq):
     """Add one tile of keys' contributions from every query head of KV head hk of sequence b.
 
     ``kt``/``vt`` are the tile's keys and values (from ``j0``, ``sk`` keys in all),
@@ -259,8 +282,11 @@ def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, s
     dq contributions are added to ``dq_part``.  ``extra`` is
     :func:`extra_tile`'s tuple; with ``want_dbias`` the bias gradient is added
     into the flat ``dbias`` (element strides ``dbias_strides`` over
-    ``[B, Hq, Sq, Sk]``, see :func:`add_tile`).  FlashAttention-2's backward
-    inner loop, shared by the dense, packed and paged kernels.
+    ``[B, Hq, Sq, Sk]``, see :func:`add_tile`).  With ``drop_scale > 0`` the
+    keep mask ``M`` of :func:`dropout_tile` (times ``drop_scale = 1 / (1 - p)``)
+    is regenerated: ``dS = P (M dP - delta)`` and ``dV += (P M)^T dO``.
+    FlashAttention-2's backward inner loop, shared by the dense, packed and
+    paged kernels.
     """
     qa, r0 = at_q
     m_max = min(block_q, sq)
@@ -283,14 +309,23 @@ def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, s
             e = e_buf[:m * n].reshape(m, n) if has_extra else s
             if has_extra:
                 extra_tile(extra, b, h, i0, m, j0, n, e)
+            if drop_scale > 0:
+                dropout_tile(drop, drop_scale, b, h, i0, j0, dp)
             grad_tile(s, dp, i0, m, j0, sq, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi, e, has_extra,
                       lse[qa, h, r0 + i0:r0 + i0 + m], delta[qa, h, r0 + i0:r0 + i0 + m])
+            if drop_scale > 0:
+                dropout_tile(drop, drop_scale, b, h, i0, j0, s)
             if want_dbias:
                 add_tile(dbias, dbias_strides, b, h, i0, j0, e)
             dv_acc += np.dot(s.T, dt)
             dk_acc += np.dot(dp.T, qt)
             if want_dq:
                 dq_part[qa, h, r0 + i0:r0 + i0 + m] += np.dot(dp, kt)
+
+
+def no_dropout():
+    """The ``drop`` array of a call without dropout (never read: its scale is 0)."""
+    return np.zeros(3, np.uint64)
 
 
 def no_extra(acc_dtype):

@@ -19,21 +19,23 @@ from .._tile import finish_lse, key_range
 from .._validate import element_strides
 from ._blas import single_threaded_blas
 from ._fastmath import FASTMATH, decode_rows, encode_row
-from ._tiles import extra_tile, key_tile_backward, no_extra, row_of, set_lse, softmax_tile, tile_rows
+from ._tiles import (dropout_tile, extra_tile, key_tile_backward, no_dropout, no_extra, row_of, set_lse,
+                     softmax_tile, tile_rows)
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _query_tile(q, k, v, at_q, at_k, b, h, hk, i0, m, sq, sk, codec, scale, wl, wr, shift, softcap, slopes,
-                has_alibi, extra, out, lse, block_k):
+                has_alibi, extra, drop, drop_scale, out, lse, block_k):
     """Output rows ``i0 : i0 + m`` of query head ``h`` of sequence ``b`` (its ``sq`` rows against ``sk`` keys).
 
     Inputs are ``[B, H, S, D]`` and a sequence's rows ``q[at_q[0], h, at_q[1] + i]`` (keys likewise with
     ``at_k``): ``at = (b, 0)`` for a batch of a dense array, ``(0, start)`` for a sequence of a packed
     batch copied head-major.  Outputs are ``[B, H, S, D]`` (lse ``[B, H, S]``) indexed like q, or the
     packed ``[total, H, D]`` (lse ``[H, total]``) at row ``start + i``.  ``b`` picks the ALiBi slopes and
-    the bias/mask of :func:`extra_tile`.
+    the bias/mask of :func:`extra_tile`.  ``drop_scale > 0``: dropout on the probabilities after their
+    sum is taken (:func:`~fastattn.cpu._tiles.dropout_tile`, ``drop_scale = 1 / (1 - p)``).
     """
     dim = q.shape[3]
     qa, q0 = at_q
@@ -67,6 +69,8 @@ def _query_tile(q, k, v, at_q, at_k, b, h, hk, i0, m, sq, sk, codec, scale, wl, 
             extra_tile(extra, b, h, i0, m, j0, n, e)
         softmax_tile(s, i0, m, j0, sq_d, sk, wl, wr, softcap, slopes[b, h:h + 1], has_alibi, e, has_extra,
                      row_max, row_sum, acc)
+        if drop_scale > 0:
+            dropout_tile(drop, drop_scale, b, h, i0, j0, s)
         np.dot(s, vt, pv)
         acc += pv
     for r in range(m):
@@ -77,7 +81,8 @@ def _query_tile(q, k, v, at_q, at_k, b, h, hk, i0, m, sq, sk, codec, scale, wl, 
 
 
 @njit(**_JIT)
-def _forward(q, k, v, codec, scale, wl, wr, shift, softcap, slopes, has_alibi, extra, out, lse, block_q, block_k):
+def _forward(q, k, v, codec, scale, wl, wr, shift, softcap, slopes, has_alibi, extra, drop, drop_scale, out, lse,
+             block_q, block_k):
     batch, heads_q, sq, dim = q.shape
     heads_kv, sk = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
@@ -88,12 +93,12 @@ def _forward(q, k, v, codec, scale, wl, wr, shift, softcap, slopes, has_alibi, e
         b = task // (n_tiles * heads_q)
         i0 = tile * block_q
         _query_tile(q, k, v, (b, 0), (b, 0), b, h, h // group, i0, min(block_q, sq - i0), sq, sk, codec, scale,
-                    wl, wr, shift, softcap, slopes, has_alibi, extra, out, lse, block_k)
+                    wl, wr, shift, softcap, slopes, has_alibi, extra, drop, drop_scale, out, lse, block_k)
 
 
 @njit(**_JIT)
-def _forward_packed(q, k, v, cu_q, cu_k, tiles, codec, scale, wl, wr, softcap, slopes, has_alibi, extra, out, lse,
-                    block_q, block_k):
+def _forward_packed(q, k, v, cu_q, cu_k, tiles, codec, scale, wl, wr, softcap, slopes, has_alibi, extra, drop,
+                    drop_scale, out, lse, block_q, block_k):
     """Every sequence of a packed batch in one parallel loop: ``tiles`` lists ``(sequence, first row)``.
 
     ``q``, ``k``, ``v`` are the packed arrays copied head-major, ``[1, H, total, D]``; ``out`` is the
@@ -107,7 +112,7 @@ def _forward_packed(q, k, v, cu_q, cu_k, tiles, codec, scale, wl, wr, softcap, s
         b, i0 = tiles[task - h * n, 0], tiles[task - h * n, 1]
         sq, sk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
         _query_tile(q, k, v, (0, cu_q[b]), (0, cu_k[b]), b, h, h // group, i0, min(block_q, sq - i0), sq, sk,
-                    codec, scale, wl, wr, 0, softcap, slopes, has_alibi, extra, out, lse, block_k)
+                    codec, scale, wl, wr, 0, softcap, slopes, has_alibi, extra, drop, drop_scale, out, lse, block_k)
 
 
 @njit(**_JIT)
@@ -131,7 +136,8 @@ def _delta(dout, out, codec, delta, block):
 
 @njit(**_JIT)
 def _backward(dout, q, k, v, lse, delta, seqs, owner_start, members, codec, scale, wl, wr, softcap, slopes,
-              has_alibi, extra, dbias_sums, dbias_strides, want_dbias, dq_part, dk, dv, block_q, block_k):
+              has_alibi, extra, dbias_sums, dbias_strides, want_dbias, drop, drop_scale, dq_part, dk, dv, block_q,
+              block_k):
     """dK/dV of each key tile, dq and dbias partial sums; one task per (owner, key split).
 
     Sequence ``s`` is ``seqs[s] = (qa, q0, ka, k0, sq, sk)``: its query rows are
@@ -169,9 +175,10 @@ def _backward(dout, q, k, v, lse, delta, seqs, owner_start, members, codec, scal
                 vt = tile_rows(v, ka, hk, k0 + j0, n, v_buf, codec)
                 dk_acc = np.zeros((n, dim), acc_t)
                 dv_acc = np.zeros((n, dim), acc_t)
+                sums = dbias_sums[split if dbias_strides[0] else 0]  # not inside the call: numba refuses that
                 key_tile_backward(dout, q, (qa, q0), b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes,
-                                  has_alibi, extra, dbias_sums[split if dbias_strides[0] else 0], dbias_strides[1:],
-                                  want_dbias, lse, delta, scale, codec, block_q, dk_acc, dv_acc, dq_part[split], True)
+                                  has_alibi, extra, sums, dbias_strides[1:], want_dbias, drop, drop_scale, lse,
+                                  delta, scale, codec, block_q, dk_acc, dv_acc, dq_part[split], True)
                 for r in range(n):
                     encode_row(dk_acc[r], row_of(dk, ka, hk, k0 + j0 + r), codec)
                     encode_row(dv_acc[r], row_of(dv, ka, hk, k0 + j0 + r), codec)
@@ -275,26 +282,27 @@ def _forward_as_paged(q, k, v, slopes, spec):
     return out.reshape(q.shape), lse.reshape(q.shape[:3])
 
 
-def forward(q, k, v, slopes, spec, extra=None):
+def forward(q, k, v, slopes, spec, extra=None, dropout=None):
     """Run the forward kernel; return (out, lse) as NumPy arrays.
 
     ``extra`` is the call's :class:`~fastattn._validate.Extra` (bias and mask)
-    or None.  Decode-sized calls without one (:func:`_few_rows`) go through the
-    paged decode kernel, which reads each key and value row once for all query
-    heads of its group.
+    or None, ``dropout`` its ``(seed, p)`` or None.  Decode-sized calls without
+    either (:func:`_few_rows`) go through the paged decode kernel, which reads
+    each key and value row once for all query heads of its group.
     """
     out = np.empty(q.shape, spec.dtype)
     lse = np.empty(q.shape[:3], spec.accum_dtype)
     if out.size == 0:
         lse.fill(-np.inf)
         return out, lse
-    if not extra and _few_rows(k, v, spec):
+    if not extra and dropout is None and _few_rows(k, v, spec):
         return _forward_as_paged(q, k, v, slopes, spec)
     slopes, has_alibi = _slopes(slopes, spec)
     qb, kb, vb = _inputs(q, k, v)
     with single_threaded_blas():
         _forward(qb, kb, vb, spec.codec, spec.scale, spec.window_left, spec.window_right,
-                 spec.shift, spec.softcap, slopes, has_alibi, _extra(extra, spec), bits_view(out), lse,
+                 spec.shift, spec.softcap, slopes, has_alibi, _extra(extra, spec),
+                 *dropout_args(dropout, np.dtype(spec.accum_dtype)), bits_view(out), lse,
                  config.cpu_block_q, config.cpu_block_k)
     return out, lse
 
@@ -354,7 +362,17 @@ def owners(seqs, heads_kv, fold_b, fold_h):
     return owner_start, members
 
 
-def run_backward(dout, q, k, v, lse, seqs, slopes, spec, extra, want_dbias, dq, dk, dv, n_rows):
+def dropout_args(dropout, acc):
+    """``(drop, drop_scale)`` of the kernels for ``dropout = (seed, p)`` or None (scale 0: off)."""
+    from .._philox import seed_words, threshold
+
+    if dropout is None or dropout[1] == 0:
+        return no_dropout(), acc.type(0)
+    seed, p = dropout
+    return np.array([*seed_words(seed), threshold(p)], np.uint64), acc.type(1.0 / (1.0 - p))
+
+
+def run_backward(dout, q, k, v, lse, seqs, slopes, spec, extra, want_dbias, dq, dk, dv, n_rows, dropout=None):
     """The delta, backward and dq kernels on 4-d inputs (``[B, H, S, D]``, or packed ones copied head-major
     ``[1, H, total, D]``, lse ``[1, H, total]``) for the sequences ``seqs``; outputs dense or packed
     (:func:`_backward`).  ``n_rows``: the length of the query axis.  Returns dbias (accumulation dtype,
@@ -371,7 +389,8 @@ def run_backward(dout, q, k, v, lse, seqs, slopes, spec, extra, want_dbias, dq, 
         _delta(dout[0], dout[1], spec.codec, delta, config.cpu_bwd_block_q)
         _backward(dout[0], q, k, v, lse, delta, seqs, owner_start, members, spec.codec, spec.scale,
                   spec.window_left, spec.window_right, spec.softcap, slopes, has_alibi, _extra(extra, spec), sums,
-                  dbias_strides, want_dbias, dq_part, dk, dv, config.cpu_bwd_block_q, config.cpu_bwd_block_k)
+                  dbias_strides, want_dbias, *dropout_args(dropout, np.dtype(acc)), dq_part, dk, dv,
+                  config.cpu_bwd_block_q, config.cpu_bwd_block_k)
         _reduce_dq(dq_part, spec.scale, spec.codec, dq)
     if not want_dbias:
         return None
@@ -381,11 +400,12 @@ def run_backward(dout, q, k, v, lse, seqs, slopes, spec, extra, want_dbias, dq, 
     return dbias.reshape(extra.bias.shape)
 
 
-def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False):
+def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False, dropout=None):
     """Run the backward kernels; return (dq, dk, dv, dbias) as NumPy arrays.
 
     ``dbias`` (the bias gradient in the caller's bias shape, accumulation
-    dtype) is None unless ``want_dbias`` and ``extra`` has a bias.
+    dtype) is None unless ``want_dbias`` and ``extra`` has a bias.  ``dropout``:
+    ``(seed, p)`` of the forward, or None.
     """
     dq = np.empty(q.shape, spec.dtype)
     dk = np.zeros(k.shape, spec.dtype)
@@ -397,7 +417,7 @@ def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False
     db, qb, kb, vb, ob = _inputs(dout, q, k, v, out)
     seqs = np.array([(b, 0, b, 0, spec.seq_q, spec.seq_k) for b in range(spec.batch)], np.int64)
     dbias = run_backward((db, ob), qb, kb, vb, np.ascontiguousarray(lse), seqs, slopes, spec, extra, want_dbias,
-                         bits_view(dq), bits_view(dk), bits_view(dv), spec.seq_q)
+                         bits_view(dq), bits_view(dk), bits_view(dv), spec.seq_q, dropout)
     return dq, dk, dv, (None if dbias is None else dbias.reshape(extra.bias_shape))
 
 

@@ -78,7 +78,8 @@ def forward(q, k, v, cu_q, cu_k, slopes, spec, extra):
     with single_threaded_blas():
         dense._forward_packed(qh, kh, vh, cu_q, cu_k, tiles, spec.codec,
                               spec.scale, spec.window_left, spec.window_right, spec.softcap, slopes, has_alibi,
-                              dense._extra(extra, spec), bits_view(out), lse, config.cpu_block_q,
+                              dense._extra(extra, spec), *dense.dropout_args(None, np.dtype(spec.accum_dtype)),
+                              bits_view(out), lse, config.cpu_block_q,
                               config.cpu_block_k)
     return out, lse
 
