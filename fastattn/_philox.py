@@ -40,8 +40,10 @@ def build(u64=np.uint64, decorate=register_jitable):
     @decorate
     def keep_word(seed_lo, seed_hi, b, h, i, j, threshold):
         """Whether key ``j`` of row ``i``, head ``h``, batch ``b`` survives: its word ``>= threshold``."""
-        words = philox(u64(j) >> u64(2), u64(i), u64(h), u64(b), seed_lo, seed_hi)
-        return words[j & 3] >= threshold
+        x0, x1, x2, x3 = philox(u64(j) >> u64(2), u64(i), u64(h), u64(b), seed_lo, seed_hi)
+        lane = j & 3  # a chain of selects, not a tuple indexed at run time (a local array on the GPU)
+        word = x0 if lane == 0 else x1 if lane == 1 else x2 if lane == 2 else x3
+        return word >= threshold
 
     return SimpleNamespace(philox=philox, keep=keep_word)
 

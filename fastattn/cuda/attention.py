@@ -31,6 +31,7 @@ import numpy as np
 from numba import cuda, float32, uint64
 
 from .._config import config
+from .. import _philox
 from . import _device, _launch
 from ._device import acc_type, element_type, tile_math, udiv, umod
 from ._tiles import HEAD_DIMS, bucket, pieces
@@ -105,7 +106,11 @@ def _extra_terms(dtype, bias_dtype):
     return extra
 
 
+_keep = _philox.build(uint64, _device.inline).keep
+
+
 def _make_forward(dtype, db, tm, tn, ny, nx, bias_dtype=None):
+    keep = _keep
     load, store = _device.codec(dtype)
     acc = acc_type(dtype)
     extra = _extra_terms(dtype, _accum_np(dtype) if bias_dtype is None else bias_dtype)
@@ -119,7 +124,7 @@ def _make_forward(dtype, db, tm, tn, ny, nx, bias_dtype=None):
     dk1, db1, cols1, vr = k_.dk + 1, db + 1, cols + 1, k_.vr
 
     def forward(q, k, v, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, shift, softcap, slopes, slope_stride,
-                has_alibi, bias, bs, has_bias, mask, ms, has_mask, out, lse):
+                has_alibi, bias, bs, has_bias, mask, ms, has_mask, drop, drop_scale, out, lse):
         n_tiles = udiv(sq + rows - 1, rows)
         tile = n_tiles - 1 - umod(cuda.blockIdx.x, n_tiles)
         bh = udiv(cuda.blockIdx.x, n_tiles)
@@ -174,8 +179,10 @@ def _make_forward(dtype, db, tm, tn, ny, nx, bias_dtype=None):
                     p = zero
                     if top != neg_inf:
                         p = math.exp(ps[r, c] - top)
-                    ps[r, c] = p
                     total += p
+                    if drop_scale > zero:  # dropout after the sum: lse stays that of every key
+                        p = p * drop_scale if keep(drop[0], drop[1], b, h, i0 + r, j0 + c, drop[2]) else zero
+                    ps[r, c] = p
                 a = online_rescale(row_max[r], top)
                 alpha[r] = a
                 row_sum[r] = row_sum[r] * a + total
@@ -219,6 +226,7 @@ def _make_delta(dtype, db):
 
 
 def _make_dq(dtype, db, tm, tn, ny, nx, bias_dtype=None):
+    keep = _keep
     load, store = _device.codec(dtype)
     acc = acc_type(dtype)
     extra = _extra_terms(dtype, _accum_np(dtype) if bias_dtype is None else bias_dtype)
@@ -231,7 +239,8 @@ def _make_dq(dtype, db, tm, tn, ny, nx, bias_dtype=None):
     dk1, db1, cols1, vr = k_.dk + 1, db + 1, cols + 1, k_.vr
 
     def dq_kernel(dout, q, k, v, lse, delta, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, softcap, slopes,
-                  slope_stride, has_alibi, bias, bs, has_bias, mask, ms, has_mask, dbias, dbs, want_dbias, dq):
+                  slope_stride, has_alibi, bias, bs, has_bias, mask, ms, has_mask, drop, drop_scale, dbias, dbs,
+                  want_dbias, dq):
         n_tiles = (sq + rows - 1) // rows
         tile = n_tiles - 1 - cuda.blockIdx.x % n_tiles
         bh = cuda.blockIdx.x // n_tiles
@@ -280,7 +289,10 @@ def _make_dq(dtype, db, tm, tn, ny, nx, bias_dtype=None):
                             x += alibi_bias(slope, i, j, sq, sk)
                         x = extra(x, b, h, i, j, bias, bs, has_bias, mask, ms, has_mask)
                         p = math.exp(x - row_lse[r])
-                        ds = p * (dp[r, c] - row_delta[r])
+                        dpv = dp[r, c]
+                        if drop_scale > zero:
+                            dpv = dpv * drop_scale if keep(drop[0], drop[1], b, h, i, j, drop[2]) else zero
+                        ds = p * (dpv - row_delta[r])
                         if want_dbias:  # the gradient of the scores after softcap; broadcast axes meet here
                             cuda.atomic.add(dbias, uint64(b * dbs[0] + h * dbs[1] + i * dbs[2] + j * dbs[3]), ds)
                         ds *= softcap_grad(capped, softcap)
@@ -298,6 +310,7 @@ def _make_dq(dtype, db, tm, tn, ny, nx, bias_dtype=None):
 
 
 def _make_dkdv(dtype, db, tm, tn, ny, nx, bias_dtype=None):
+    keep = _keep
     load, store = _device.codec(dtype)
     acc = acc_type(dtype)
     extra = _extra_terms(dtype, _accum_np(dtype) if bias_dtype is None else bias_dtype)
@@ -311,7 +324,7 @@ def _make_dkdv(dtype, db, tm, tn, ny, nx, bias_dtype=None):
     dk1, db1, cols1, vr = k_.dk + 1, db + 1, cols + 1, k_.vr
 
     def dkdv_kernel(dout, q, k, v, lse, delta, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, softcap, slopes,
-                    slope_stride, has_alibi, bias, bs, has_bias, mask, ms, has_mask, dk, dv):
+                    slope_stride, has_alibi, bias, bs, has_bias, mask, ms, has_mask, drop, drop_scale, dk, dv):
         group = heads_q // heads_kv
         n_tiles = (sk + rows - 1) // rows
         tile = cuda.blockIdx.x % n_tiles
@@ -365,7 +378,11 @@ def _make_dkdv(dtype, db, tm, tn, ny, nx, bias_dtype=None):
                                 x += alibi_bias(slope, i, j, sq, sk)
                             x = extra(x, b, h, i, j, bias, bs, has_bias, mask, ms, has_mask)
                             p = math.exp(x - row_lse[ci])
-                            ds = p * (dpt[r, c] - row_delta[ci]) * softcap_grad(capped, softcap)
+                            m = one  # dropout: the key's keep / (1 - p), 0 if dropped
+                            if drop_scale > zero:
+                                m = drop_scale if keep(drop[0], drop[1], b, h, i, j, drop[2]) else zero
+                            ds = p * (dpt[r, c] * m - row_delta[ci]) * softcap_grad(capped, softcap)
+                            p *= m
                         p_s[ty * tm + r, ci] = p
                         ds_s[ty * tm + r, ci] = ds
                 accumulate(ds_s, q, q0 + i0, n_q, dim, scale, row_buf, gk)
@@ -489,10 +506,22 @@ def _extra_args(extra, spec):
     return (*bias_args, *mask_args), bias_dtype
 
 
-def forward(q, k, v, slopes, spec, extra=None):
+def _dropout_args(dropout, spec):
+    """``(drop, drop_scale)`` for a kernel: ``[seed_lo, seed_hi, threshold]`` on the device and ``1 / (1 - p)``,
+    or a stand-in and 0 without dropout."""
+    acc_np = np.dtype(spec.accum_dtype).type
+    if dropout is None:
+        return cuda.to_device(np.zeros(3, np.uint64)), acc_np(0)
+    seed, p = dropout
+    return (cuda.to_device(np.array([*_philox.seed_words(seed), _philox.threshold(p)], np.uint64)),
+            acc_np(1.0 / (1.0 - p)))
+
+
+def forward(q, k, v, slopes, spec, extra=None, dropout=None):
     """Launch the forward kernel; return (out, lse) as numba device arrays.
 
-    ``extra`` is the call's :class:`~fastattn._validate.Extra` (bias and mask) or None.
+    ``extra`` is the call's :class:`~fastattn._validate.Extra` (bias and mask) or None, ``dropout`` its
+    ``(seed, p)`` or None.
     """
     db = _check_head_dim(spec)
     out = _launch.empty(q.shape, spec.dtype)
@@ -505,11 +534,12 @@ def forward(q, k, v, slopes, spec, extra=None):
     grid = _launch.blocks(spec.seq_q, shape[0] * shape[2]) * spec.batch * spec.heads_q
     kernel[grid, _threads(shape)](*(_launch.rows(x) for x in (q, k, v)), *_sizes(spec), acc_np(spec.scale),
                                   spec.window_left, spec.window_right, spec.shift, acc_np(spec.softcap),
-                                  *slopes_args(slopes, spec), *extra_args, _launch.rows(out), _launch.flat(lse))
+                                  *slopes_args(slopes, spec), *extra_args, *_dropout_args(dropout, spec),
+                                  _launch.rows(out), _launch.flat(lse))
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False):
+def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False, dropout=None):
     """Launch the delta, dq and dk/dv kernels; return (dq, dk, dv, dbias) as device arrays.
 
     ``dbias`` (accumulation dtype, the caller's bias shape) is summed with
@@ -523,7 +553,7 @@ def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False
     inputs = [_launch.rows(x) for x in (dout, q, k, v)]
     extra_args, bias_dtype = _extra_args(extra, spec)
     options = (*_sizes(spec), acc_np(spec.scale), spec.window_left, spec.window_right, acc_np(spec.softcap),
-               *slopes_args(slopes, spec), *extra_args)
+               *slopes_args(slopes, spec), *extra_args, *_dropout_args(dropout, spec))
     want_dbias = bool(want_dbias and extra and extra.bias is not None)
     dbias = None
     if want_dbias:
@@ -639,6 +669,7 @@ def signature(name, dtype, db=None):
     mask = (int32, int32)
     strides = types.UniTuple(int64, 4)
     extra = (a1, strides, boolean, boolean[::1], strides, boolean)  # bias (accumulation dtype), mask
+    extra += (uint64[::1], acc)  # dropout: seed words and threshold, scale
     if name == "forward":
         return (x2, x2, x2, *sizes, acc, *mask, int32, acc, a1, int32, boolean, *extra, x2, a1)
     if name == "delta":
