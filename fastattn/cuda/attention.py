@@ -56,13 +56,14 @@ def tiles(kernel, acc, db):
     return (2, 2, 16, 16)
 
 
-#: Forward blocks resident per SM that ptxas must allow (``launch_bounds``): 2 x 256 threads = 25%.
+#: Forward and dK/dV blocks resident per SM that ptxas must allow (``launch_bounds``): 2 x 256 threads = 25%.
 FORWARD_MIN_BLOCKS = 2
 
 
 def launch_bounds(kernel, shape):
-    """``(threads, min_blocks)`` for the forward (registers capped for 25% occupancy), else None."""
-    if kernel != "forward" or not shape:
+    """``(threads, min_blocks)`` for the forward and dK/dV kernels (registers capped for 25% occupancy),
+    else None."""
+    if kernel not in ("forward", "dkdv") or not shape:
         return None
     tm, tn, ny, nx = shape
     return (ny * nx, FORWARD_MIN_BLOCKS)
