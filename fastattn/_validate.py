@@ -874,17 +874,17 @@ def rotary_plan(rotary, positions, interleaved, batch, seq, head_dim):
     return RotaryPlan(cos, sin, positions, bool(interleaved))
 
 
-def dropout_values(dropout_p, seed, forward):
+def dropout_values(dropout_p, seed, forward, name="dropout_p"):
     """Check ``dropout_p`` (0 <= p < 1) and ``seed``; return ``(seed, p)`` or None without dropout.
 
     In a forward, ``seed=None`` draws one from NumPy's default generator; a
     backward with dropout needs the forward's seed.
     """
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float, np.integer, np.floating)):
-        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
+        raise TypeError(f"{name}: expected a float in [0, 1), got {type(dropout_p).__name__}")
     p = float(dropout_p)
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p: expected a float in [0, 1) (1 would drop every key), got {dropout_p}")
+        raise ValueError(f"{name}: expected a float in [0, 1) (1 would drop every key), got {dropout_p}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
                              or not 0 <= int(seed) < 2 ** 64):
         raise ValueError(f"seed: expected None or an int in [0, 2**64), got {seed!r}")

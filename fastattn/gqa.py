@@ -327,9 +327,11 @@ class GQAConfig:
     def attention_layer(self, seed=None, **kwargs):
         """A :class:`fastattn.layers.MultiheadAttention` with this head layout.
 
-        ``kwargs`` (``bias``, ``dtype``, ...) go to the layer.  ``causal`` is an
-        argument of the layer's ``forward``, and this layer has no dropout.
+        ``kwargs`` (``bias``, ``dtype``, ...) go to the layer, and ``dropout`` is
+        this config's (applied in ``train()`` mode; the layer starts in ``eval()``).
+        ``causal`` is an argument of the layer's ``forward``.
         """
         from .layers import MultiheadAttention
 
+        kwargs.setdefault("dropout", self.dropout)
         return MultiheadAttention(self.d_model, self.n_heads, self.n_kv_heads, seed=seed, **kwargs)

@@ -50,6 +50,11 @@ class MultiheadAttention:
         bottom-right alignment of ``causal``).
     rope_base : float
         The rotary frequency base (:func:`fastattn.rotary_tables`).
+    dropout : float in [0, 1)
+        Attention dropout (:func:`fastattn.attention`'s ``dropout_p``), applied
+        only in training mode: :meth:`train` turns it on, :meth:`eval` (the
+        initial mode) off.  Each training forward draws a seed from NumPy's
+        default generator and its backward replays the same mask.
 
     Examples
     --------
@@ -63,7 +68,7 @@ class MultiheadAttention:
     """
 
     def __init__(self, embed_dim, num_heads, num_kv_heads=None, *, bias=True, dtype=np.float32, seed=None,
-                 rotary_dim=None, rope_base=10000.0):
+                 rotary_dim=None, rope_base=10000.0, dropout=0.0):
         e, hq, hkv, dtype = _validate.layer_args(embed_dim, num_heads, num_kv_heads, dtype)
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias: expected a bool, got {type(bias).__name__}")
@@ -74,6 +79,9 @@ class MultiheadAttention:
                                  f"got {rotary_dim!r}")
             if not isinstance(rope_base, (int, float, np.integer, np.floating)) or not rope_base > 0:
                 raise ValueError(f"rope_base: expected a positive float, got {rope_base!r}")
+        _validate.dropout_values(dropout, 0, forward=True, name="dropout")
+        self.dropout = float(dropout)
+        self.training = False
         self.rotary_dim = None if rotary_dim is None else int(rotary_dim)
         self.rope_base = float(rope_base)
         self._tables = None
@@ -90,6 +98,17 @@ class MultiheadAttention:
         self._qkv_bias = np.zeros(e + 2 * kv, dtype) if bias else None
         self._out_bias = np.zeros(e, dtype) if bias else None
         self._saved = None
+
+    def train(self, mode=True):
+        """Training mode (dropout on) or, with ``mode=False``, evaluation mode; returns the layer."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"mode: expected a bool, got {type(mode).__name__}")
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode (no dropout), the initial one; returns the layer."""
+        return self.train(False)
 
     def _rotary(self, seq_q, seq_k):
         """``(plan for q, plan for k)`` of the rotary option (None, None without it); tables grown on demand."""
@@ -170,8 +189,10 @@ class MultiheadAttention:
 
     def __repr__(self):
         kind = "" if self.num_kv_heads == self.num_heads else f", num_kv_heads={self.num_kv_heads}"
+        extra = "".join(f", {n}={getattr(self, n)!r}" for n, off in (("rotary_dim", None), ("dropout", 0.0))
+                        if getattr(self, n) != off)
         return (f"MultiheadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}{kind}, "
-                f"bias={self.bias}, dtype={self.dtype}, device={self.device!r})")
+                f"bias={self.bias}, dtype={self.dtype}, device={self.device!r}{extra})")
 
     # --- forward and backward -----------------------------------------------------------
 
@@ -228,13 +249,14 @@ class MultiheadAttention:
                                                     rotary=rot_k, rotated=(True,))
             (v,) = backend.projection.project_heads(value, *self._weights("v_proj"), (hkv,), d, pool=_POOL)
             inputs = (query, key, value)
-        out, lse = attention(q, k, v, causal=causal, return_lse=True)
+        p = self.dropout if self.training else 0.0
+        out, lse, seed = attention(q, k, v, causal=causal, dropout_p=p, return_lse=True, return_seed=True)
         b, sq = int(query.shape[0]), int(query.shape[1])
         # decode fast path: with one query, the head layout [B, Hq, 1, D] is already [B, 1, Hq*D]
         attn = out.reshape(b, 1, hq * d) if sq == 1 else out
         y = backend.projection.output_projection(attn, self._out_weight, self._out_bias, None, pool=_POOL)
         self._saved = dict(inputs=inputs, q=q, k=k, v=v, out=out, lse=lse, causal=causal, backend=backend,
-                           rotary=(rot_q, rot_k))
+                           rotary=(rot_q, rot_k), dropout=(p, seed))
         return y
 
     def backward(self, dout):
@@ -273,8 +295,9 @@ class MultiheadAttention:
         attn = out.reshape(b, 1, hq * self.head_dim) if sq == 1 else out
         dattn, dwo, dbo, _ = backend.projection.output_backward(dout, attn, self._out_weight, self.bias, heads=hq,
                                                                 pool=_POOL)
+        p, seed = saved["dropout"]
         dq, dk, dv = attention_backward(dattn, saved["q"], saved["k"], saved["v"], out, saved["lse"],
-                                        causal=saved["causal"])
+                                        causal=saved["causal"], dropout_p=p, seed=seed)
         grads = {}
         rot_q, rot_k = saved["rotary"]
         if len(saved["inputs"]) == 1:

@@ -131,3 +131,35 @@ def test_dropout_gradient_matches_finite_differences(rng):
             args = [(up if y is x else y) for y in (q, k, v)], [(down if y is x else y) for y in (q, k, v)]
             loss = [float((fastattn.attention(*a, causal=True, dropout_p=0.25, seed=5) * dout).sum()) for a in args]
             assert abs((loss[0] - loss[1]) / (2 * step) - g[idx]) <= 1e-7 * max(1.0, abs(g[idx]))
+
+
+def test_layer_drops_only_in_training_and_its_gradients_replay_the_mask(rng, monkeypatch):
+    layer = fastattn.GQAConfig(16, 4, 2, dropout=0.3).attention_layer(seed=0, dtype=np.float64)
+    plain = fastattn.MultiheadAttention(16, 4, 2, seed=0, dtype=np.float64)
+    x = rng.standard_normal((2, 5, 16))
+    assert not layer.training and np.array_equal(layer.forward(x, causal=True), plain.forward(x, causal=True))
+    assert layer.train() is layer and layer.training
+    # every training forward draws its seed from NumPy's default generator: pin it for finite differences
+    monkeypatch.setattr(np.random, "default_rng", lambda *a: np.random.Generator(np.random.PCG64(11)))
+    y = layer.forward(x, causal=True)
+    assert not np.array_equal(y, plain.forward(x, causal=True))
+    dout = rng.standard_normal(y.shape)
+    grads = layer.backward(dout)
+    step = 1e-6
+    for name in ("input", "q_proj.weight", "out_proj.bias"):
+        target = x if name == "input" else dict(layer.named_parameters())[name]
+        for flat in (0, target.size // 2, target.size - 1):
+            idx = np.unravel_index(flat, target.shape)
+            saved = target[idx]
+            target[idx] = saved + step
+            up = float((layer.forward(x, causal=True) * dout).sum())
+            target[idx] = saved - step
+            down = float((layer.forward(x, causal=True) * dout).sum())
+            target[idx] = saved
+            assert abs((up - down) / (2 * step) - grads[name][idx]) <= 1e-6 * max(1.0, abs(grads[name][idx])), name
+    assert layer.eval() is layer and not layer.training
+
+
+def test_layer_rejects_bad_dropout():
+    with pytest.raises(ValueError, match=r"^dropout: expected a float in \[0, 1\)"):
+        fastattn.MultiheadAttention(16, 4, dropout=1.0)
