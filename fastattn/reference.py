@@ -53,15 +53,16 @@ def _scores(q, k, scale, softcap, alibi_slopes, causal, window, bias=None, mask=
     return s, capped, visible
 
 
-def dropout_scale(shape, dropout_p, seed):
+def dropout_scale(shape, dropout_p, seed, first_batch=0):
     """``keep / (1 - p)`` over ``[B, Hq, Sq, Sk]`` (1 without dropout): Philox4x32-10 in NumPy, vectorised,
-    with the counters and the key of :mod:`fastattn._philox`."""
+    with the counters and the key of :mod:`fastattn._philox` (batches counted from ``first_batch``)."""
     if not dropout_p:
         return np.ones(shape)
     from . import _philox
 
     u = np.uint64
     b, h, i, j = np.meshgrid(*(np.arange(n, dtype=u) for n in shape), indexing="ij")
+    b = b + u(first_batch)
     lo, hi = _philox.seed_words(int(seed))
     words = _philox.build(decorate=lambda fn: fn).philox(j >> u(2), i, h, b, lo, hi)
     word = np.choose((j & u(3)).astype(np.intp), words)
@@ -69,13 +70,15 @@ def dropout_scale(shape, dropout_p, seed):
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-              alibi_slopes=None, bias=None, mask=None, dropout_p=0.0, seed=None, return_lse=False):
+              alibi_slopes=None, bias=None, mask=None, dropout_p=0.0, seed=None, dropout_batch=0,
+              return_lse=False):
     """Float64 reference of :func:`fastattn.attention`; returns float64 arrays.
 
     ``bias`` and ``mask`` are broadcastable to ``[B, Hq, Sq, Sk]``: the bias is
     added to the scores after softcap and ALiBi, the mask (``True`` = the key
     takes part, as in PyTorch's SDPA) hides keys like ``causal`` and ``window``.
-    ``dropout_p``/``seed``: the probabilities times :func:`dropout_scale` (lse unaffected).
+    ``dropout_p``/``seed``: the probabilities times :func:`dropout_scale` (lse unaffected), batch
+    ``b`` drawing its keep bits as batch ``dropout_batch + b`` (a packed sequence's index).
     """
     q, k, v = _f64(q), _f64(k), _f64(v)
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
@@ -86,7 +89,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     total = p.sum(axis=-1, keepdims=True)
     p = np.where(seen, p / np.where(seen, total, 1.0), 0.0)
     vv = np.repeat(v, q.shape[1] // v.shape[1], axis=1)
-    out = (p * dropout_scale(p.shape, dropout_p, seed)) @ vv
+    out = (p * dropout_scale(p.shape, dropout_p, seed, dropout_batch)) @ vv
     with np.errstate(divide="ignore"):
         lse = np.where(seen, row_max + np.log(total), -np.inf)[..., 0]
     return (out, lse) if return_lse else out
@@ -104,7 +107,7 @@ def _reduce_to(x, shape):
 
 def attention_backward(dout, q, k, v, out=None, lse=None, *, causal=False, scale=None,
                        window=(-1, -1), softcap=0.0, alibi_slopes=None, bias=None, mask=None,
-                       dropout_p=0.0, seed=None, return_dbias=False):
+                       dropout_p=0.0, seed=None, dropout_batch=0, return_dbias=False):
     """Float64 reference of :func:`fastattn.attention_backward`: (dq, dk, dv), and dbias.
 
     ``out`` and ``lse`` are accepted for signature parity and ignored: the
@@ -122,7 +125,7 @@ def attention_backward(dout, q, k, v, out=None, lse=None, *, causal=False, scale
     p = np.exp(s - np.where(seen, row_max, 0.0))
     p = np.where(seen, p / np.where(seen, p.sum(axis=-1, keepdims=True), 1.0), 0.0)
     kk, vv = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    keep = dropout_scale(p.shape, dropout_p, seed)
+    keep = dropout_scale(p.shape, dropout_p, seed, dropout_batch)
     dv_full = (p * keep).transpose(0, 1, 3, 2) @ dout
     dp = (dout @ vv.transpose(0, 1, 3, 2)) * keep
     o = (p * keep) @ vv
@@ -157,6 +160,8 @@ def varlen_corner(x, i, sq, sk):
 
 def _varlen_options(options, i, sq, sk):
     options = _sequence_options(options, i)
+    if options.get("dropout_p"):  # sequence i draws its keep bits as batch i
+        options = dict(options, dropout_batch=i)
     for name in ("bias", "mask"):
         if options.get(name) is not None:
             options = dict(options, **{name: varlen_corner(np.asarray(options[name]), i, sq, sk)})

@@ -11,7 +11,7 @@ from . import _dispatch, _validate
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
                      scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None, bias=None, mask=None,
-                     return_lse=False):
+                     dropout_p=0.0, seed=None, return_seed=False, return_lse=False):
     """:func:`attention` over a packed batch of sequences of different lengths.
 
     Parameters
@@ -38,6 +38,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         As :func:`attention`, in padded coordinates: sequence ``i`` reads the
         top-left ``[Sq_i, Sk_i]`` corner of batch ``i`` (the maximum lengths
         default to the longest sequences).  Axes of length 1 are shared.
+    dropout_p, seed, return_seed
+        As :func:`attention`; sequence ``i`` draws its keep bits as batch ``i``.
     return_lse : bool
         Also return the log-sum-exp of each packed query row.
 
@@ -80,14 +82,17 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, scale=scale, window=window,
         softcap=softcap, alibi_slopes=alibi_slopes)
     extra = _validate.extra_values(bias, mask, spec)
+    dropout = _validate.dropout_values(dropout_p, seed, forward=True)
     backend = _dispatch.backend_of(q=q, k=k, v=v, alibi_slopes=slopes, bias=extra.bias, mask=extra.mask)
-    out, lse = backend.varlen.forward(q, k, v, cu_q, cu_k, slopes, spec, extra)
-    return (out, lse) if return_lse else out
+    out, lse = backend.varlen.forward(q, k, v, cu_q, cu_k, slopes, spec, extra, dropout)
+    result = (out,) + ((lse,) if return_lse else ()) + ((None if dropout is None else dropout[0],)
+                                                        if return_seed else ())
+    return result if len(result) > 1 else out
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                               max_seqlen_k=None, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                              alibi_slopes=None, bias=None, mask=None, return_dbias=False):
+                              alibi_slopes=None, bias=None, mask=None, dropout_p=0.0, seed=None, return_dbias=False):
     """Gradients of :func:`attention_varlen` with respect to the packed q, k and v.
 
     Parameters
@@ -99,8 +104,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     out, lse : arrays
         The forward outputs (``attention_varlen(..., return_lse=True)``):
         ``[total_q, Hq, D]`` and ``[Hq, total_q]``.
-    max_seqlen_q, max_seqlen_k, causal, scale, window, softcap, alibi_slopes, bias, mask
-        The forward options, unchanged.
+    max_seqlen_q, max_seqlen_k, causal, scale, window, softcap, alibi_slopes, bias, mask, dropout_p, seed
+        The forward options, unchanged (the seed is required with dropout).
     return_dbias : bool
         Also return the gradient with respect to ``bias`` (which must be given).
 
@@ -149,10 +154,11 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     if return_dbias and bias is None:
         raise ValueError("return_dbias: expected a bias to differentiate, got bias=None")
     extra = _validate.extra_values(bias, mask, spec)
+    dropout = _validate.dropout_values(dropout_p, seed, forward=False)
     backend = _dispatch.backend_of(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=slopes,
                                    bias=extra.bias, mask=extra.mask)
     dq, dk, dv, dbias = backend.varlen.backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, spec, extra,
-                                                return_dbias)
+                                                return_dbias, dropout)
     if not return_dbias:
         return dq, dk, dv
     return dq, dk, dv, backend.attention.cast(dbias, extra.bias.dtype)

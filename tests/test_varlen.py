@@ -141,3 +141,24 @@ def test_varlen_rejects_bad_inputs(name):
     args.update(change)
     with pytest.raises(error, match=pattern):
         fastattn.attention_varlen(**args)
+
+
+@pytest.mark.parametrize("device, name", on_devices(["gqa-113-203-d40-causal-f32"], ["gqa-d8-causal-f32"]),
+                         indirect=["device"])
+def test_varlen_dropout_matches_the_reference(device, name, rng):
+    """Sequence i draws its keep bits as batch i, on the CPU (one packed loop) and on CUDA (one launch each)."""
+    q, k, v, cu_q, cu_k, options, dtype = make(name, rng)
+    dev = {n: device.put(x) for n, x in dict(q=q, k=k, v=v).items()}
+    out, lse, seed = fastattn.attention_varlen(dev["q"], dev["k"], dev["v"], cu_q, cu_k, dropout_p=0.25, seed=77,
+                                               return_lse=True, return_seed=True, **options)
+    ref = reference.attention_varlen(q, k, v, cu_q, cu_k, dropout_p=0.25, seed=77, **options)
+    mag = np.abs(reference.attention_varlen(q, k, np.abs(v), cu_q, cu_k, dropout_p=0.25, seed=77, **options)).max()
+    assert_close(device.get(out), ref, dtype, "out", magnitude=mag)
+    dout = random(q.shape, dtype, rng)
+    grads = fastattn.attention_varlen_backward(device.put(dout), dev["q"], dev["k"], dev["v"], out, lse, cu_q, cu_k,
+                                               dropout_p=0.25, seed=seed, **options)
+    expected = reference.attention_varlen_backward(dout, q, k, v, cu_q, cu_k, dropout_p=0.25, seed=seed, **options)
+    magnitudes = reference.attention_varlen_backward(np.abs(dout), np.abs(q), np.abs(k), np.abs(v), cu_q, cu_k,
+                                                     dropout_p=0.25, seed=seed, **options)
+    for gname, got, want, m in zip(("dq", "dk", "dv"), grads, expected, magnitudes):
+        assert_close(device.get(got), want, dtype, gname, magnitude=np.abs(m).max())

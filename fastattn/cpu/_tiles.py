@@ -171,10 +171,11 @@ def extra_tile(extra, b, h, i0, m, j0, n, out):
 def dropout_tile(drop, scale, b, h, i0, j0, x):
     """``x[r, c] *= scale`` where key ``j0 + c`` of row ``i0 + r`` (head h, batch b) survives dropout, else 0.
 
-    ``drop`` is ``[seed_lo, seed_hi, threshold]`` (uint64); the keep bits come from
+    ``drop`` is ``[seed_lo, seed_hi, threshold, batch offset]`` (uint64); the keep bits come from
     :mod:`fastattn._philox`, one call per four keys.
     """
     lo, hi, t = drop[0], drop[1], drop[2]
+    batch = np.uint64(b) + drop[3]
     two = np.uint64(2)
     n = x.shape[1]
     for r in range(x.shape[0]):
@@ -182,7 +183,7 @@ def dropout_tile(drop, scale, b, h, i0, j0, x):
         c = 0
         while c < n:
             j = j0 + c
-            words = philox(np.uint64(j) >> two, i, np.uint64(h), np.uint64(b), lo, hi)
+            words = philox(np.uint64(j) >> two, i, np.uint64(h), batch, lo, hi)
             end = min(n, c + 4 - (j & 3))
             for cc in range(c, end):
                 x[r, cc] = x[r, cc] * scale if words[(j0 + cc) & 3] >= t else x[r, cc] * 0
@@ -325,7 +326,7 @@ def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, s
 
 def no_dropout():
     """The ``drop`` array of a call without dropout (never read: its scale is 0)."""
-    return np.zeros(3, np.uint64)
+    return np.zeros(4, np.uint64)
 
 
 def no_extra(acc_dtype):

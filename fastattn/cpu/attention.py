@@ -369,7 +369,7 @@ def dropout_args(dropout, acc):
     if dropout is None or dropout[1] == 0:
         return no_dropout(), acc.type(0)
     seed, p = dropout
-    return np.array([*seed_words(seed), threshold(p)], np.uint64), acc.type(1.0 / (1.0 - p))
+    return np.array([*seed_words(seed), threshold(p), 0], np.uint64), acc.type(1.0 / (1.0 - p))
 
 
 def run_backward(dout, q, k, v, lse, seqs, slopes, spec, extra, want_dbias, dq, dk, dv, n_rows, dropout=None):

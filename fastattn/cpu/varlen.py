@@ -66,7 +66,7 @@ def _tiles(cu_q, block_q):
     return np.array([(b, i0) for b in order for i0 in range(0, int(lens[b]), block_q)], np.int64).reshape(-1, 2)
 
 
-def forward(q, k, v, cu_q, cu_k, slopes, spec, extra):
+def forward(q, k, v, cu_q, cu_k, slopes, spec, extra, dropout=None):
     """``(out [total_q, Hq, D], lse [Hq, total_q])`` of a packed batch; one parallel loop for all sequences."""
     out = np.empty(q.shape, spec.dtype)
     lse = np.full((q.shape[1], q.shape[0]), -np.inf, spec.accum_dtype)
@@ -78,13 +78,13 @@ def forward(q, k, v, cu_q, cu_k, slopes, spec, extra):
     with single_threaded_blas():
         dense._forward_packed(qh, kh, vh, cu_q, cu_k, tiles, spec.codec,
                               spec.scale, spec.window_left, spec.window_right, spec.softcap, slopes, has_alibi,
-                              dense._extra(extra, spec), *dense.dropout_args(None, np.dtype(spec.accum_dtype)),
+                              dense._extra(extra, spec), *dense.dropout_args(dropout, np.dtype(spec.accum_dtype)),
                               bits_view(out), lse, config.cpu_block_q,
                               config.cpu_block_k)
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, spec, extra, want_dbias):
+def backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, spec, extra, want_dbias, dropout=None):
     """``(dq, dk, dv, dbias)`` of a packed batch: the dense backward kernels on head-major copies, every
     sequence's key tiles in one parallel loop, gradients written packed (dbias: accumulation dtype)."""
     dq, dk, dv = (np.zeros(x.shape, spec.dtype) for x in (q, k, k))
@@ -97,5 +97,5 @@ def backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, spec, extra, want_dbia
     dh, qh, kh, vh, oh = (head_major(x, slot) for x, slot in ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"),
                                                               (out, "out")))
     dbias = dense.run_backward((dh, oh), qh, kh, vh, np.ascontiguousarray(lse)[None], seqs, slopes, spec, extra,
-                               want_dbias, bits_view(dq), bits_view(dk), bits_view(dv), int(q.shape[0]))
+                               want_dbias, bits_view(dq), bits_view(dk), bits_view(dv), int(q.shape[0]), dropout)
     return dq, dk, dv, (None if dbias is None else dbias.reshape(extra.bias_shape))

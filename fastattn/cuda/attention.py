@@ -182,7 +182,7 @@ def _make_forward(dtype, db, tm, tn, ny, nx, bias_dtype=None):
                         p = math.exp(ps[r, c] - top)
                     total += p
                     if drop_scale > zero:  # dropout after the sum: lse stays that of every key
-                        p = p * drop_scale if keep(drop[0], drop[1], b, h, i0 + r, j0 + c, drop[2]) else zero
+                        p = p * drop_scale if keep(drop[0], drop[1], uint64(b) + drop[3], h, i0 + r, j0 + c, drop[2]) else zero
                     ps[r, c] = p
                 a = online_rescale(row_max[r], top)
                 alpha[r] = a
@@ -292,7 +292,7 @@ def _make_dq(dtype, db, tm, tn, ny, nx, bias_dtype=None):
                         p = math.exp(x - row_lse[r])
                         dpv = dp[r, c]
                         if drop_scale > zero:
-                            dpv = dpv * drop_scale if keep(drop[0], drop[1], b, h, i, j, drop[2]) else zero
+                            dpv = dpv * drop_scale if keep(drop[0], drop[1], uint64(b) + drop[3], h, i, j, drop[2]) else zero
                         ds = p * (dpv - row_delta[r])
                         if want_dbias:  # the gradient of the scores after softcap; broadcast axes meet here
                             cuda.atomic.add(dbias, uint64(b * dbs[0] + h * dbs[1] + i * dbs[2] + j * dbs[3]), ds)
@@ -381,7 +381,7 @@ def _make_dkdv(dtype, db, tm, tn, ny, nx, bias_dtype=None):
                             p = math.exp(x - row_lse[ci])
                             m = one  # dropout: the key's keep / (1 - p), 0 if dropped
                             if drop_scale > zero:
-                                m = drop_scale if keep(drop[0], drop[1], b, h, i, j, drop[2]) else zero
+                                m = drop_scale if keep(drop[0], drop[1], uint64(b) + drop[3], h, i, j, drop[2]) else zero
                             ds = p * (dpt[r, c] * m - row_delta[ci]) * softcap_grad(capped, softcap)
                             p *= m
                         p_s[ty * tm + r, ci] = p
@@ -507,18 +507,19 @@ def _extra_args(extra, spec):
     return (*bias_args, *mask_args), bias_dtype
 
 
-def _dropout_args(dropout, spec):
-    """``(drop, drop_scale)`` for a kernel: ``[seed_lo, seed_hi, threshold]`` on the device and ``1 / (1 - p)``,
-    or a stand-in and 0 without dropout."""
+def _dropout_args(dropout, spec, batch_offset=0):
+    """``(drop, drop_scale)`` for a kernel: ``[seed_lo, seed_hi, threshold, batch_offset]`` on the device and
+    ``1 / (1 - p)``, or a stand-in and 0 without dropout.  ``batch_offset``: the batch index of the launch's
+    first batch in the keep bits' counter (a packed batch's sequence, launched alone)."""
     acc_np = np.dtype(spec.accum_dtype).type
     if dropout is None:
-        return cuda.to_device(np.zeros(3, np.uint64)), acc_np(0)
+        return cuda.to_device(np.zeros(4, np.uint64)), acc_np(0)
     seed, p = dropout
-    return (cuda.to_device(np.array([*_philox.seed_words(seed), _philox.threshold(p)], np.uint64)),
-            acc_np(1.0 / (1.0 - p)))
+    words = np.array([*_philox.seed_words(seed), _philox.threshold(p), batch_offset], np.uint64)
+    return cuda.to_device(words), acc_np(1.0 / (1.0 - p))
 
 
-def forward(q, k, v, slopes, spec, extra=None, dropout=None):
+def forward(q, k, v, slopes, spec, extra=None, dropout=None, batch_offset=0):
     """Launch the forward kernel; return (out, lse) as numba device arrays.
 
     ``extra`` is the call's :class:`~fastattn._validate.Extra` (bias and mask) or None, ``dropout`` its
@@ -535,12 +536,12 @@ def forward(q, k, v, slopes, spec, extra=None, dropout=None):
     grid = _launch.blocks(spec.seq_q, shape[0] * shape[2]) * spec.batch * spec.heads_q
     kernel[grid, _threads(shape)](*(_launch.rows(x) for x in (q, k, v)), *_sizes(spec), acc_np(spec.scale),
                                   spec.window_left, spec.window_right, spec.shift, acc_np(spec.softcap),
-                                  *slopes_args(slopes, spec), *extra_args, *_dropout_args(dropout, spec),
+                                  *slopes_args(slopes, spec), *extra_args, *_dropout_args(dropout, spec, batch_offset),
                                   _launch.rows(out), _launch.flat(lse))
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False, dropout=None):
+def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False, dropout=None, batch_offset=0):
     """Launch the delta, dq and dk/dv kernels; return (dq, dk, dv, dbias) as device arrays.
 
     ``dbias`` (accumulation dtype, the caller's bias shape) is summed with
@@ -554,7 +555,7 @@ def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False
     inputs = [_launch.rows(x) for x in (dout, q, k, v)]
     extra_args, bias_dtype = _extra_args(extra, spec)
     options = (*_sizes(spec), acc_np(spec.scale), spec.window_left, spec.window_right, acc_np(spec.softcap),
-               *slopes_args(slopes, spec), *extra_args, *_dropout_args(dropout, spec))
+               *slopes_args(slopes, spec), *extra_args, *_dropout_args(dropout, spec, batch_offset))
     want_dbias = bool(want_dbias and extra and extra.bias is not None)
     dbias = None
     if want_dbias:

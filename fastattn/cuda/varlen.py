@@ -16,7 +16,7 @@ from . import attention as dense
 from .gqa import _Strided
 
 
-def forward(q, k, v, cu_q, cu_k, slopes, spec, extra):
+def forward(q, k, v, cu_q, cu_k, slopes, spec, extra, dropout=None):
     """``(out [total_q, Hq, D], lse [Hq, total_q])`` of a packed batch, one dense launch per sequence."""
     out = zeros(tuple(q.shape), q.dtype)
     lse = lse_zeros(int(q.shape[1]), int(q.shape[0]), q.dtype)
@@ -26,13 +26,13 @@ def forward(q, k, v, cu_q, cu_k, slopes, spec, extra):
             continue
         seq_spec, part, seq_slopes = sequence_args(spec, extra, slopes, b, q1 - q0, k1 - k0)
         o, l = dense.forward(heads_view(q, q0, q1), heads_view(k, k0, k1), heads_view(v, k0, k1), seq_slopes,
-                             seq_spec, part)
+                             seq_spec, part, dropout, batch_offset=b)
         put_rows(out, q0, o)
         put_lse(lse, q0, l)
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, spec, extra, want_dbias):
+def backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, spec, extra, want_dbias, dropout=None):
     """``(dq, dk, dv, dbias)`` of a packed batch, one dense backward per sequence (dbias: accumulation dtype)."""
     dq, dk, dv = (zeros(tuple(x.shape), q.dtype) for x in (q, k, v))
     want_dbias = bool(want_dbias and extra.bias is not None)
@@ -45,7 +45,7 @@ def backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, spec, extra, want_dbia
         rows = [heads_view(x, q0, q1) for x in (dout, q)]
         keys = [heads_view(x, k0, k1) for x in (k, v)]
         grads = dense.backward(*rows, *keys, heads_view(out, q0, q1), lse_view(lse, q0, q1), seq_slopes, seq_spec,
-                               part, want_dbias)
+                               part, want_dbias, dropout, batch_offset=b)
         for dst, start, grad in zip((dq, dk, dv), (q0, k0, k0), grads):
             put_rows(dst, start, grad)
         if want_dbias:  # sequences sharing a broadcast batch axis add up, in batch order
