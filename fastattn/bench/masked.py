@@ -7,8 +7,9 @@ Two tables, each case timed in turn with its peers (ratios, not absolute times):
   :func:`fastattn.attention` calls (the target: within 1.1x) and against
   padding every sequence to the longest;
 - **bias**: :func:`fastattn.attention` with a ``[Sq, Sk]`` bias shared by all
-  heads, a ``[B, Hq, Sq, Sk]`` bias, a key-padding mask ``[B, 1, 1, Sk]``, and
-  the backward with ``return_dbias``, each against the same call without them.
+  heads, a ``[B, Hq, Sq, Sk]`` bias, a key-padding mask ``[B, 1, 1, Sk]`` or
+  dropout (``p = 0.1``), and the backward (with ``return_dbias`` for a bias),
+  each against the same call without them.
 """
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ SIZES = {
     "tiny": dict(long=64, short=8, short_count=3, seq=64, heads=2, head_dim=16, repeats=2),
 }
 VARLEN_LAYOUTS = ("packed", "separate", "padded")
-BIAS_KINDS = ("none", "bias [Sq, Sk]", "bias [B, Hq, Sq, Sk]", "mask [B, 1, 1, Sk]")
+BIAS_KINDS = ("none", "bias [Sq, Sk]", "bias [B, Hq, Sq, Sk]", "mask [B, 1, 1, Sk]", "dropout 0.1")
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ def bias_options(case, rng):
         return {"bias": rng.standard_normal((b, h, n, n), dtype=np.float32)}
     if case.kind == "mask [B, 1, 1, Sk]":
         return {"mask": np.arange(n)[None, None, None, :] < n - n // 8}
+    if case.kind == "dropout 0.1":
+        return {"dropout_p": 0.1, "seed": 1234}
     return {}
 
 
@@ -142,7 +145,7 @@ def run(size, stream):
     say(stream, "separate: one fastattn.attention call per sequence; padded: one call on every sequence "
                 "padded to the longest", end="\n\n")
 
-    say(stream, "bias and mask (float32, B=1; each kind timed in turn with the plain call):", end="\n")
+    say(stream, "bias, mask and dropout (float32, B=1; each kind timed in turn with the plain call):", end="\n")
     bias_rows = []
     for op, causal in (("forward", False), ("forward", True), ("backward", True)):
         cases = [BiasCase(op, kind, causal, s["seq"], s["heads"], s["head_dim"]) for kind in BIAS_KINDS]
@@ -156,6 +159,6 @@ def run(size, stream):
     say(stream, align(("op", "extra", "shape", "ms", "plain ms", "÷ plain"),
                       [(r["op"], r["kind"], r["shape"], f"{r['ms']:.2f}", f"{r['plain_ms']:.2f}",
                         f"{r['over_plain']:.2f}") for r in bias_rows], 3), end="\n")
-    say(stream, "plain: the same call without bias or mask; the backward with a bias returns dbias "
+    say(stream, "plain: the same call without bias, mask or dropout; the backward with a bias returns dbias "
                 "(return_dbias=True)", end="\n")
     return dict(varlen=varlen_rows, bias=bias_rows)

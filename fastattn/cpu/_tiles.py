@@ -172,22 +172,28 @@ def dropout_tile(drop, scale, b, h, i0, j0, x):
     """``x[r, c] *= scale`` where key ``j0 + c`` of row ``i0 + r`` (head h, batch b) survives dropout, else 0.
 
     ``drop`` is ``[seed_lo, seed_hi, threshold, batch offset]`` (uint64); the keep bits come from
-    :mod:`fastattn._philox`, one call per four keys.
+    :mod:`fastattn._philox`, one call per four keys, the calls of a row in one loop of independent
+    iterations (so LLVM can run them side by side in SIMD lanes).
     """
     lo, hi, t = drop[0], drop[1], drop[2]
     batch = np.uint64(b) + drop[3]
-    two = np.uint64(2)
     n = x.shape[1]
+    g0 = j0 // 4
+    n_groups = (j0 + n + 3) // 4 - g0
+    words = np.empty((4, n_groups), np.uint64)
+    head = np.uint64(h)
     for r in range(x.shape[0]):
         i = np.uint64(i0 + r)
-        c = 0
-        while c < n:
+        for g in range(n_groups):
+            w0, w1, w2, w3 = philox(np.uint64(g0 + g), i, head, batch, lo, hi)
+            words[0, g] = w0
+            words[1, g] = w1
+            words[2, g] = w2
+            words[3, g] = w3
+        row = x[r]
+        for c in range(n):
             j = j0 + c
-            words = philox(np.uint64(j) >> two, i, np.uint64(h), batch, lo, hi)
-            end = min(n, c + 4 - (j & 3))
-            for cc in range(c, end):
-                x[r, cc] = x[r, cc] * scale if words[(j0 + cc) & 3] >= t else x[r, cc] * 0
-            c = end
+            row[c] = row[c] * scale if words[j & 3, j // 4 - g0] >= t else row[c] * 0
 
 
 @njit(fastmath=FASTMATH, cache=True)
