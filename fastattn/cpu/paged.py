@@ -267,6 +267,7 @@ def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_s
     acc_t = lse.dtype
     no_dq = np.zeros((1, 1, 1, 1), acc_t)
     none = np.zeros(4, np.int64)
+    no_drop, zero = np.zeros(4, np.uint64), lse.dtype.type(0)
     no_extra = (np.zeros(1, acc_t), none, 0, False, np.ones(1, np.bool_), none, False)
     for task in prange(n_used * heads_kv):
         hk = task % heads_kv
@@ -284,7 +285,7 @@ def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_s
             decode_rows(k_cache[blk, :n, hk], kt, codec)
             decode_rows(v_cache[blk, :n, hk], vt, codec)
             key_tile_backward(dout, q, (b, 0), b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi,
-                              no_extra, no_extra[0], none, False, np.zeros(4, np.uint64), acc_t(0), lse, delta, scale, codec, block_q,
+                              no_extra, no_extra[0], none, False, no_drop, zero, lse, delta, scale, codec, block_q,
                               dk_acc[:n], dv_acc[:n], no_dq, False)
         for r in range(bs):
             encode_row(dk_acc[r], dk_cache[blk, r, hk], codec)
