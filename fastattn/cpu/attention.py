@@ -18,6 +18,7 @@ from .._dtypes import accum_dtype as _accum_dtype, bits_view, codec_of
 from .._tile import finish_lse, key_range
 from .._validate import element_strides
 from ._blas import single_threaded_blas
+from ._scratch import scratch
 from ._fastmath import FASTMATH, decode_rows, encode_row
 from ._tiles import (dropout_tile, extra_tile, key_tile_backward, no_dropout, no_extra, row_of, set_lse,
                      softmax_tile, tile_rows)
@@ -382,9 +383,9 @@ def run_backward(dout, q, k, v, lse, seqs, slopes, spec, extra, want_dbias, dq, 
     fold_b, fold_h = _folds(extra, want_dbias, spec)
     owner_start, members = owners(seqs, spec.heads_kv, fold_b, fold_h)
     n_split = _num_splits(spec, owner_start.size - 1)
-    dq_part = np.zeros((n_split, q.shape[0], q.shape[1], n_rows, q.shape[3]), acc)
+    dq_part = scratch("dq parts", (n_split, q.shape[0], q.shape[1], n_rows, q.shape[3]), acc, zero=True)
     sums, dbias_strides = _dbias_sums(extra if want_dbias else None, n_split, spec)
-    delta = np.empty(lse.shape, acc)
+    delta = scratch("delta", lse.shape, acc)
     with single_threaded_blas():
         _delta(dout[0], dout[1], spec.codec, delta, config.cpu_bwd_block_q)
         _backward(dout[0], q, k, v, lse, delta, seqs, owner_start, members, spec.codec, spec.scale,

@@ -8,8 +8,6 @@ every sequence's query tiles, and the backward every sequence's key tiles,
 in one parallel loop of the dense kernels' tile functions, writing the packed
 outputs in place.
 """
-import threading
-
 import numpy as np
 from numba import njit, prange
 
@@ -17,6 +15,7 @@ from .._config import config
 from .._dtypes import bits_view
 from . import attention as dense
 from ._blas import single_threaded_blas
+from ._scratch import scratch
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -32,28 +31,13 @@ def _head_major(src, dst, chunk):
                 dst[0, h, r, d] = src[r, h, d]
 
 
-_scratch = threading.local()
-
-
-def _scratch_array(slot, shape, dtype):
-    """An uninitialised array from this thread's grow-only buffer ``slot``: fresh pages cost a page fault
-    each (4 MB took 1.6 ms to fill instead of 0.1 ms), so the head-major copies reuse their memory."""
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buffers = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = {}
-    if slot not in buffers or buffers[slot].size < n:
-        buffers[slot] = np.empty(n, np.uint8)
-    return buffers[slot][:n].view(dtype).reshape(shape)
-
-
 def head_major(x, slot=None):
     """A packed array's bits, head-major ``[1, H, total, D]`` (one parallel copy: tiles of a head's rows are
     then contiguous, which the kernels' GEMMs read in place).  With ``slot``, in this thread's scratch
     memory of that name (valid until the next call with the same slot)."""
     src = bits_view(np.ascontiguousarray(x))
     shape = (1, src.shape[1], src.shape[0], src.shape[2])
-    dst = np.empty(shape, src.dtype) if slot is None else _scratch_array(slot, shape, src.dtype)
+    dst = np.empty(shape, src.dtype) if slot is None else scratch(f"head-major {slot}", shape, src.dtype)
     if dst.size:
         _head_major(src, dst, 256)
     return dst
