@@ -23,7 +23,8 @@ def empty(shape, dtype):
 
 
 @cuda.jit
-def _copy4(src, dst):
+def _copy4(src, dst, accumulate):
+    """``dst = src`` (``accumulate``: ``dst += src``) for 4-d arrays of one shape, any strides."""
     e = cuda.grid(1)
     shape = dst.shape
     if e < dst.size:
@@ -31,7 +32,10 @@ def _copy4(src, dst):
         s = (e // shape[3]) % shape[2]
         h = (e // (shape[3] * shape[2])) % shape[1]
         b = e // (shape[3] * shape[2] * shape[1])
-        dst[b, h, s, d] = src[b, h, s, d]
+        if accumulate:
+            dst[b, h, s, d] += src[b, h, s, d]
+        else:
+            dst[b, h, s, d] = src[b, h, s, d]
 
 
 def contiguous(x):
@@ -40,7 +44,7 @@ def contiguous(x):
         return x
     dst = cuda.device_array(tuple(x.shape), x.dtype)
     if dst.size:
-        _copy4[blocks(dst.size, 256), 256](x, dst)
+        _copy4[blocks(dst.size, 256), 256](x, dst, False)
     return dst
 
 
