@@ -20,19 +20,39 @@ from .._tile import alibi_bias, key_range, query_range, softcap_grad
 from ._fastmath import FASTMATH, decode_one, decode_rows, exp_row, exp_shifted, max_of, softcap_fast
 
 
+def decode_tile(x, a, h, r0, n, dst, codec):
+    """Decode rows ``r0 : r0 + n`` of head ``h`` into ``dst [n, D]``: ``x[a, h, r0:r0 + n]`` of a dense
+    ``[B, H, S, D]`` array, ``x[r0:r0 + n, h]`` of a packed ``[total, H, D]`` one (read in place: element
+    by element with three indices, which LLVM vectorises along a row; views of single rows cost 3x)."""
+
+
+@overload(decode_tile, inline="always")
+def _decode_tile(x, a, h, r0, n, dst, codec):
+    if x.ndim == 4:
+        def dense(x, a, h, r0, n, dst, codec):
+            decode_rows(x[a, h, r0:r0 + n], dst, codec)
+        return dense
+
+    def packed(x, a, h, r0, n, dst, codec):
+        for r in range(n):
+            for c in range(dst.shape[1]):
+                dst[r, c] = decode_one(x[r0 + r, h, c], codec)
+    return packed
+
+
 def tile_rows(x, a, h, r0, n, buf, codec):
-    """Rows ``r0 : r0 + n`` of ``x[a, h]`` (a ``[B, H, S, D]`` array) in accumulation precision: the rows
-    themselves when ``x`` already holds that precision (no copy), else decoded into ``buf[:n]``."""
+    """Rows ``r0 : r0 + n`` of head ``h`` (see :func:`decode_tile`) in accumulation precision: the rows themselves when they
+    are contiguous and already in that precision (no copy), else decoded into ``buf[:n]``."""
 
 
 @overload(tile_rows, inline="always", fastmath=FASTMATH)
 def _tile_rows(x, a, h, r0, n, buf, codec):
-    if x.dtype == buf.dtype and x.layout == "C":
+    if x.dtype == buf.dtype and x.layout == "C" and x.ndim == 4:
         return lambda x, a, h, r0, n, buf, codec: x[a, h, r0:r0 + n]
 
     def decoded(x, a, h, r0, n, buf, codec):
         part = buf[:n]
-        decode_rows(x[a, h, r0:r0 + n], part, codec)
+        decode_tile(x, a, h, r0, n, part, codec)
         return part
     return decoded
 
@@ -284,8 +304,9 @@ def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, s
 
     ``kt``/``vt`` are the tile's keys and values (from ``j0``, ``sk`` keys in all),
     ``dk_acc``/``dv_acc`` its gradient accumulators.  The sequence's ``sq``
-    query rows are ``q[a, h, r0 + i]`` with ``at_q = (a, r0)`` (``dout``,
-    ``lse``, ``delta`` and ``dq_part`` alike); with ``want_dq`` the (unscaled)
+    query rows are :func:`decode_tile` ``(q, a, h, r0 + i)`` with ``at_q = (a, r0)``
+    (``dout`` alike; ``lse``, ``delta`` and ``dq_part`` are ``[B, H, S]`` and
+    ``[B, H, S, D]`` indexed ``[a, h, r0 + i]``); with ``want_dq`` the (unscaled)
     dq contributions are added to ``dq_part``.  ``extra`` is
     :func:`extra_tile`'s tuple; with ``want_dbias`` the bias gradient is added
     into the flat ``dbias`` (element strides ``dbias_strides`` over
@@ -308,8 +329,8 @@ def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, s
             m = min(m_max, i_hi - i0)
             qt = np.empty((m, dim), acc_t)
             dt = np.empty((m, dim), acc_t)
-            decode_rows(q[qa, h, r0 + i0:r0 + i0 + m], qt, codec)
-            decode_rows(dout[qa, h, r0 + i0:r0 + i0 + m], dt, codec)
+            decode_tile(q, qa, h, r0 + i0, m, qt, codec)
+            decode_tile(dout, qa, h, r0 + i0, m, dt, codec)
             qt *= scale
             s = np.dot(qt, kt.T)
             dp = np.dot(dt, vt.T)

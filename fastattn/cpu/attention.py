@@ -20,7 +20,7 @@ from .._validate import element_strides
 from ._blas import single_threaded_blas
 from ._scratch import scratch
 from ._fastmath import FASTMATH, decode_rows, encode_row
-from ._tiles import (dropout_tile, extra_tile, key_tile_backward, no_dropout, no_extra, row_of, set_lse,
+from ._tiles import (decode_tile, dropout_tile, extra_tile, key_tile_backward, no_dropout, no_extra, row_of, set_lse,
                      softmax_tile, tile_rows)
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
@@ -31,20 +31,21 @@ def _query_tile(q, k, v, at_q, at_k, b, h, hk, i0, m, sq, sk, codec, scale, wl, 
                 has_alibi, extra, drop, drop_scale, out, lse, block_k):
     """Output rows ``i0 : i0 + m`` of query head ``h`` of sequence ``b`` (its ``sq`` rows against ``sk`` keys).
 
-    Inputs are ``[B, H, S, D]`` and a sequence's rows ``q[at_q[0], h, at_q[1] + i]`` (keys likewise with
-    ``at_k``): ``at = (b, 0)`` for a batch of a dense array, ``(0, start)`` for a sequence of a packed
-    batch copied head-major.  Outputs are ``[B, H, S, D]`` (lse ``[B, H, S]``) indexed like q, or the
+    Inputs are dense ``[B, H, S, D]`` or packed ``[total, H, D]``, a sequence's rows
+    :func:`~fastattn.cpu._tiles.decode_tile` ``(q, at_q[0], h, at_q[1] + i)`` (keys likewise with ``at_k``):
+    ``at = (b, 0)`` for a batch of a dense array, ``(0, start)`` for a sequence of a packed batch
+    (read in place).  Outputs are ``[B, H, S, D]`` (lse ``[B, H, S]``) indexed like q, or the
     packed ``[total, H, D]`` (lse ``[H, total]``) at row ``start + i``.  ``b`` picks the ALiBi slopes and
     the bias/mask of :func:`extra_tile`.  ``drop_scale > 0``: dropout on the probabilities after their
     sum is taken (:func:`~fastattn.cpu._tiles.dropout_tile`, ``drop_scale = 1 / (1 - p)``).
     """
-    dim = q.shape[3]
+    dim = q.shape[-1]
     qa, q0 = at_q
     ka, k0 = at_k
     sq_d = sq - shift  # the mask helpers put row i on key i + sk - sq_d
     acc_t = lse.dtype
     qt = np.empty((m, dim), acc_t)
-    decode_rows(q[qa, h, q0 + i0:q0 + i0 + m], qt, codec)
+    decode_tile(q, qa, h, q0 + i0, m, qt, codec)
     qt *= scale
     acc = np.zeros((m, dim), acc_t)
     row_max = np.full(m, -np.inf, acc_t)
@@ -102,8 +103,9 @@ def _forward_packed(q, k, v, cu_q, cu_k, tiles, codec, scale, wl, wr, softcap, s
                     drop_scale, out, lse, block_q, block_k):
     """Every sequence of a packed batch in one parallel loop: ``tiles`` lists ``(sequence, first row)``.
 
-    ``q``, ``k``, ``v`` are the packed arrays copied head-major, ``[1, H, total, D]``; ``out`` is the
-    packed ``[total_q, Hq, D]`` and ``lse`` ``[Hq, total_q]``.  Long and short sequences share the cores.
+    ``q``, ``k``, ``v`` are the packed ``[total, H, D]`` arrays, read in place (a tile's rows are strided,
+    and are copied once per task into its buffers); ``out`` is the packed ``[total_q, Hq, D]`` and ``lse``
+    ``[Hq, total_q]``.  Long and short sequences share the cores.
     """
     heads_q = q.shape[1]
     group = heads_q // k.shape[1]
@@ -118,16 +120,23 @@ def _forward_packed(q, k, v, cu_q, cu_k, tiles, codec, scale, wl, wr, softcap, s
 
 @njit(**_JIT)
 def _delta(dout, out, codec, delta, block):
-    """delta[b, h, i] = sum_d dout * out, in accumulation precision."""
-    batch, heads, sq, dim = dout.shape
-    for bh in prange(batch * heads):
-        b, h = bh // heads, bh % heads
-        for i0 in range(0, sq, block):
-            m = min(block, sq - i0)
-            dt = np.empty((m, dim), delta.dtype)
-            ot = np.empty((m, dim), delta.dtype)
-            decode_rows(dout[b, h, i0:i0 + m], dt, codec)
-            decode_rows(out[b, h, i0:i0 + m], ot, codec)
+    """delta[b, h, i] = sum_d dout * out, in accumulation precision (dout/out dense ``[B, H, S, D]``, or
+    packed ``[total, H, D]`` for delta ``[1, H, total]``).  A task takes a block of rows of one head
+    (dense) or of every head (packed): contiguous memory either way."""
+    batch, heads, sq = delta.shape
+    dim = dout.shape[-1]
+    n_blocks = (sq + block - 1) // block
+    per_task = 1 if dout.ndim == 4 else heads
+    for task in prange(batch * n_blocks * (heads // per_task)):
+        i0 = (task % n_blocks) * block
+        h0 = (task // n_blocks) % (heads // per_task) * per_task
+        b = task // (n_blocks * (heads // per_task))
+        m = min(block, sq - i0)
+        dt = np.empty((m, dim), delta.dtype)
+        ot = np.empty((m, dim), delta.dtype)
+        for h in range(h0, h0 + per_task):
+            decode_tile(dout, b, h, i0, m, dt, codec)
+            decode_tile(out, b, h, i0, m, ot, codec)
             for r in range(m):
                 total = dt[r, 0] * 0
                 for d in range(dim):
@@ -142,8 +151,8 @@ def _backward(dout, q, k, v, lse, delta, seqs, owner_start, members, codec, scal
     """dK/dV of each key tile, dq and dbias partial sums; one task per (owner, key split).
 
     Sequence ``s`` is ``seqs[s] = (qa, q0, ka, k0, sq, sk)``: its query rows are
-    ``q[qa, h, q0 + i]`` (dout, lse, delta and dq_part alike) and its keys
-    ``k[ka, hk, k0 + j]`` (v alike; dk/dv rows are written at
+    ``decode_tile(q, qa, h, q0 + i)`` (dout alike; lse, delta and dq_part at ``[qa, h, q0 + i]``) and
+    its keys ``decode_tile(k, ka, hk, k0 + j)`` (v alike, see :func:`~fastattn.cpu._tiles.decode_tile`; dk/dv rows are written at
     :func:`~fastattn.cpu._tiles.row_of` ``(dk, ka, hk, k0 + j)``).  An owner
     is a list of (sequence, KV head) members, ``members[owner_start[o]:
     owner_start[o + 1]]``: one pair, or every pair whose bias gradients land on
@@ -153,7 +162,7 @@ def _backward(dout, q, k, v, lse, delta, seqs, owner_start, members, codec, scal
     ``dq_part[p]`` and ``dbias_sums[p or 0]`` (``dbias_strides``: split, then
     the four of ``[B, Hq, Sq, Sk]``): every element has one writer.
     """
-    dim = q.shape[3]
+    dim = q.shape[-1]
     group = q.shape[1] // k.shape[1]
     n_split = dq_part.shape[0]
     n_owner = owner_start.size - 1
@@ -186,19 +195,25 @@ def _backward(dout, q, k, v, lse, delta, seqs, owner_start, members, codec, scal
 
 
 @njit(**_JIT)
-def _reduce_dq(dq_part, scale, codec, dq):
+def _reduce_dq(dq_part, scale, codec, dq, block):
     """``dq`` = scale x the sum of the splits' parts, in split order (dq dense ``[B, H, S, D]``, or packed
-    ``[total, H, D]`` for parts ``[n_split, 1, H, total, D]``)."""
+    ``[total, H, D]`` for parts ``[n_split, 1, H, total, D]``).  A task takes a block of rows of one head
+    (dense) or of every head (packed dq rows are contiguous across heads)."""
     n_split, batch, heads, sq, dim = dq_part.shape
-    for bh in prange(batch * heads):
-        b, h = bh // heads, bh % heads
+    n_blocks = (sq + block - 1) // block
+    per_task = 1 if dq.ndim == 4 else heads
+    for task in prange(batch * n_blocks * (heads // per_task)):
+        i0 = (task % n_blocks) * block
+        h0 = (task // n_blocks) % (heads // per_task) * per_task
+        b = task // (n_blocks * (heads // per_task))
         row = np.empty(dim, dq_part.dtype)
-        for i in range(sq):
-            row[:] = dq_part[0, b, h, i]
-            for s in range(1, n_split):
-                row += dq_part[s, b, h, i]
-            row *= scale
-            encode_row(row, row_of(dq, b, h, i), codec)
+        for i in range(i0, min(sq, i0 + block)):
+            for h in range(h0, h0 + per_task):
+                row[:] = dq_part[0, b, h, i]
+                for s in range(1, n_split):
+                    row += dq_part[s, b, h, i]
+                row *= scale
+                encode_row(row, row_of(dq, b, h, i), codec)
 
 
 def _slopes(slopes, spec):
@@ -373,17 +388,17 @@ def dropout_args(dropout, acc):
     return np.array([*seed_words(seed), threshold(p), 0], np.uint64), acc.type(1.0 / (1.0 - p))
 
 
-def run_backward(dout, q, k, v, lse, seqs, slopes, spec, extra, want_dbias, dq, dk, dv, n_rows, dropout=None):
-    """The delta, backward and dq kernels on 4-d inputs (``[B, H, S, D]``, or packed ones copied head-major
-    ``[1, H, total, D]``, lse ``[1, H, total]``) for the sequences ``seqs``; outputs dense or packed
-    (:func:`_backward`).  ``n_rows``: the length of the query axis.  Returns dbias (accumulation dtype,
-    the bias's 4-d shape) or None."""
+def run_backward(dout, q, k, v, lse, seqs, slopes, spec, extra, want_dbias, dq, dk, dv, dropout=None):
+    """The delta, backward and dq kernels on dense inputs (``[B, H, S, D]``, lse ``[B, H, S]``) or packed
+    ones (``[total, H, D]``, lse ``[1, H, total]``) for the sequences ``seqs``; outputs likewise
+    (:func:`_backward`).  ``dout`` is ``(dout, out)``.  Returns dbias (accumulation dtype, the bias's 4-d
+    shape) or None."""
     acc = spec.accum_dtype
     slopes, has_alibi = _slopes(slopes, spec)
     fold_b, fold_h = _folds(extra, want_dbias, spec)
     owner_start, members = owners(seqs, spec.heads_kv, fold_b, fold_h)
     n_split = _num_splits(spec, owner_start.size - 1)
-    dq_part = scratch("dq parts", (n_split, q.shape[0], q.shape[1], n_rows, q.shape[3]), acc, zero=True)
+    dq_part = scratch("dq parts", (n_split,) + lse.shape + (q.shape[-1],), acc, zero=True)
     sums, dbias_strides = _dbias_sums(extra if want_dbias else None, n_split, spec)
     delta = scratch("delta", lse.shape, acc)
     with single_threaded_blas():
@@ -392,7 +407,7 @@ def run_backward(dout, q, k, v, lse, seqs, slopes, spec, extra, want_dbias, dq, 
                   spec.window_left, spec.window_right, spec.softcap, slopes, has_alibi, _extra(extra, spec), sums,
                   dbias_strides, want_dbias, *dropout_args(dropout, np.dtype(acc)), dq_part, dk, dv,
                   config.cpu_bwd_block_q, config.cpu_bwd_block_k)
-        _reduce_dq(dq_part, spec.scale, spec.codec, dq)
+        _reduce_dq(dq_part, spec.scale, spec.codec, dq, config.cpu_bwd_block_q)
     if not want_dbias:
         return None
     dbias = sums[0].copy()
@@ -418,7 +433,7 @@ def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False
     db, qb, kb, vb, ob = _inputs(dout, q, k, v, out)
     seqs = np.array([(b, 0, b, 0, spec.seq_q, spec.seq_k) for b in range(spec.batch)], np.int64)
     dbias = run_backward((db, ob), qb, kb, vb, np.ascontiguousarray(lse), seqs, slopes, spec, extra, want_dbias,
-                         bits_view(dq), bits_view(dk), bits_view(dv), spec.seq_q, dropout)
+                         bits_view(dq), bits_view(dk), bits_view(dv), dropout)
     return dq, dk, dv, (None if dbias is None else dbias.reshape(extra.bias_shape))
 
 

@@ -1,46 +1,24 @@
-"""CPU kernels of packed variable-length attention: the dense kernels on views of the packed arrays.
+"""CPU kernels of packed variable-length attention: the dense kernels on the packed arrays.
 
 The twin of :mod:`fastattn.cuda.varlen`.  Sequence ``b`` of a packed
-``[total, H, D]`` array is rows ``cu[b]:cu[b + 1]``, read in place.  The
-inputs are copied head-major once (``[1, H, total, D]``, into reused scratch
-memory) so that a head's tile of rows is contiguous; then the forward runs
-every sequence's query tiles, and the backward every sequence's key tiles,
-in one parallel loop of the dense kernels' tile functions, writing the packed
-outputs in place.
+``[total, H, D]`` array is rows ``cu[b]:cu[b + 1]``, read in place: a head's
+tile of rows is strided, and the tile functions copy it into their buffers
+(which they do anyway for the query tiles; for key tiles it costs one copy per
+task, small beside the tile's GEMMs).  The forward runs every sequence's query
+tiles, and the backward every sequence's key tiles, in one parallel loop of
+the dense kernels' tile functions, writing the packed outputs in place.
 """
 import numpy as np
-from numba import njit, prange
 
 from .._config import config
 from .._dtypes import bits_view
 from . import attention as dense
 from ._blas import single_threaded_blas
-from ._scratch import scratch
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _head_major(src, dst, chunk):
-    """``dst[0, h, r] = src[r, h]``: a packed ``[total, H, D]`` array as ``[1, H, total, D]`` (bits)."""
-    total, heads, dim = src.shape
-    n_chunks = (total + chunk - 1) // chunk
-    for task in prange(heads * n_chunks):
-        h = task // n_chunks
-        r0 = (task - h * n_chunks) * chunk
-        for r in range(r0, min(total, r0 + chunk)):
-            for d in range(dim):
-                dst[0, h, r, d] = src[r, h, d]
-
-
-def head_major(x, slot=None):
-    """A packed array's bits, head-major ``[1, H, total, D]`` (one parallel copy: tiles of a head's rows are
-    then contiguous, which the kernels' GEMMs read in place).  With ``slot``, in this thread's scratch
-    memory of that name (valid until the next call with the same slot)."""
-    src = bits_view(np.ascontiguousarray(x))
-    shape = (1, src.shape[1], src.shape[0], src.shape[2])
-    dst = np.empty(shape, src.dtype) if slot is None else scratch(f"head-major {slot}", shape, src.dtype)
-    if dst.size:
-        _head_major(src, dst, 256)
-    return dst
+def _packed(*arrays):
+    """The kernels' views of packed arrays: their bits, C-contiguous (a copy only if the caller's is not)."""
+    return [bits_view(np.ascontiguousarray(x)) for x in arrays]
 
 
 def _tiles(cu_q, block_q):
@@ -58,9 +36,8 @@ def forward(q, k, v, cu_q, cu_k, slopes, spec, extra, dropout=None):
     if tiles.shape[0] == 0 or out.size == 0:
         return out, lse
     slopes, has_alibi = dense._slopes(slopes, spec)
-    qh, kh, vh = (head_major(x, slot) for x, slot in ((q, "q"), (k, "k"), (v, "v")))
     with single_threaded_blas():
-        dense._forward_packed(qh, kh, vh, cu_q, cu_k, tiles, spec.codec,
+        dense._forward_packed(*_packed(q, k, v), cu_q, cu_k, tiles, spec.codec,
                               spec.scale, spec.window_left, spec.window_right, spec.softcap, slopes, has_alibi,
                               dense._extra(extra, spec), *dense.dropout_args(dropout, np.dtype(spec.accum_dtype)),
                               bits_view(out), lse, config.cpu_block_q,
@@ -78,8 +55,7 @@ def backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, spec, extra, want_dbia
                     axis=1).astype(np.int64)
     if dq.size == 0 or dk.size == 0:
         return dq, dk, dv, (np.zeros(extra.bias_shape, spec.accum_dtype) if want_dbias else None)
-    dh, qh, kh, vh, oh = (head_major(x, slot) for x, slot in ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"),
-                                                              (out, "out")))
+    dh, qh, kh, vh, oh = _packed(dout, q, k, v, out)
     dbias = dense.run_backward((dh, oh), qh, kh, vh, np.ascontiguousarray(lse)[None], seqs, slopes, spec, extra,
-                               want_dbias, bits_view(dq), bits_view(dk), bits_view(dv), int(q.shape[0]), dropout)
+                               want_dbias, bits_view(dq), bits_view(dk), bits_view(dv), dropout)
     return dq, dk, dv, (None if dbias is None else dbias.reshape(extra.bias_shape))
