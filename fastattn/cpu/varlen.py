@@ -46,7 +46,7 @@ def forward(q, k, v, cu_q, cu_k, slopes, spec, extra, dropout=None):
 
 
 def backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, spec, extra, want_dbias, dropout=None):
-    """``(dq, dk, dv, dbias)`` of a packed batch: the dense backward kernels on head-major copies, every
+    """``(dq, dk, dv, dbias)`` of a packed batch: the dense backward kernels on the packed arrays, every
     sequence's key tiles in one parallel loop, gradients written packed (dbias: accumulation dtype)."""
     dq, dk, dv = (np.zeros(x.shape, spec.dtype) for x in (q, k, k))
     want_dbias = bool(want_dbias and extra.bias is not None)
