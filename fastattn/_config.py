@@ -3,7 +3,8 @@
 Change them for tuning (``fastattn.config.cpu_block_q = 64``); tests use
 small CUDA blocks so the simulator stays quick.  Values are read at each call.
 """
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -27,6 +28,10 @@ class Config:
     cuda_paged_threads: int = 128   #: threads per paged block
     cuda_proj_tile: int = 16        #: projection GEMM: T x T threads, 2T x 2T outputs per block
     cuda_split_min_keys: int = 256  #: shortest key range per CUDA split (split-KV decode)
+    #: float16/bfloat16 dense forward on tensor cores (``mma.sync``) on GPUs of compute capability 8.0 or
+    #: more; False (or ``FASTATTN_CUDA_MMA=0`` in the environment at import) selects the SIMT kernels
+    cuda_mma: bool = field(default_factory=lambda: os.environ.get("FASTATTN_CUDA_MMA", "1") != "0")
+    cuda_mma_warps: int = 4         #: warps per block of the tensor-core forward (16 query rows each)
 
 
 config = Config()

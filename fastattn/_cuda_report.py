@@ -209,7 +209,7 @@ def report(cc=(9, 0), head_dims=None, ptx_dir=None, *, variants=None, ptx_cc=Non
     Returns
     -------
     list of dict
-        One row per variant, with the keys :data:`KEYS`.  ``occupancy`` is a
+        One row per variant built for ``ptx_cc`` (tensor-core kernels from 8.0), with the keys :data:`KEYS`.  ``occupancy`` is a
         fraction; a variant that NVVM or ptxas rejects has ``compiles=False``,
         the compiler's message in ``error`` and None for what it could not measure.
 
@@ -237,7 +237,8 @@ def report(cc=(9, 0), head_dims=None, ptx_dir=None, *, variants=None, ptx_cc=Non
     compiled = {}
     if variants is None:
         variants = collect_variants(head_dims)
-        todo = [i for i, v in enumerate(variants) if _ptx_key(v, ptx_cc) not in _from_workers]
+        todo = [i for i, v in enumerate(variants)
+                if _supported(v, ptx_cc) and _ptx_key(v, ptx_cc) not in _from_workers]
         if jobs > 1 and len(todo) > 1:
             try:
                 done = _compile_in_parallel(head_dims, ptx_cc, todo, min(jobs, len(todo)))
@@ -255,6 +256,8 @@ def report(cc=(9, 0), head_dims=None, ptx_dir=None, *, variants=None, ptx_cc=Non
         folder.mkdir(parents=True, exist_ok=True)
         rows, used = [], set()
         for i, v in enumerate(variants):
+            if not _supported(v, ptx_cc):
+                continue
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", row_id(v))  # merge->float16: no '>' in a file name
             path = folder / f"{name}.ptx"
             n = 2
@@ -264,6 +267,11 @@ def report(cc=(9, 0), head_dims=None, ptx_dir=None, *, variants=None, ptx_cc=Non
             rows.append(_measure(v, cc, ptx_cc, path, Path(scratch), ptxas, keep=ptx_dir is not None,
                                  ptx=compiled.get(i)))
     return rows
+
+
+def _supported(variant, cc):
+    """Whether ``variant`` is built for compute capability ``cc`` (tensor-core kernels need 8.0)."""
+    return variant.min_cc is None or tuple(cc) >= tuple(variant.min_cc)
 
 
 def _measure(variant, cc, ptx_cc, path, scratch, ptxas, keep, ptx=None):

@@ -44,6 +44,16 @@ from .. import _tile
 from .._dtypes import BF16, E4M3, E5M2, F16, NATIVE
 
 
+def simulated():
+    """Whether numba's CUDA simulator stands in for the GPU."""
+    return bool(config.ENABLE_CUDASIM)
+
+
+def compute_capability():
+    """``(major, minor)`` of the current GPU."""
+    return tuple(cuda.get_current_device().compute_capability)
+
+
 def kernel(fn, launch_bounds=None):
     """``cuda.jit(fn)``, with ``launch_bounds=(threads, min_blocks)`` where given (the simulator has none)."""
     if launch_bounds is None or config.ENABLE_CUDASIM:

@@ -32,7 +32,7 @@ from numba import cuda, float32, uint64
 
 from .._config import config
 from .. import _philox
-from . import _device, _launch
+from . import _device, _launch, _mma, _tensor_core
 from ._device import acc_type, element_type, tile_math, udiv, umod
 from ._tiles import HEAD_DIMS, bucket, pieces
 
@@ -519,11 +519,29 @@ def _dropout_args(dropout, spec, batch_offset=0):
     return cuda.to_device(words), acc_np(1.0 / (1.0 - p))
 
 
+def use_mma(spec):
+    """Whether the forward runs on tensor cores (:mod:`fastattn.cuda._tensor_core`): float16/bfloat16
+    inputs with an even head dimension, ``config.cuda_mma`` on, and a GPU of compute capability 8.0 or
+    more (the simulator emulates the instructions)."""
+    if not config.cuda_mma or spec.head_dim % 2 or np.dtype(spec.dtype) not in (np.float16, _dtype("bfloat16")):
+        return False
+    return _device.simulated() or _device.compute_capability() >= _mma.MIN_CC
+
+
+def _mma_kernel(dtype, db, bias_dtype, warps):
+    key = ("forward-mma", np.dtype(dtype), db, np.dtype(bias_dtype), warps)
+    if key not in _kernels:
+        kind = "f16" if np.dtype(dtype) == np.float16 else "bf16"
+        fn = _tensor_core.make_forward(kind, db, _extra_terms(dtype, bias_dtype), _keep, warps)
+        _kernels[key] = _device.kernel(fn, _tensor_core.launch_bounds(db, warps))
+    return _kernels[key]
+
+
 def forward(q, k, v, slopes, spec, extra=None, dropout=None, batch_offset=0):
     """Launch the forward kernel; return (out, lse) as numba device arrays.
 
     ``extra`` is the call's :class:`~fastattn._validate.Extra` (bias and mask) or None, ``dropout`` its
-    ``(seed, p)`` or None.
+    ``(seed, p)`` or None.  float16/bfloat16 inputs run on tensor cores where :func:`use_mma` says so.
     """
     db = _check_head_dim(spec)
     out = _launch.empty(q.shape, spec.dtype)
@@ -532,12 +550,20 @@ def forward(q, k, v, slopes, spec, extra=None, dropout=None, batch_offset=0):
         return out, lse
     acc_np = np.dtype(spec.accum_dtype).type
     extra_args, bias_dtype = _extra_args(extra, spec)
+    options = (*_sizes(spec), acc_np(spec.scale), spec.window_left, spec.window_right, spec.shift,
+               acc_np(spec.softcap), *slopes_args(slopes, spec), *extra_args,
+               *_dropout_args(dropout, spec, batch_offset))
+    if use_mma(spec):
+        words = [_launch.rows(x).view(np.uint32) for x in (q, k, v, out)]
+        warps = config.cuda_mma_warps
+        grid = _launch.blocks(spec.seq_q, 16 * warps) * spec.batch * spec.heads_q
+        _mma_kernel(spec.dtype, db, bias_dtype, warps)[grid, 32 * warps](*words[:3], *options, words[3],
+                                                                         _launch.flat(lse))
+        return out, lse
     kernel, shape = _compiled("forward", spec.dtype, db, bias_dtype)
     grid = _launch.blocks(spec.seq_q, shape[0] * shape[2]) * spec.batch * spec.heads_q
-    kernel[grid, _threads(shape)](*(_launch.rows(x) for x in (q, k, v)), *_sizes(spec), acc_np(spec.scale),
-                                  spec.window_left, spec.window_right, spec.shift, acc_np(spec.softcap),
-                                  *slopes_args(slopes, spec), *extra_args, *_dropout_args(dropout, spec, batch_offset),
-                                  _launch.rows(out), _launch.flat(lse))
+    kernel[grid, _threads(shape)](*(_launch.rows(x) for x in (q, k, v)), *options, _launch.rows(out),
+                                  _launch.flat(lse))
     return out, lse
 
 
@@ -696,6 +722,15 @@ def variants(head_dims=None):
                 variants.append(_launch.Variant(name, _ROLES[name], dtype_name, db if name != "delta" else 0,
                                                 threads, _MAKERS[name](dtype, db, *shape),
                                                 signature(name, dtype, db), launch_bounds(name, shape)))
+    for dtype_name in ("float16", "bfloat16"):  # the tensor-core forward (sm_80+)
+        dtype = _dtype(dtype_name)
+        for db in HEAD_DIMS:
+            if head_dims is None or db in head_dims:
+                kind = "f16" if dtype_name == "float16" else "bf16"
+                variants.append(_launch.Variant(
+                    "forward-mma", "forward", dtype_name, db, 32 * _tensor_core.WARPS,
+                    _tensor_core.make_forward(kind, db, _extra_terms(dtype, _accum_np(dtype)), _keep),
+                    _tensor_core.signature(), _tensor_core.launch_bounds(db), _mma.MIN_CC))
     for dtype_name in ("float32", "float64"):
         dtype = _dtype(dtype_name)
         acc = acc_type(dtype)

@@ -1,0 +1,254 @@
+"""The dense forward on tensor cores (float16/bfloat16 inputs, sm_80+), FlashAttention-2's register layout.
+
+A block of four warps owns 64 query rows of one (batch, head); warp ``w``
+owns rows ``16 w ... 16 w + 15`` and keeps them as ``mma`` A fragments
+(:mod:`fastattn.cuda._mma`) for the whole kernel.  Per tile of ``BN`` keys:
+
+1. the block stages the keys and values in shared memory (keys as 32-bit
+   words, two features each: a B fragment of ``Kᵀ`` is one word; values as
+   16-bit elements, since a B fragment of ``V`` pairs two keys);
+2. each warp forms its ``16 x BN`` scores with ``D / 16 x BN / 8`` ``mma``
+   instructions, in float32 accumulator fragments: lane ``(g, t)`` holds rows
+   ``g`` and ``g + 8``, keys ``8 n + 2 t, 8 n + 2 t + 1``;
+3. scale, softcap, ALiBi, bias/mask and the causal/window limits are applied
+   element by element on the fragments (each element knows its row and key);
+   the row maximum is reduced across the four lanes of a row with two
+   butterfly shuffles, and the probabilities are exponentiated in place (the
+   row sums stay per lane until the end, as in FlashAttention-2);
+4. the probabilities are rounded to the input's 16-bit type and repacked as A
+   fragments (an accumulator pair of two adjacent key tiles *is* an A register
+   of a 16-key step), and ``O += P V`` runs ``BN / 16 x D / 8`` ``mma``.
+
+Arrays are read as ``uint32`` views (two 16-bit values per word), so the head
+dimension must be even; the output is written the same way.
+"""
+import math
+
+from numba import cuda, float32, uint16, uint32, uint64
+
+from . import _mma
+from ._device import inline, tile_math, udiv, umod
+
+#: Warps per block (each owns 16 query rows) unless ``config.cuda_mma_warps`` says otherwise.
+WARPS = 4
+
+
+def launch_bounds(db, warps=WARPS):
+    """``(threads, min_blocks)``: blocks of ``warps`` warps, 16 warps an SM (25% occupancy, at most 128
+    registers a thread) up to D = 128; half that above, where the output fragments alone take D / 2."""
+    return 32 * warps, (16 if db <= 128 else 8) // warps
+
+
+def block_keys(db):
+    """Keys per tile: fewer as the head dimension grows (each lane holds ``BN / 2`` scores and ``D / 2``
+    outputs in its 128 registers)."""
+    return 64 if db <= 32 else 32 if db <= 64 else 16
+
+
+@inline
+def q_word(q, q0, row_a, row_b, sq, n_words, kk, r, t):
+    """Register ``r`` of the A fragment of query rows ``row_a``/``row_b`` (= ``row_a + 8``), features
+    ``16 kk ...``: a word of the ``uint32`` view, 0 past the rows or the head dimension."""
+    row = row_a if r % 2 == 0 else row_b
+    w = kk * 8 + t + (4 if r >= 2 else 0)
+    x = uint32(0)
+    if row < sq and w < n_words:
+        x = q[uint64(q0 + row), uint64(w)]
+    return x
+
+
+def make_forward(kind, db, extra, keep, warps=WARPS):
+    """The forward kernel for 16-bit inputs of ``kind`` ("f16" or "bf16") and head-dim bucket ``db``, in
+    blocks of ``warps`` warps (``16 * warps`` query rows).
+
+    ``extra`` and ``keep`` are the SIMT forward's bias/mask and dropout helpers; the arguments are the
+    SIMT forward's with q, k, v and out as ``uint32`` ``[rows, D / 2]`` views.
+    """
+    mma, pack = _mma.ops(kind)
+    block_rows, threads = 16 * warps, 32 * warps
+    t_ = tile_math(float32)
+    key_range, softcap_score, alibi_bias = t_.key_range, t_.softcap_score, t_.alibi_bias
+    online_rescale, finish_lse = t_.online_rescale, t_.finish_lse
+    bn = block_keys(db)
+    n_key_frags, n_pv_steps = bn // 8, bn // 16
+    n_dim_steps, n_dim_frags = db // 16, db // 8
+    words = db // 2
+    stride = words + 4  # padded: the 8 rows x 4 words a B-fragment load touches fall in 32 banks
+    half_stride = 2 * stride
+    hold_q = db <= 32  # the query fragments stay in registers (past 32 the scores and outputs need them)
+    zero, one, neg_inf = float32(0.0), float32(1.0), float32(-math.inf)
+    u0 = uint32(0)
+
+    def forward(q, k, v, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, shift, softcap, slopes, slope_stride,
+                has_alibi, bias, bs, has_bias, mask, ms, has_mask, drop, drop_scale, out, lse):
+        n_tiles = udiv(sq + block_rows - 1, block_rows)
+        tile = n_tiles - 1 - umod(cuda.blockIdx.x, n_tiles)
+        bh = udiv(cuda.blockIdx.x, n_tiles)
+        b = udiv(bh, heads_q)
+        h = bh - b * heads_q
+        q0 = bh * sq
+        k0 = (b * heads_kv + udiv(h, udiv(heads_q, heads_kv))) * sk
+        tid = cuda.threadIdx.x
+        warp = tid >> 5
+        g = (tid & 31) >> 2
+        t = tid & 3
+        n_words = dim >> 1
+        i0 = tile * block_rows
+        n_rows = min(block_rows, sq - i0)
+        sq_d = sq - shift
+        row_a = i0 + warp * 16 + g  # this lane's two rows
+        row_b = row_a + 8
+        k_s = cuda.shared.array((bn, stride), uint32)
+        v_s = cuda.shared.array((bn, half_stride), uint16)
+        qf = cuda.local.array((n_dim_steps if hold_q else 1, 4), uint32)
+        s = cuda.local.array((n_key_frags, 4), float32)
+        o = cuda.local.array((n_dim_frags, 4), float32)
+        if hold_q:
+            for kk in range(n_dim_steps):
+                for r in range(4):
+                    qf[kk, r] = q_word(q, q0, row_a, row_b, sq, n_words, kk, r, t)
+        for n in range(n_dim_frags):
+            for e in range(4):
+                o[n, e] = zero
+        max_a, max_b = neg_inf, neg_inf
+        sum_a, sum_b = zero, zero
+        slope = slopes[b * slope_stride + h] if has_alibi else zero
+        lo_a, hi_a = key_range(row_a, sq_d, sk, wl, wr)
+        lo_b, hi_b = key_range(row_b, sq_d, sk, wl, wr)
+        j_lo = key_range(i0, sq_d, sk, wl, wr)[0]
+        j_hi = key_range(i0 + n_rows - 1, sq_d, sk, wl, wr)[1]
+        for j0 in range(j_lo, j_hi, bn):
+            cuda.syncthreads()  # the previous tile's values are read
+            e = tid
+            while e < bn * words:
+                r = udiv(e, words)
+                w = e - r * words
+                kx, vx = u0, u0
+                if j0 + r < j_hi and w < n_words:
+                    kx = k[uint64(k0 + j0 + r), uint64(w)]
+                    vx = v[uint64(k0 + j0 + r), uint64(w)]
+                k_s[r, w] = kx
+                v_s[r, 2 * w] = uint16(vx & uint32(0xFFFF))
+                v_s[r, 2 * w + 1] = uint16(vx >> uint32(16))
+                e += threads
+            cuda.syncthreads()
+            for n in range(n_key_frags):  # S = Q K^T, 8 keys at a time
+                c0, c1, c2, c3 = zero, zero, zero, zero
+                for kk in range(n_dim_steps):
+                    if hold_q:
+                        a0, a1, a2, a3 = qf[kk, 0], qf[kk, 1], qf[kk, 2], qf[kk, 3]
+                    else:  # no registers for Q: its fragments come again, from L1
+                        a0 = q_word(q, q0, row_a, row_b, sq, n_words, kk, 0, t)
+                        a1 = q_word(q, q0, row_a, row_b, sq, n_words, kk, 1, t)
+                        a2 = q_word(q, q0, row_a, row_b, sq, n_words, kk, 2, t)
+                        a3 = q_word(q, q0, row_a, row_b, sq, n_words, kk, 3, t)
+                    c0, c1, c2, c3 = mma(a0, a1, a2, a3, k_s[n * 8 + g, kk * 8 + t], k_s[n * 8 + g, kk * 8 + t + 4],
+                                         c0, c1, c2, c3)
+                s[n, 0], s[n, 1], s[n, 2], s[n, 3] = c0, c1, c2, c3
+            # the score transforms, one small loop each: a loop whose body is large is not unrolled,
+            # and then the fragments it indexes go to local memory
+            for n in range(n_key_frags):
+                for e in range(4):
+                    s[n, e] *= scale
+            if softcap > zero:
+                for n in range(n_key_frags):
+                    for e in range(4):
+                        s[n, e] = softcap_score(s[n, e], softcap)
+            if has_alibi:
+                for n in range(n_key_frags):
+                    for e in range(4):
+                        i = row_a if e < 2 else row_b
+                        s[n, e] += alibi_bias(slope, i, j0 + n * 8 + 2 * t + (e & 1), sq_d, sk)
+            for n in range(n_key_frags):
+                for e in range(4):
+                    i = row_a if e < 2 else row_b
+                    lo = lo_a if e < 2 else lo_b
+                    hi = hi_a if e < 2 else hi_b
+                    j = j0 + n * 8 + 2 * t + (e & 1)
+                    if not (i < sq and lo <= j and j < hi):
+                        s[n, e] = neg_inf
+                    elif has_bias or has_mask:
+                        s[n, e] = extra(s[n, e], b, h, i, j, bias, bs, has_bias, mask, ms, has_mask)
+            top_a, top_b = max_a, max_b
+            for n in range(n_key_frags):
+                top_a = max(top_a, max(s[n, 0], s[n, 1]))
+                top_b = max(top_b, max(s[n, 2], s[n, 3]))
+            top_a = max(top_a, _mma.shfl_xor(top_a, 1))  # the four lanes of a row
+            top_a = max(top_a, _mma.shfl_xor(top_a, 2))
+            top_b = max(top_b, _mma.shfl_xor(top_b, 1))
+            top_b = max(top_b, _mma.shfl_xor(top_b, 2))
+            kept = u0  # dropout's keep bits of this lane's elements, bit 4 n + e: a loop apart from the
+            if drop_scale > zero:  # fragments, whose indices must unroll (Philox inlined 32 times would not)
+                for n in range(n_key_frags):
+                    for e in range(4):
+                        i = row_a if e < 2 else row_b
+                        j = j0 + n * 8 + 2 * t + (e & 1)
+                        if keep(drop[0], drop[1], uint64(b) + drop[3], h, i, j, drop[2]):
+                            kept |= uint32(1) << uint32(n * 4 + e)
+            alpha_a = online_rescale(max_a, top_a)
+            alpha_b = online_rescale(max_b, top_b)
+            part_a, part_b = zero, zero
+            for n in range(n_key_frags):
+                for e in range(4):
+                    top = top_a if e < 2 else top_b
+                    p = zero
+                    if top != neg_inf:
+                        p = math.exp(s[n, e] - top)
+                    if e < 2:
+                        part_a += p
+                    else:
+                        part_b += p
+                    if drop_scale > zero:  # after the sum: lse stays that of every key
+                        p = p * drop_scale if (kept >> uint32(n * 4 + e)) & uint32(1) else zero
+                    s[n, e] = p
+            sum_a = sum_a * alpha_a + part_a
+            sum_b = sum_b * alpha_b + part_b
+            max_a, max_b = top_a, top_b
+            for n in range(n_dim_frags):
+                o[n, 0] *= alpha_a
+                o[n, 1] *= alpha_a
+                o[n, 2] *= alpha_b
+                o[n, 3] *= alpha_b
+            for step in range(n_pv_steps):  # O += P V, 16 keys at a time
+                p0 = pack(s[2 * step, 0], s[2 * step, 1])
+                p1 = pack(s[2 * step, 2], s[2 * step, 3])
+                p2 = pack(s[2 * step + 1, 0], s[2 * step + 1, 1])
+                p3 = pack(s[2 * step + 1, 2], s[2 * step + 1, 3])
+                key = step * 16 + 2 * t
+                for n in range(n_dim_frags):
+                    col = n * 8 + g
+                    b0 = uint32(v_s[key, col]) | (uint32(v_s[key + 1, col]) << uint32(16))
+                    b1 = uint32(v_s[key + 8, col]) | (uint32(v_s[key + 9, col]) << uint32(16))
+                    o[n, 0], o[n, 1], o[n, 2], o[n, 3] = mma(p0, p1, p2, p3, b0, b1,
+                                                             o[n, 0], o[n, 1], o[n, 2], o[n, 3])
+        sum_a += _mma.shfl_xor(sum_a, 1)
+        sum_a += _mma.shfl_xor(sum_a, 2)
+        sum_b += _mma.shfl_xor(sum_b, 1)
+        sum_b += _mma.shfl_xor(sum_b, 2)
+        inv_a = one / sum_a if sum_a > zero else zero
+        inv_b = one / sum_b if sum_b > zero else zero
+        for n in range(n_dim_frags):
+            w = n * 4 + t
+            if w < n_words:
+                if row_a < sq:
+                    out[uint64(q0 + row_a), uint64(w)] = pack(o[n, 0] * inv_a, o[n, 1] * inv_a)
+                if row_b < sq:
+                    out[uint64(q0 + row_b), uint64(w)] = pack(o[n, 2] * inv_b, o[n, 3] * inv_b)
+        if t == 0:
+            if row_a < sq:
+                lse[uint64(q0 + row_a)] = finish_lse(max_a, sum_a)
+            if row_b < sq:
+                lse[uint64(q0 + row_b)] = finish_lse(max_b, sum_b)
+
+    return forward
+
+
+def signature():
+    """The argument types of :func:`make_forward`'s kernel (C-contiguous arrays)."""
+    from numba import boolean, int32, int64, types
+
+    w2, a1 = uint32[:, ::1], float32[::1]
+    strides = types.UniTuple(int64, 4)
+    extra = (a1, strides, boolean, boolean[::1], strides, boolean, uint64[::1], float32)
+    return (w2, w2, w2, *(int32,) * 5, float32, int32, int32, int32, float32, a1, int32, boolean, *extra, w2, a1)
+
