@@ -313,6 +313,7 @@ RULES = (
     Rule("static smem <= 48 KiB", lambda r: True, lambda r: r["smem_static"] <= 48 * KIB),
     Rule("occupancy >= 25%", lambda r: r["role"] == "forward", lambda r: r["occupancy"] >= 0.25),
     Rule("occupancy >= 50%", lambda r: r["role"] == "decode", lambda r: r["occupancy"] >= 0.5),
+    Rule("mma in tensor-core kernels", lambda r: r["kernel"].endswith("-mma"), lambda r: r["mma_ops"] > 0),
 )
 #: (role or None for any, dtype) pairs that must have a row.
 REQUIRED = tuple((role, dtype) for role in ("forward", "backward")

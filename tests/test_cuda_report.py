@@ -122,12 +122,13 @@ def test_violations_names_each_broken_rule():
     bad = [dict(good, kernel="spills", spill_bytes=4), dict(good, kernel="f64", f64_ops=2),
            dict(good, kernel="stack", stack_frame=8), dict(good, kernel="smem", smem_static=48 * 1024 + 4),
            dict(good, kernel="low", occupancy=0.125), dict(good, kernel="decode", role="decode", occupancy=0.375),
-           dict(good, kernel="broken", compiles=False, spill_bytes=None)]
+           dict(good, kernel="broken", compiles=False, spill_bytes=None),
+           dict(good, kernel="forward-mma", mma_ops=0), dict(good, kernel="fine-mma", mma_ops=32)]
     assert _cuda_report.violations(rows + bad) == {
         "compiles": ["broken-float16-d64"], "no float64 instructions": ["f64-float16-d64"],
         "no spills": ["spills-float16-d64"], "no stack frame": ["stack-float16-d64"],
         "static smem <= 48 KiB": ["smem-float16-d64"], "occupancy >= 25%": ["low-float16-d64"],
-        "occupancy >= 50%": ["decode-float16-d64"]}
+        "occupancy >= 50%": ["decode-float16-d64"], "mma in tensor-core kernels": ["forward-mma-float16-d64"]}
     assert list(_cuda_report.violations(rows[2:])) == ["missing"]
 
 
@@ -339,6 +340,28 @@ def test_forward_and_decode_occupancy(reports, target, index):
     least = MIN_OCCUPANCY[row["role"]]
     assert row["occupancy"] >= least, (
         f"occupancy {row['occupancy']:.1%} < {least:.0%} with {row['registers']} registers in {describe(row)}")
+
+
+@pytest.mark.parametrize("target, index", _variant_params(lambda v: v.kernel.endswith("-mma")))
+def test_tensor_core_kernels_run_mma_instructions(reports, target, index):
+    row = row_of(reports, target, index)
+    assert row["mma_ops"] > 0, f"no mma instruction in {describe(row)}"
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_tensor_core_kernels_cover_float16_and_bfloat16(reports, target):
+    have = {(r["role"], r["dtype"], r["head_dim"]) for r in reports[target] if r["kernel"].endswith("-mma")}
+    assert have == {("forward", dtype, d) for dtype in ("float16", "bfloat16") for d in HEAD_DIMS}, have
+
+
+def test_no_tensor_core_kernels_below_sm80():
+    """A report for sm_75 leaves the mma kernels out (they need sm_80) instead of failing them."""
+    if REASON is not None:
+        pytest.skip(REASON)
+    variants = [v for v in _cuda_report.collect_variants((64,)) if v.kernel == "forward-mma"
+                or (v.kernel == "forward" and v.dtype == "float16")]
+    rows = _cuda_report.report((7, 5), variants=variants)
+    assert [r["kernel"] for r in rows] == ["forward"] and rows[0]["compiles"], rows
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
