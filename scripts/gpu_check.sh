@@ -14,7 +14,9 @@
 #   pytest_cuda.log    the same with the tests' small launch config (many tiles on tiny shapes)
 #   profile.txt        python scripts/gpu_profile.py: kernel time against wall time per call
 #   cuda_report.log, cuda_report.json   python -m fastattn cuda-report (when the checkout has it)
-#   bench_cuda.log, bench_cuda.json     python -m fastattn bench --backend cuda
+#   bench_cuda.log, bench_cuda.json     python -m fastattn bench --backend cuda (with the tensor-core
+#                      table: the float16/bfloat16 forward on mma.sync, on the SIMT kernels, and PyTorch's
+#                      SDPA at B=4, H=16, N=4096, D=128, timed in turn)
 # Each step has its own time limit, cut to what is left of GPU_CHECK_SECONDS
 # (default 450); a failing step is recorded and the next one runs; the exit
 # status is non-zero if any step failed.  The pytest steps stop after 20

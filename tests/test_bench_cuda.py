@@ -281,7 +281,7 @@ def test_gpu_section_runs_its_cases_and_lists_those_past_the_deadline(cuda, monk
         return (time.perf_counter() - start) / calls
     monkeypatch.setitem(bench_gpu.SIZES, "sim", dict(
         seqs=(8,), head_dims=(8,), dtypes=("float16",), ops=("forward",), decode=((1, 12),), repeats=1,
-        case_budget_s=0.0, budget_s=60.0, copy_mib=1))
+        case_budget_s=0.0, budget_s=60.0, copy_mib=1, tensor_cores=()))
     monkeypatch.setattr(bench_gpu, "DECODE", dict(heads_q=4, heads_kv=2, head_dim=8, block_size=4))
     monkeypatch.setattr(bench_gpu, "DECODE_DTYPES", ("float8_e4m3fn",))
     monkeypatch.setattr(bench_gpu, "TOKENS", 16)
@@ -296,6 +296,7 @@ def test_gpu_section_runs_its_cases_and_lists_those_past_the_deadline(cuda, monk
         ("forward", "float16", "1×2×2×8×8"), ("forward", "float16", "1×2×2×8×8")]
     rows = section["decode_rows"] + section["dense_rows"]
     assert all(r["error"] is None and r["seconds"] > 0 for r in rows), rows
+    assert section["tensor_core_rows"] == []
     assert section["skipped"] == [] and section["notes"] == ["PyTorch columns skipped: a test"]
     out = stream.getvalue()
     assert "% copy bw" in out and "fastattn/torch" in out and "PyTorch columns skipped: a test" in out, out
@@ -304,3 +305,35 @@ def test_gpu_section_runs_its_cases_and_lists_those_past_the_deadline(cuda, monk
     section = bench_gpu.run("sim", io.StringIO())
     assert section["decode_rows"] == section["dense_rows"] == [] and len(section["skipped"]) == 3
     assert section["notes"][-1] == "3 of 3 cases skipped: the section's 0 s budget was spent"
+
+
+def test_tensor_core_cases_are_the_issue_shape_in_both_16_bit_types():
+    cases = bench_gpu.tensor_core_cases("full")
+    assert [(c.dtype, c.causal, c.shape, c.op) for c in cases] == [
+        (dtype, causal, "4×16×16×4096×128", "forward") for dtype in ("float16", "bfloat16") for causal in (False, True)]
+
+
+@CUDA
+def test_tensor_core_row_times_mma_simt_and_torch_in_turn(cuda, monkeypatch):
+    """One row of the tensor-core table (wall-clock timers; the emulated mma waits on thread switches)."""
+    def wall_timer(fn, calls=1):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
+    monkeypatch.setattr(bench_gpu, "event_timer", wall_timer)
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(5e-4)
+    try:
+        case = bench_gpu.Case("forward", dtype="bfloat16", seq=8, causal=True, heads_q=1, heads_kv=1, batch=1,
+                              head_dim=8)
+        stream = io.StringIO()
+        row = bench_gpu.measure_tensor_cores(case, bench_gpu.dense_inputs(case, None),
+                                             dict(repeats=1, case_budget_s=0.0), None, stream)
+    finally:
+        sys.setswitchinterval(before)
+    assert row["error"] is None and row["mma_seconds"] > 0 and row["simt_seconds"] > 0, row
+    assert row["torch_seconds"] is None and row["simt_diff"] < 1e-2, row
+    assert fastattn.config.cuda_mma is False, "the suite's setting is restored"
+    table = bench_gpu.format_tensor_cores([row, dict(row, error="boom")])
+    assert "mma/SIMT" in table and "failed" in table, table

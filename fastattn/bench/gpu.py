@@ -36,11 +36,13 @@ from .paged import kernel as paged_kernel
 SIZES = {
     "full": dict(seqs=(1024, 4096, 16384), head_dims=(64, 128), dtypes=DTYPES, ops=("forward", "backward"),
                  decode=((8, 4096), (32, 4096), (8, 16384), (32, 16384)), repeats=5, case_budget_s=1.0,
-                 budget_s=120.0, copy_mib=1024),
+                 budget_s=120.0, copy_mib=1024, tensor_cores=((4, 16, 4096, 128),)),
     "quick": dict(seqs=(1024, 4096), head_dims=(128,), dtypes=DTYPES, ops=("forward", "backward"),
-                  decode=((8, 4096), (32, 16384)), repeats=3, case_budget_s=0.5, budget_s=60.0, copy_mib=512),
+                  decode=((8, 4096), (32, 16384)), repeats=3, case_budget_s=0.5, budget_s=60.0, copy_mib=512,
+                  tensor_cores=((4, 16, 4096, 128),)),
     "tiny": dict(seqs=(256,), head_dims=(64,), dtypes=("float16",), ops=("forward", "backward"),
-                 decode=((2, 256),), repeats=2, case_budget_s=0.2, budget_s=20.0, copy_mib=64),
+                 decode=((2, 256),), repeats=2, case_budget_s=0.2, budget_s=20.0, copy_mib=64,
+                 tensor_cores=((1, 2, 256, 64),)),
 }
 #: ``B * H * N`` of every dense case: each call has work enough to fill the GPU.
 TOKENS = 65536
@@ -75,6 +77,14 @@ def dense_cases(size="full"):
                     cases += [Case(op, dtype=dtype, seq=seq, causal=causal, heads_q=heads, heads_kv=heads,
                                    batch=batch, head_dim=head_dim) for op in s["ops"]]
     return cases
+
+
+def tensor_core_cases(size="full"):
+    """The tensor-core table's cases: the forward at each ``(B, H, N, D)`` of the size, float16 and
+    bfloat16, without and with a causal mask."""
+    return [Case("forward", dtype=dtype, seq=n, causal=causal, heads_q=h, heads_kv=h, batch=b, head_dim=d)
+            for b, h, n, d in SIZES[size].get("tensor_cores", ()) for dtype in ("float16", "bfloat16")
+            for causal in (False, True)]
 
 
 def decode_cases(size="full"):
@@ -340,7 +350,8 @@ def measure_decode(case, settings, copy_gbs, stream):
 
 
 def relative_diff(ours, theirs):
-    """``max|a - b| / max|b|`` over the pairs of results (device arrays and PyTorch tensors), in float64.
+    """``max|a - b| / max|b|`` over the pairs of results (device arrays, and PyTorch tensors or device
+    arrays), in float64.
 
     A check at the benchmark's own sizes that fastattn computes what PyTorch
     does: float16 and bfloat16 results agree to a few units of their rounding.
@@ -350,7 +361,10 @@ def relative_diff(ours, theirs):
     worst = 0.0
     for a, b in zip(ours, theirs):
         a = np.asarray(a.copy_to_host()).astype(np.float64)
-        b = b.detach().float().cpu().numpy().astype(np.float64)
+        if hasattr(b, "copy_to_host"):  # another fastattn result
+            b = np.asarray(b.copy_to_host()).astype(np.float64)
+        else:
+            b = b.detach().float().cpu().numpy().astype(np.float64)
         worst = max(worst, float(np.abs(a - b).max() / max(np.abs(b).max(), np.finfo(np.float64).tiny)))
     return worst
 
@@ -397,6 +411,56 @@ def measure_dense(case, x, settings, torch, stream):
     return row
 
 
+def measure_tensor_cores(case, x, settings, torch, stream):
+    """The forward of one case three ways, timed in turn: on tensor cores (``config.cuda_mma``), on the
+    SIMT kernels, and PyTorch's SDPA; return its row."""
+    say(stream, f"  tensor cores: {case.label} {case.dtype} {case.shape}:")
+    run = kernel(case, x)
+
+    def with_mma(on):
+        def call():
+            before, fastattn.config.cuda_mma = fastattn.config.cuda_mma, on
+            try:
+                return run()
+            finally:
+                fastattn.config.cuda_mma = before
+        return call
+
+    ours, simt = with_mma(True), with_mma(False)
+
+    row = dict(name=case.op, dtype=case.dtype, shape=case.shape, causal=case.causal, error=None, torch_error=None,
+               mma_seconds=None, simt_seconds=None, torch_seconds=None, mma_tflops=None, simt_tflops=None,
+               torch_tflops=None, over_torch=None, over_simt=None, torch_diff=None, simt_diff=None)
+    try:
+        fns = [ours, simt]
+        for fn in fns:
+            fn()  # compile (or load the cache) and warm up
+        if torch is not None:
+            try:
+                theirs = torch_kernel(case, x["torch"], torch)
+                theirs()
+                fns.append(theirs)
+            except Exception as exc:
+                row["torch_error"] = _error(exc)
+        samples = in_turn([_timer(fn, event_timer(fn)) for fn in fns], settings["repeats"],
+                          settings["case_budget_s"])
+        for name, got in zip(("mma", "simt", "torch"), samples):
+            row[f"{name}_seconds"] = _seconds(got)[0]
+            row[f"{name}_tflops"] = case.flops / row[f"{name}_seconds"] / 1e12
+        row["over_simt"] = row["mma_tflops"] / row["simt_tflops"]
+        row["simt_diff"] = relative_diff(ours(), simt())
+        if len(fns) > 2:
+            row["over_torch"] = row["mma_tflops"] / row["torch_tflops"]
+            row["torch_diff"] = relative_diff(ours(), theirs())
+    except Exception as exc:
+        row["error"] = _error(exc)
+        say(stream, f" failed: {row['error']}", end="\n")
+        return row
+    say(stream, f" {row['mma_tflops']:.1f} TFLOP/s (SIMT {row['simt_tflops']:.1f}"
+                + (f", torch {row['torch_tflops']:.1f})" if row["torch_tflops"] else ")"), end="\n")
+    return row
+
+
 # --- the tables -------------------------------------------------------------------------
 
 def _cell(value, fmt):
@@ -414,6 +478,19 @@ def format_dense(rows):
     body = [(r["name"], r["dtype"], r["shape"], "failed" if r["error"] else _cell(_ms(r["seconds"]), ".3f"),
              _cell(r["tflops"], ".2f"), _cell(_ms(r["torch_seconds"]), ".3f"),
              _cell(r["torch_tflops"], ".2f"), _cell(r["ratio"], ".2f"), _cell(r.get("torch_diff"), ".1g"))
+            for r in rows]
+    return align(head, body, 3)
+
+
+def format_tensor_cores(rows):
+    """The tensor-core rows as an aligned plain-text table."""
+    head = ("op", "dtype", "shape (B×Hq×Hkv×N×D)", "mma ms", "mma TFLOP/s", "SIMT TFLOP/s", "torch TFLOP/s",
+            "mma/torch", "mma/SIMT", "diff torch", "diff SIMT")
+    body = [(r["name"] + (" causal" if r["causal"] else ""), r["dtype"], r["shape"],
+             "failed" if r["error"] else _cell(_ms(r.get("mma_seconds")), ".3f"), _cell(r.get("mma_tflops"), ".1f"),
+             _cell(r.get("simt_tflops"), ".1f"), _cell(r.get("torch_tflops"), ".1f"),
+             _cell(r.get("over_torch"), ".2f"), _cell(r.get("over_simt"), ".2f"), _cell(r.get("torch_diff"), ".1g"),
+             _cell(r.get("simt_diff"), ".1g"))
             for r in rows]
     return align(head, body, 3)
 
@@ -443,10 +520,12 @@ def run(size, stream):
     torch, torch_note = torch_status()
     notes = [torch_note] if torch_note else []
     section = dict(size=size, settings=settings, device=device_name(), torch=torch and torch.__version__,
-                   copy_bandwidth_gbs=None, decode_rows=[], dense_rows=[], skipped=[], notes=notes)
+                   copy_bandwidth_gbs=None, decode_rows=[], tensor_core_rows=[], dense_rows=[], skipped=[],
+                   notes=notes)
     say(stream, f"GPU: {section['device']}; "
                  + (f"torch {torch.__version__}" if torch else torch_note), end="\n")
-    cases = [("decode", c) for c in decode_cases(size)] + [("dense", c) for c in dense_cases(size)]
+    cases = ([("decode", c) for c in decode_cases(size)] + [("tensor cores", c) for c in tensor_core_cases(size)]
+             + [("dense", c) for c in dense_cases(size)])
     done, interrupted = 0, False
     try:
         say(stream, f"measuring copy bandwidth (device-to-device, {settings['copy_mib']} MiB)…")
@@ -463,6 +542,15 @@ def run(size, stream):
                 break
             if kind == "decode":
                 section["decode_rows"].append(measure_decode(case, settings, copy_gbs, stream))
+            elif kind == "tensor cores":
+                inputs = (None, None)
+                try:
+                    x = dense_inputs(case, torch)
+                except Exception as exc:
+                    x = _error(exc)
+                section["tensor_core_rows"].append(
+                    dict(name=case.op, dtype=case.dtype, shape=case.shape, causal=case.causal, error=x)
+                    if isinstance(x, str) else measure_tensor_cores(case, x, settings, torch, stream))
             else:
                 key = (case.dtype, case.batch, case.heads_q, case.seq, case.head_dim)
                 if inputs[0] != key:
@@ -490,6 +578,11 @@ def run(size, stream):
         say(stream, "\n" + format_decode(section["decode_rows"]), end="\n")
         say(stream, "% copy bw: KV cache bytes read per second over the device-to-device copy rate "
                      "(bytes read + written per second) measured above", end="\n")
+    if section["tensor_core_rows"]:
+        say(stream, "\n" + format_tensor_cores(section["tensor_core_rows"]), end="\n")
+        say(stream, "tensor cores: the float16/bfloat16 forward on mma.sync (fastattn.config.cuda_mma), on the "
+                     "SIMT kernels (cuda_mma off) and PyTorch's SDPA, timed in turn; diff: max relative "
+                     "difference of the outputs", end="\n")
     if section["dense_rows"]:
         say(stream, "\n" + format_dense(section["dense_rows"]), end="\n")
         say(stream, "time: median of samples timed in turn with PyTorch (CUDA events); "
