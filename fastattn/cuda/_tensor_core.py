@@ -1,4 +1,4 @@
-"""The dense forward on tensor cores (float16/bfloat16 inputs, sm_80+), FlashAttention-2's register layout.
+"""The dense forward and dQ on tensor cores (float16/bfloat16 inputs, sm_80+), FlashAttention-2's layout.
 
 A block of four warps owns 64 query rows of one (batch, head); warp ``w``
 owns rows ``16 w ... 16 w + 15`` and keeps them as ``mma`` A fragments
@@ -33,9 +33,12 @@ from ._device import inline, tile_math, udiv, umod
 WARPS = 4
 
 
-def launch_bounds(db, warps=WARPS):
-    """``(threads, min_blocks)``: blocks of ``warps`` warps, 16 warps an SM (25% occupancy, at most 128
-    registers a thread) up to D = 128; half that above, where the output fragments alone take D / 2."""
+def launch_bounds(db, warps=WARPS, name="forward"):
+    """``(threads, min_blocks)``: blocks of ``warps`` warps; the forward 16 warps an SM (25% occupancy, at
+    most 128 registers a thread) up to D = 128, half that above, where the output fragments alone take
+    D / 2; the dQ kernel (S, dP, P and dQ fragments at once) 8 warps an SM."""
+    if name == "dq":
+        return 32 * warps, max(1, 8 // warps)
     return 32 * warps, (16 if db <= 128 else 8) // warps
 
 
@@ -252,3 +255,186 @@ def signature():
     extra = (a1, strides, boolean, boolean[::1], strides, boolean, uint64[::1], float32)
     return (w2, w2, w2, *(int32,) * 5, float32, int32, int32, int32, float32, a1, int32, boolean, *extra, w2, a1)
 
+
+
+def make_dq(kind, db, extra, keep, warps=WARPS):
+    """The backward's dQ kernel on tensor cores: the SIMT dQ kernel's arguments with dout, q, k, v and dq
+    as ``uint32`` views.
+
+    A warp owns 16 query rows as in :func:`make_forward` and walks the visible keys ``BN`` at a time:
+    ``S = Q Kᵀ`` and ``dP = dO Vᵀ`` on ``mma`` (keys and values staged as words), ``P = exp(S - lse)``
+    and ``dS = P (dP - delta)`` element by element on the fragments (with the softcap derivative,
+    ALiBi, bias/mask, dropout and the bias gradient's atomics, as the SIMT kernel), then
+    ``dQ += dS K`` with dS rounded to the inputs' 16-bit type (keys staged again as halves).
+    """
+    mma, pack = _mma.ops(kind)
+    block_rows, threads = 16 * warps, 32 * warps
+    t_ = tile_math(float32)
+    key_range, softcap_score, softcap_grad = t_.key_range, t_.softcap_score, t_.softcap_grad
+    alibi_bias = t_.alibi_bias
+    bn = block_keys(db)
+    n_key_frags, n_steps = bn // 8, bn // 16
+    n_dim_steps, n_dim_frags = db // 16, db // 8
+    words = db // 2
+    stride = words + 4
+    half_stride = 2 * stride
+    zero, neg_inf = float32(0.0), float32(-math.inf)
+    u0 = uint32(0)
+
+    def dq_kernel(dout, q, k, v, lse, delta, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, softcap, slopes,
+                  slope_stride, has_alibi, bias, bs, has_bias, mask, ms, has_mask, drop, drop_scale, dbias, dbs,
+                  want_dbias, dq):
+        n_tiles = udiv(sq + block_rows - 1, block_rows)
+        tile = n_tiles - 1 - umod(cuda.blockIdx.x, n_tiles)
+        bh = udiv(cuda.blockIdx.x, n_tiles)
+        b = udiv(bh, heads_q)
+        h = bh - b * heads_q
+        q0 = bh * sq
+        k0 = (b * heads_kv + udiv(h, udiv(heads_q, heads_kv))) * sk
+        tid = cuda.threadIdx.x
+        g = (tid & 31) >> 2
+        t = tid & 3
+        n_words = dim >> 1
+        i0 = tile * block_rows
+        n_rows = min(block_rows, sq - i0)
+        row_a = i0 + (tid >> 5) * 16 + g
+        row_b = row_a + 8
+        k_w = cuda.shared.array((bn, stride), uint32)
+        v_w = cuda.shared.array((bn, stride), uint32)
+        k_h = cuda.shared.array((bn, half_stride), uint16)
+        s = cuda.local.array((n_key_frags, 4), float32)
+        dp = cuda.local.array((n_key_frags, 4), float32)
+        p = cuda.local.array((n_key_frags, 4), float32)
+        acc = cuda.local.array((n_dim_frags, 4), float32)
+        for n in range(n_dim_frags):
+            for e in range(4):
+                acc[n, e] = zero
+        lse_a = lse[uint64(q0 + row_a)] if row_a < sq else neg_inf
+        lse_b = lse[uint64(q0 + row_b)] if row_b < sq else neg_inf
+        delta_a = delta[uint64(q0 + row_a)] if row_a < sq else zero
+        delta_b = delta[uint64(q0 + row_b)] if row_b < sq else zero
+        slope = slopes[b * slope_stride + h] if has_alibi else zero
+        lo_a, hi_a = key_range(row_a, sq, sk, wl, wr)
+        lo_b, hi_b = key_range(row_b, sq, sk, wl, wr)
+        j_lo = key_range(i0, sq, sk, wl, wr)[0]
+        j_hi = key_range(i0 + n_rows - 1, sq, sk, wl, wr)[1]
+        for j0 in range(j_lo, j_hi, bn):
+            cuda.syncthreads()
+            e = tid
+            while e < bn * words:
+                r = udiv(e, words)
+                w = e - r * words
+                kx, vx = u0, u0
+                if j0 + r < j_hi and w < n_words:
+                    kx = k[uint64(k0 + j0 + r), uint64(w)]
+                    vx = v[uint64(k0 + j0 + r), uint64(w)]
+                k_w[r, w] = kx
+                v_w[r, w] = vx
+                k_h[r, 2 * w] = uint16(kx & uint32(0xFFFF))
+                k_h[r, 2 * w + 1] = uint16(kx >> uint32(16))
+                e += threads
+            cuda.syncthreads()
+            for n in range(n_key_frags):  # S = Q K^T and dP = dO V^T, 8 keys at a time
+                c0, c1, c2, c3 = zero, zero, zero, zero
+                d0, d1, d2, d3 = zero, zero, zero, zero
+                for kk in range(n_dim_steps):
+                    c0, c1, c2, c3 = mma(q_word(q, q0, row_a, row_b, sq, n_words, kk, 0, t),
+                                         q_word(q, q0, row_a, row_b, sq, n_words, kk, 1, t),
+                                         q_word(q, q0, row_a, row_b, sq, n_words, kk, 2, t),
+                                         q_word(q, q0, row_a, row_b, sq, n_words, kk, 3, t),
+                                         k_w[n * 8 + g, kk * 8 + t], k_w[n * 8 + g, kk * 8 + t + 4], c0, c1, c2, c3)
+                    d0, d1, d2, d3 = mma(q_word(dout, q0, row_a, row_b, sq, n_words, kk, 0, t),
+                                         q_word(dout, q0, row_a, row_b, sq, n_words, kk, 1, t),
+                                         q_word(dout, q0, row_a, row_b, sq, n_words, kk, 2, t),
+                                         q_word(dout, q0, row_a, row_b, sq, n_words, kk, 3, t),
+                                         v_w[n * 8 + g, kk * 8 + t], v_w[n * 8 + g, kk * 8 + t + 4], d0, d1, d2, d3)
+                s[n, 0], s[n, 1], s[n, 2], s[n, 3] = c0 * scale, c1 * scale, c2 * scale, c3 * scale
+                dp[n, 0], dp[n, 1], dp[n, 2], dp[n, 3] = d0, d1, d2, d3
+            # element by element, one small loop each (see make_forward); s becomes the softcapped score
+            if softcap > zero:
+                for n in range(n_key_frags):
+                    for e in range(4):
+                        s[n, e] = softcap_score(s[n, e], softcap)
+            for n in range(n_key_frags):
+                for e in range(4):
+                    p[n, e] = s[n, e]
+            if has_alibi:
+                for n in range(n_key_frags):
+                    for e in range(4):
+                        i = row_a if e < 2 else row_b
+                        p[n, e] += alibi_bias(slope, i, j0 + n * 8 + 2 * t + (e & 1), sq, sk)
+            for n in range(n_key_frags):
+                for e in range(4):
+                    i = row_a if e < 2 else row_b
+                    lo = lo_a if e < 2 else lo_b
+                    hi = hi_a if e < 2 else hi_b
+                    j = j0 + n * 8 + 2 * t + (e & 1)
+                    if not (i < sq and lo <= j and j < hi):
+                        p[n, e] = neg_inf
+                    elif has_bias or has_mask:
+                        p[n, e] = extra(p[n, e], b, h, i, j, bias, bs, has_bias, mask, ms, has_mask)
+            for n in range(n_key_frags):
+                for e in range(4):
+                    top = lse_a if e < 2 else lse_b
+                    x = zero
+                    if top != neg_inf and p[n, e] != neg_inf:
+                        x = math.exp(p[n, e] - top)
+                    p[n, e] = x
+            if drop_scale > zero:
+                kept = u0
+                for n in range(n_key_frags):
+                    for e in range(4):
+                        i = row_a if e < 2 else row_b
+                        j = j0 + n * 8 + 2 * t + (e & 1)
+                        if keep(drop[0], drop[1], uint64(b) + drop[3], h, i, j, drop[2]):
+                            kept |= uint32(1) << uint32(n * 4 + e)
+                for n in range(n_key_frags):
+                    for e in range(4):
+                        dp[n, e] = dp[n, e] * drop_scale if (kept >> uint32(n * 4 + e)) & uint32(1) else zero
+            for n in range(n_key_frags):  # dS = P (dP - delta), before the softcap derivative
+                for e in range(4):
+                    dp[n, e] = p[n, e] * (dp[n, e] - (delta_a if e < 2 else delta_b))
+            if want_dbias:  # the gradient of the scores after softcap; broadcast axes meet here
+                for n in range(n_key_frags):
+                    for e in range(4):
+                        i = row_a if e < 2 else row_b
+                        j = j0 + n * 8 + 2 * t + (e & 1)
+                        if i < sq and j < j_hi and p[n, e] != zero:
+                            cuda.atomic.add(dbias, uint64(b * dbs[0] + h * dbs[1] + i * dbs[2] + j * dbs[3]),
+                                            dp[n, e])
+            if softcap > zero:
+                for n in range(n_key_frags):
+                    for e in range(4):
+                        dp[n, e] *= softcap_grad(s[n, e], softcap)
+            for step in range(n_steps):  # dQ += dS K, 16 keys at a time
+                a0 = pack(dp[2 * step, 0], dp[2 * step, 1])
+                a1 = pack(dp[2 * step, 2], dp[2 * step, 3])
+                a2 = pack(dp[2 * step + 1, 0], dp[2 * step + 1, 1])
+                a3 = pack(dp[2 * step + 1, 2], dp[2 * step + 1, 3])
+                key = step * 16 + 2 * t
+                for n in range(n_dim_frags):
+                    col = n * 8 + g
+                    b0 = uint32(k_h[key, col]) | (uint32(k_h[key + 1, col]) << uint32(16))
+                    b1 = uint32(k_h[key + 8, col]) | (uint32(k_h[key + 9, col]) << uint32(16))
+                    acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3] = mma(a0, a1, a2, a3, b0, b1, acc[n, 0], acc[n, 1],
+                                                                     acc[n, 2], acc[n, 3])
+        for n in range(n_dim_frags):
+            w = n * 4 + t
+            if w < n_words:
+                if row_a < sq:
+                    dq[uint64(q0 + row_a), uint64(w)] = pack(acc[n, 0] * scale, acc[n, 1] * scale)
+                if row_b < sq:
+                    dq[uint64(q0 + row_b), uint64(w)] = pack(acc[n, 2] * scale, acc[n, 3] * scale)
+
+    return dq_kernel
+
+
+def dq_signature():
+    """The argument types of :func:`make_dq`'s kernel (C-contiguous arrays)."""
+    from numba import boolean, int32, int64, types
+
+    w2, a1 = uint32[:, ::1], float32[::1]
+    strides = types.UniTuple(int64, 4)
+    extra = (a1, strides, boolean, boolean[::1], strides, boolean, uint64[::1], float32)
+    return (w2, w2, w2, w2, a1, a1, *(int32,) * 5, float32, int32, int32, float32, a1, int32, boolean, *extra,
+            a1, strides, boolean, w2)

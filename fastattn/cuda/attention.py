@@ -528,12 +528,14 @@ def use_mma(spec):
     return _device.simulated() or _device.compute_capability() >= _mma.MIN_CC
 
 
-def _mma_kernel(dtype, db, bias_dtype, warps):
-    key = ("forward-mma", np.dtype(dtype), db, np.dtype(bias_dtype), warps)
+def _mma_kernel(dtype, db, bias_dtype, warps, name="forward"):
+    """The tensor-core ``forward`` or ``dq`` kernel (:mod:`fastattn.cuda._tensor_core`)."""
+    key = (name + "-mma", np.dtype(dtype), db, np.dtype(bias_dtype), warps)
     if key not in _kernels:
         kind = "f16" if np.dtype(dtype) == np.float16 else "bf16"
-        fn = _tensor_core.make_forward(kind, db, _extra_terms(dtype, bias_dtype), _keep, warps)
-        _kernels[key] = _device.kernel(fn, _tensor_core.launch_bounds(db, warps))
+        make = _tensor_core.make_forward if name == "forward" else _tensor_core.make_dq
+        fn = make(kind, db, _extra_terms(dtype, bias_dtype), _keep, warps)
+        _kernels[key] = _device.kernel(fn, _tensor_core.launch_bounds(db, warps, name))
     return _kernels[key]
 
 
@@ -598,9 +600,17 @@ def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False
     if n_rows:
         _kernel("delta", spec.dtype, db)[_launch.blocks(n_rows, threads), threads](
             inputs[0], _launch.rows(out), spec.head_dim, _launch.flat(delta))
-        kernel, shape = _compiled("dq", spec.dtype, db, bias_dtype)
-        grid = _launch.blocks(spec.seq_q, shape[0] * shape[2]) * spec.batch * spec.heads_q
-        kernel[grid, _threads(shape)](*inputs, lse, _launch.flat(delta), *options, *dbias_args, _launch.rows(dq))
+        if use_mma(spec):
+            warps = config.cuda_mma_warps
+            grid = _launch.blocks(spec.seq_q, 16 * warps) * spec.batch * spec.heads_q
+            words = [x.view(np.uint32) for x in inputs]
+            _mma_kernel(spec.dtype, db, bias_dtype, warps, "dq")[grid, 32 * warps](
+                *words, lse, _launch.flat(delta), *options, *dbias_args, _launch.rows(dq).view(np.uint32))
+        else:
+            kernel, shape = _compiled("dq", spec.dtype, db, bias_dtype)
+            grid = _launch.blocks(spec.seq_q, shape[0] * shape[2]) * spec.batch * spec.heads_q
+            kernel[grid, _threads(shape)](*inputs, lse, _launch.flat(delta), *options, *dbias_args,
+                                          _launch.rows(dq))
     if spec.batch * spec.heads_kv * spec.seq_k:
         kernel, shape = _compiled("dkdv", spec.dtype, db, bias_dtype)
         grid = _launch.blocks(spec.seq_k, shape[0] * shape[2]) * spec.batch * spec.heads_kv
@@ -731,6 +741,10 @@ def variants(head_dims=None):
                     "forward-mma", "forward", dtype_name, db, 32 * _tensor_core.WARPS,
                     _tensor_core.make_forward(kind, db, _extra_terms(dtype, _accum_np(dtype)), _keep),
                     _tensor_core.signature(), _tensor_core.launch_bounds(db), _mma.MIN_CC))
+                variants.append(_launch.Variant(
+                    "dq-mma", "backward", dtype_name, db, 32 * _tensor_core.WARPS,
+                    _tensor_core.make_dq(kind, db, _extra_terms(dtype, _accum_np(dtype)), _keep),
+                    _tensor_core.dq_signature(), _tensor_core.launch_bounds(db, name="dq"), _mma.MIN_CC))
     for dtype_name in ("float32", "float64"):
         dtype = _dtype(dtype_name)
         acc = acc_type(dtype)
