@@ -4,8 +4,8 @@ The layouts are checked against the PTX ISA's own words (section "Matrix
 Fragments for mma.m16n8k16 with floating point type"); the emulation
 (:mod:`fastattn.cuda._mma`, what the simulator runs in place of the
 instruction) against a plain matrix product at every fragment position, loading
-the fragments the way the attention kernel does; then the tensor-core forward
-and dQ kernels (:mod:`fastattn.cuda._tensor_core`) run the float16/bfloat16
+the fragments the way the attention kernel does; then the tensor-core forward,
+dQ and dK/dV kernels (:mod:`fastattn.cuda._tensor_core`) run the float16/bfloat16
 cases of the dense, bias/mask, dropout and varlen tests with
 ``config.cuda_mma`` on (the rest of the simulator suite keeps it off, see
 ``CUDA_TEST_CONFIG``).
@@ -161,17 +161,17 @@ def test_tensor_core_forward_matches_reference(mma_device, case, rng, monkeypatc
 @pytest.mark.parametrize("case", _sixteen_bit(test_attention.CUDA_CASES)
                          + [pytest.param(test_attention.Case(Shape(1, 2, 1, 20, 41, 40), "causal", BF16),
                                          id="b1-mqa-2-1-sq20-sk41-d40-causal-bf16", marks=CUDA)])
-def test_tensor_core_dq_matches_reference(mma_device, case, rng, monkeypatch):
+def test_tensor_core_backward_matches_reference(mma_device, case, rng, monkeypatch):
     from fastattn.cuda import attention as cuda_attention
 
     launched = []
     monkeypatch.setattr(cuda_attention, "_mma_kernel", _recording(cuda_attention._mma_kernel, launched))
     test_attention.test_backward_matches_reference(mma_device, case, rng)
-    assert launched == ([True] if case.shape.head_dim % 2 == 0 else []), "the tensor-core dQ kernel ran"
+    assert launched == ([True, True] if case.shape.head_dim % 2 == 0 else []), "the dQ and dK/dV kernels ran"
 
 
 @pytest.mark.parametrize("case", _sixteen_bit(test_bias_mask.CUDA_CASES))
-def test_tensor_core_dq_with_bias_mask_and_dbias(mma_device, case, rng):
+def test_tensor_core_backward_with_bias_mask_and_dbias(mma_device, case, rng):
     test_bias_mask.test_backward_with_bias_and_mask_matches_reference(mma_device, case, rng)
 
 

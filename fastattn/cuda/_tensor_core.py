@@ -1,4 +1,4 @@
-"""The dense forward and dQ on tensor cores (float16/bfloat16 inputs, sm_80+), FlashAttention-2's layout.
+"""Dense attention on tensor cores (float16/bfloat16 inputs, sm_80+), FlashAttention-2's register layout.
 
 A block of four warps owns 64 query rows of one (batch, head); warp ``w``
 owns rows ``16 w ... 16 w + 15`` and keeps them as ``mma`` A fragments
@@ -36,8 +36,8 @@ WARPS = 4
 def launch_bounds(db, warps=WARPS, name="forward"):
     """``(threads, min_blocks)``: blocks of ``warps`` warps; the forward 16 warps an SM (25% occupancy, at
     most 128 registers a thread) up to D = 128, half that above, where the output fragments alone take
-    D / 2; the dQ kernel (S, dP, P and dQ fragments at once) 8 warps an SM."""
-    if name == "dq":
+    D / 2; the backward's dQ and dK/dV kernels (scores, dP, P and one or two gradients at once) 8."""
+    if name in ("dq", "dkdv"):
         return 32 * warps, max(1, 8 // warps)
     return 32 * warps, (16 if db <= 128 else 8) // warps
 
@@ -438,3 +438,204 @@ def dq_signature():
     extra = (a1, strides, boolean, boolean[::1], strides, boolean, uint64[::1], float32)
     return (w2, w2, w2, w2, a1, a1, *(int32,) * 5, float32, int32, int32, float32, a1, int32, boolean, *extra,
             a1, strides, boolean, w2)
+
+
+def block_queries(db):
+    """Query rows per step of the dK/dV kernel: 32, or 16 past D = 64 (two accumulators of D / 2 a lane)."""
+    return 32 if db <= 64 else 16
+
+
+def make_dkdv(kind, db, extra, keep, warps=WARPS):
+    """The backward's dK/dV kernel on tensor cores: the SIMT dK/dV kernel's arguments with dout, q, k, v,
+    dk and dv as ``uint32`` views.
+
+    A block owns ``16 * warps`` keys of one KV head, a warp 16 of them (its A fragments, read from L1),
+    and walks the query rows of every head of the group that see them, ``BM`` at a time (staged in
+    shared memory as words and as halves, with their lse and delta): ``Sᵀ = K Qᵀ`` and ``dPᵀ = V dOᵀ`` on
+    ``mma``, ``Pᵀ`` and ``dSᵀ`` element by element, then ``dV += Pᵀ dO`` and ``dK += dSᵀ Q`` with the
+    probabilities and dS rounded to the inputs' 16-bit type.
+    """
+    mma, pack = _mma.ops(kind)
+    block_keys_, threads = 16 * warps, 32 * warps
+    t_ = tile_math(float32)
+    key_range, query_range = t_.key_range, t_.query_range
+    softcap_score, softcap_grad, alibi_bias = t_.softcap_score, t_.softcap_grad, t_.alibi_bias
+    bm = block_queries(db)
+    n_q_frags, n_steps = bm // 8, bm // 16
+    n_dim_steps, n_dim_frags = db // 16, db // 8
+    words = db // 2
+    stride = words + 4
+    half_stride = 2 * stride
+    zero, neg_inf = float32(0.0), float32(-math.inf)
+    u0 = uint32(0)
+
+    def dkdv_kernel(dout, q, k, v, lse, delta, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, softcap, slopes,
+                    slope_stride, has_alibi, bias, bs, has_bias, mask, ms, has_mask, drop, drop_scale, dk, dv):
+        group = udiv(heads_q, heads_kv)
+        n_tiles = udiv(sk + block_keys_ - 1, block_keys_)
+        tile = umod(cuda.blockIdx.x, n_tiles)
+        bh = udiv(cuda.blockIdx.x, n_tiles)  # b * heads_kv + KV head
+        b = udiv(bh, heads_kv)
+        k0 = bh * sk
+        tid = cuda.threadIdx.x
+        g = (tid & 31) >> 2
+        t = tid & 3
+        n_words = dim >> 1
+        j0 = tile * block_keys_
+        n_keys = min(block_keys_, sk - j0)
+        key_a = j0 + (tid >> 5) * 16 + g  # this lane's two keys
+        key_b = key_a + 8
+        q_w = cuda.shared.array((bm, stride), uint32)
+        o_w = cuda.shared.array((bm, stride), uint32)
+        q_h = cuda.shared.array((bm, half_stride), uint16)
+        o_h = cuda.shared.array((bm, half_stride), uint16)
+        lse_s = cuda.shared.array(bm, float32)
+        delta_s = cuda.shared.array(bm, float32)
+        s = cuda.local.array((n_q_frags, 4), float32)
+        dp = cuda.local.array((n_q_frags, 4), float32)
+        p = cuda.local.array((n_q_frags, 4), float32)
+        gk = cuda.local.array((n_dim_frags, 4), float32)
+        gv = cuda.local.array((n_dim_frags, 4), float32)
+        for n in range(n_dim_frags):
+            for e in range(4):
+                gk[n, e] = zero
+                gv[n, e] = zero
+        i_lo, i_hi = query_range(j0, j0 + n_keys, sq, sk, wl, wr)
+        hk = bh - b * heads_kv
+        for h in range(hk * group, (hk + 1) * group):
+            slope = slopes[b * slope_stride + h] if has_alibi else zero
+            q0 = (b * heads_q + h) * sq
+            for i0 in range(i_lo, i_hi, bm):
+                cuda.syncthreads()  # the previous step's rows are read
+                e = tid
+                while e < bm * words:
+                    r = udiv(e, words)
+                    w = e - r * words
+                    qx, ox = u0, u0
+                    if i0 + r < i_hi and w < n_words:
+                        qx = q[uint64(q0 + i0 + r), uint64(w)]
+                        ox = dout[uint64(q0 + i0 + r), uint64(w)]
+                    q_w[r, w] = qx
+                    o_w[r, w] = ox
+                    q_h[r, 2 * w] = uint16(qx & uint32(0xFFFF))
+                    q_h[r, 2 * w + 1] = uint16(qx >> uint32(16))
+                    o_h[r, 2 * w] = uint16(ox & uint32(0xFFFF))
+                    o_h[r, 2 * w + 1] = uint16(ox >> uint32(16))
+                    e += threads
+                e = tid
+                while e < bm:
+                    lse_s[e] = lse[uint64(q0 + i0 + e)] if i0 + e < i_hi else neg_inf
+                    delta_s[e] = delta[uint64(q0 + i0 + e)] if i0 + e < i_hi else zero
+                    e += threads
+                cuda.syncthreads()
+                for n in range(n_q_frags):  # S^T = K Q^T and dP^T = V dO^T, 8 query rows at a time
+                    c0, c1, c2, c3 = zero, zero, zero, zero
+                    d0, d1, d2, d3 = zero, zero, zero, zero
+                    for kk in range(n_dim_steps):
+                        c0, c1, c2, c3 = mma(q_word(k, k0, key_a, key_b, sk, n_words, kk, 0, t),
+                                             q_word(k, k0, key_a, key_b, sk, n_words, kk, 1, t),
+                                             q_word(k, k0, key_a, key_b, sk, n_words, kk, 2, t),
+                                             q_word(k, k0, key_a, key_b, sk, n_words, kk, 3, t),
+                                             q_w[n * 8 + g, kk * 8 + t], q_w[n * 8 + g, kk * 8 + t + 4],
+                                             c0, c1, c2, c3)
+                        d0, d1, d2, d3 = mma(q_word(v, k0, key_a, key_b, sk, n_words, kk, 0, t),
+                                             q_word(v, k0, key_a, key_b, sk, n_words, kk, 1, t),
+                                             q_word(v, k0, key_a, key_b, sk, n_words, kk, 2, t),
+                                             q_word(v, k0, key_a, key_b, sk, n_words, kk, 3, t),
+                                             o_w[n * 8 + g, kk * 8 + t], o_w[n * 8 + g, kk * 8 + t + 4],
+                                             d0, d1, d2, d3)
+                    s[n, 0], s[n, 1], s[n, 2], s[n, 3] = c0 * scale, c1 * scale, c2 * scale, c3 * scale
+                    dp[n, 0], dp[n, 1], dp[n, 2], dp[n, 3] = d0, d1, d2, d3
+                # element (n, e): key key_a (e < 2) or key_b, query row i0 + 8 n + 2 t + (e & 1)
+                if softcap > zero:
+                    for n in range(n_q_frags):
+                        for e in range(4):
+                            s[n, e] = softcap_score(s[n, e], softcap)
+                for n in range(n_q_frags):
+                    for e in range(4):
+                        p[n, e] = s[n, e]
+                if has_alibi:
+                    for n in range(n_q_frags):
+                        for e in range(4):
+                            p[n, e] += alibi_bias(slope, i0 + n * 8 + 2 * t + (e & 1), key_a if e < 2 else key_b,
+                                                  sq, sk)
+                for n in range(n_q_frags):
+                    for e in range(4):
+                        i = i0 + n * 8 + 2 * t + (e & 1)
+                        j = key_a if e < 2 else key_b
+                        lo, hi = key_range(i, sq, sk, wl, wr)
+                        if not (i < i_hi and j < sk and lo <= j and j < hi):
+                            p[n, e] = neg_inf
+                        elif has_bias or has_mask:
+                            p[n, e] = extra(p[n, e], b, h, i, j, bias, bs, has_bias, mask, ms, has_mask)
+                for n in range(n_q_frags):
+                    for e in range(4):
+                        top = lse_s[n * 8 + 2 * t + (e & 1)]
+                        x = zero
+                        if top != neg_inf and p[n, e] != neg_inf:
+                            x = math.exp(p[n, e] - top)
+                        p[n, e] = x
+                kept = u0
+                if drop_scale > zero:
+                    for n in range(n_q_frags):
+                        for e in range(4):
+                            i = i0 + n * 8 + 2 * t + (e & 1)
+                            j = key_a if e < 2 else key_b
+                            if keep(drop[0], drop[1], uint64(b) + drop[3], h, i, j, drop[2]):
+                                kept |= uint32(1) << uint32(n * 4 + e)
+                    for n in range(n_q_frags):
+                        for e in range(4):
+                            dp[n, e] = dp[n, e] * drop_scale if (kept >> uint32(n * 4 + e)) & uint32(1) else zero
+                for n in range(n_q_frags):  # dS^T = P^T (dP^T - delta), then the softcap derivative
+                    for e in range(4):
+                        dp[n, e] = p[n, e] * (dp[n, e] - delta_s[n * 8 + 2 * t + (e & 1)])
+                if softcap > zero:
+                    for n in range(n_q_frags):
+                        for e in range(4):
+                            dp[n, e] *= softcap_grad(s[n, e], softcap)
+                if drop_scale > zero:  # dV takes the dropped probabilities
+                    for n in range(n_q_frags):
+                        for e in range(4):
+                            p[n, e] = p[n, e] * drop_scale if (kept >> uint32(n * 4 + e)) & uint32(1) else zero
+                for step in range(n_steps):  # dV += P^T dO and dK += dS^T Q, 16 query rows at a time
+                    p0 = pack(p[2 * step, 0], p[2 * step, 1])
+                    p1 = pack(p[2 * step, 2], p[2 * step, 3])
+                    p2 = pack(p[2 * step + 1, 0], p[2 * step + 1, 1])
+                    p3 = pack(p[2 * step + 1, 2], p[2 * step + 1, 3])
+                    a0 = pack(dp[2 * step, 0], dp[2 * step, 1])
+                    a1 = pack(dp[2 * step, 2], dp[2 * step, 3])
+                    a2 = pack(dp[2 * step + 1, 0], dp[2 * step + 1, 1])
+                    a3 = pack(dp[2 * step + 1, 2], dp[2 * step + 1, 3])
+                    row = step * 16 + 2 * t
+                    for n in range(n_dim_frags):
+                        col = n * 8 + g
+                        b0 = uint32(o_h[row, col]) | (uint32(o_h[row + 1, col]) << uint32(16))
+                        b1 = uint32(o_h[row + 8, col]) | (uint32(o_h[row + 9, col]) << uint32(16))
+                        gv[n, 0], gv[n, 1], gv[n, 2], gv[n, 3] = mma(p0, p1, p2, p3, b0, b1,
+                                                                     gv[n, 0], gv[n, 1], gv[n, 2], gv[n, 3])
+                        b0 = uint32(q_h[row, col]) | (uint32(q_h[row + 1, col]) << uint32(16))
+                        b1 = uint32(q_h[row + 8, col]) | (uint32(q_h[row + 9, col]) << uint32(16))
+                        gk[n, 0], gk[n, 1], gk[n, 2], gk[n, 3] = mma(a0, a1, a2, a3, b0, b1,
+                                                                     gk[n, 0], gk[n, 1], gk[n, 2], gk[n, 3])
+        for n in range(n_dim_frags):
+            w = n * 4 + t
+            if w < n_words:
+                if key_a < sk:
+                    dk[uint64(k0 + key_a), uint64(w)] = pack(gk[n, 0] * scale, gk[n, 1] * scale)
+                    dv[uint64(k0 + key_a), uint64(w)] = pack(gv[n, 0], gv[n, 1])
+                if key_b < sk:
+                    dk[uint64(k0 + key_b), uint64(w)] = pack(gk[n, 2] * scale, gk[n, 3] * scale)
+                    dv[uint64(k0 + key_b), uint64(w)] = pack(gv[n, 2], gv[n, 3])
+
+    return dkdv_kernel
+
+
+def dkdv_signature():
+    """The argument types of :func:`make_dkdv`'s kernel (C-contiguous arrays)."""
+    from numba import boolean, int32, int64, types
+
+    w2, a1 = uint32[:, ::1], float32[::1]
+    strides = types.UniTuple(int64, 4)
+    extra = (a1, strides, boolean, boolean[::1], strides, boolean, uint64[::1], float32)
+    return (w2, w2, w2, w2, a1, a1, *(int32,) * 5, float32, int32, int32, float32, a1, int32, boolean, *extra,
+            w2, w2)

@@ -529,11 +529,11 @@ def use_mma(spec):
 
 
 def _mma_kernel(dtype, db, bias_dtype, warps, name="forward"):
-    """The tensor-core ``forward`` or ``dq`` kernel (:mod:`fastattn.cuda._tensor_core`)."""
+    """The tensor-core ``forward``, ``dq`` or ``dkdv`` kernel (:mod:`fastattn.cuda._tensor_core`)."""
     key = (name + "-mma", np.dtype(dtype), db, np.dtype(bias_dtype), warps)
     if key not in _kernels:
         kind = "f16" if np.dtype(dtype) == np.float16 else "bf16"
-        make = _tensor_core.make_forward if name == "forward" else _tensor_core.make_dq
+        make = {"forward": _tensor_core.make_forward, "dq": _tensor_core.make_dq, "dkdv": _tensor_core.make_dkdv}[name]
         fn = make(kind, db, _extra_terms(dtype, bias_dtype), _keep, warps)
         _kernels[key] = _device.kernel(fn, _tensor_core.launch_bounds(db, warps, name))
     return _kernels[key]
@@ -611,7 +611,13 @@ def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False
             grid = _launch.blocks(spec.seq_q, shape[0] * shape[2]) * spec.batch * spec.heads_q
             kernel[grid, _threads(shape)](*inputs, lse, _launch.flat(delta), *options, *dbias_args,
                                           _launch.rows(dq))
-    if spec.batch * spec.heads_kv * spec.seq_k:
+    if spec.batch * spec.heads_kv * spec.seq_k and use_mma(spec):
+        warps = config.cuda_mma_warps
+        grid = _launch.blocks(spec.seq_k, 16 * warps) * spec.batch * spec.heads_kv
+        _mma_kernel(spec.dtype, db, bias_dtype, warps, "dkdv")[grid, 32 * warps](
+            *(x.view(np.uint32) for x in inputs), lse, _launch.flat(delta), *options,
+            *(_launch.rows(x).view(np.uint32) for x in (dk, dv)))
+    elif spec.batch * spec.heads_kv * spec.seq_k:
         kernel, shape = _compiled("dkdv", spec.dtype, db, bias_dtype)
         grid = _launch.blocks(spec.seq_k, shape[0] * shape[2]) * spec.batch * spec.heads_kv
         kernel[grid, _threads(shape)](*inputs, lse, _launch.flat(delta), *options, _launch.rows(dk),
@@ -745,6 +751,10 @@ def variants(head_dims=None):
                     "dq-mma", "backward", dtype_name, db, 32 * _tensor_core.WARPS,
                     _tensor_core.make_dq(kind, db, _extra_terms(dtype, _accum_np(dtype)), _keep),
                     _tensor_core.dq_signature(), _tensor_core.launch_bounds(db, name="dq"), _mma.MIN_CC))
+                variants.append(_launch.Variant(
+                    "dkdv-mma", "backward", dtype_name, db, 32 * _tensor_core.WARPS,
+                    _tensor_core.make_dkdv(kind, db, _extra_terms(dtype, _accum_np(dtype)), _keep),
+                    _tensor_core.dkdv_signature(), _tensor_core.launch_bounds(db, name="dkdv"), _mma.MIN_CC))
     for dtype_name in ("float32", "float64"):
         dtype = _dtype(dtype_name)
         acc = acc_type(dtype)
