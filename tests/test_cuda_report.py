@@ -350,8 +350,9 @@ def test_tensor_core_kernels_run_mma_instructions(reports, target, index):
 
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_tensor_core_kernels_cover_float16_and_bfloat16(reports, target):
-    have = {(r["role"], r["dtype"], r["head_dim"]) for r in reports[target] if r["kernel"].endswith("-mma")}
-    assert have == {("forward", dtype, d) for dtype in ("float16", "bfloat16") for d in HEAD_DIMS}, have
+    have = {(r["kernel"], r["dtype"], r["head_dim"]) for r in reports[target] if r["kernel"].endswith("-mma")}
+    assert have == {(kernel, dtype, d) for kernel in ("forward-mma", "dq-mma", "dkdv-mma")
+                    for dtype in ("float16", "bfloat16") for d in HEAD_DIMS}, have
 
 
 def test_no_tensor_core_kernels_below_sm80():
