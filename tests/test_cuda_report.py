@@ -351,7 +351,7 @@ def test_tensor_core_kernels_run_mma_instructions(reports, target, index):
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_tensor_core_kernels_cover_float16_and_bfloat16(reports, target):
     have = {(r["kernel"], r["dtype"], r["head_dim"]) for r in reports[target] if r["kernel"].endswith("-mma")}
-    assert have == {(kernel, dtype, d) for kernel in ("forward-mma", "dq-mma", "dkdv-mma")
+    assert have == {(kernel, dtype, d) for kernel in ("forward-mma", "dq-mma", "dkdv-mma", "prefill-mma")
                     for dtype in ("float16", "bfloat16") for d in HEAD_DIMS}, have
 
 

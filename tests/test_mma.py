@@ -6,7 +6,8 @@ Fragments for mma.m16n8k16 with floating point type"); the emulation
 instruction) against a plain matrix product at every fragment position, loading
 the fragments the way the attention kernel does; then the tensor-core forward,
 dQ and dK/dV kernels (:mod:`fastattn.cuda._tensor_core`) run the float16/bfloat16
-cases of the dense, bias/mask, dropout and varlen tests with
+cases of the dense, bias/mask, dropout and varlen tests, and the paged prefill
+kernel paged cases of its own, with
 ``config.cuda_mma`` on (the rest of the simulator suite keeps it off, see
 ``CUDA_TEST_CONFIG``).
 """
@@ -23,8 +24,10 @@ import fastattn
 import test_attention
 import test_bias_mask
 import test_dropout
+import test_paged
 import test_varlen
 from cases import BF16, F16, F32, Shape, random
+from paged_cases import PagedCase
 from conftest import CUDA, assert_close, cuda_unavailable_reason
 from fastattn.cuda import _mma
 
@@ -211,6 +214,25 @@ def test_tensor_core_forward_with_dropout_matches_reference(mma_device, name, rn
                                   if c[-1] in (F16, BF16)])
 def test_tensor_core_varlen_matches_reference(mma_device, name, rng):
     test_varlen.test_varlen_matches_the_reference(mma_device, name, rng)
+
+
+PAGED_PREFILL = [
+    PagedCase((7, 5, 12), 4, 2, 16, 4, seq_q=3, option="causal", dtype=F16, shared=1),
+    PagedCase((13, 6), 4, 1, 40, 8, seq_q=5, option="alibi", dtype=BF16),  # 20 stacked rows: two tiles
+    PagedCase((10, 9), 4, 2, 8, 4, seq_q=4, option="window", dtype=BF16, shared=2),
+    PagedCase((9,), 2, 2, 8, 4, seq_q=6, option="softcap", dtype=F16),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=f"{c.option}-{np.dtype(c.dtype).name}-sq{c.seq_q}-d{c.head_dim}",
+                                               marks=CUDA) for c in PAGED_PREFILL])
+def test_tensor_core_paged_prefill_matches_reference(mma_device, case, rng, monkeypatch):
+    from fastattn.cuda import paged as cuda_paged
+
+    launched = []
+    monkeypatch.setattr(cuda_paged, "_mma_prefill", _recording(cuda_paged._mma_prefill, launched))
+    test_paged.test_forward_matches_reference(mma_device, case, rng)
+    assert launched == [True], "the tensor-core prefill kernel ran"
 
 
 # --- the switch --------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ dimension must be even; the output is written the same way.
 """
 import math
 
-from numba import cuda, float32, uint16, uint32, uint64
+from numba import cuda, float32, int32, int64, uint16, uint32, uint64
 
 from . import _mma
 from ._device import inline, tile_math, udiv, umod
@@ -639,3 +639,212 @@ def dkdv_signature():
     extra = (a1, strides, boolean, boolean[::1], strides, boolean, uint64[::1], float32)
     return (w2, w2, w2, w2, a1, a1, *(int32,) * 5, float32, int32, int32, float32, a1, int32, boolean, *extra,
             w2, w2)
+
+
+def make_paged_prefill(kind, db, warps=WARPS):
+    """The paged forward (chunked prefill, ``Sq > 1``) on tensor cores, for a cache of the queries' 16-bit
+    type: the SIMT paged forward's arguments, with q and the caches as ``uint32`` views.
+
+    The query heads of a KV group are stacked as rows (head-major: row ``r`` is position ``r % Sq`` of
+    head ``r // Sq`` of the group), ``16 * warps`` rows a block, for one (sequence, KV head, key split);
+    keys and values are gathered through the block table into shared memory, and each split's rows are
+    written normalised with their lse to the float32 partial arrays that the merge kernel combines.
+    """
+    mma, pack = _mma.ops(kind)
+    block_rows, threads = 16 * warps, 32 * warps
+    t_ = tile_math(float32)
+    key_range, softcap_score, alibi_bias = t_.key_range, t_.softcap_score, t_.alibi_bias
+    online_rescale, finish_lse = t_.online_rescale, t_.finish_lse
+    bn = 16  # the stacked rows' indices take registers too: the fewest scores a lane can hold
+    n_key_frags, n_pv_steps = bn // 8, bn // 16
+    n_dim_steps, n_dim_frags = db // 16, db // 8
+    words = db // 2
+    stride = words + 4
+    half_stride = 2 * stride
+    zero, one, neg_inf = float32(0.0), float32(1.0), float32(-math.inf)
+    u0 = uint32(0)
+
+    def prefill(q, k_cache, v_cache, table, lens, batch, heads_q, heads_kv, sq, dim, block_size, q_mult,
+                k_scale, v_scale, has_scales, wl, wr, softcap, slopes, slope_stride, has_alibi, n_split,
+                vector, out_part, lse_part):
+        group = udiv(heads_q, heads_kv)
+        n_stacked = group * sq
+        n_tiles = udiv(n_stacked + block_rows - 1, block_rows)
+        split = umod(cuda.blockIdx.x, n_split)
+        rest = udiv(cuda.blockIdx.x, n_split)
+        bh = umod(rest, batch * heads_kv)
+        tile = udiv(rest, batch * heads_kv)
+        b = udiv(bh, heads_kv)
+        hk = bh - b * heads_kv
+        tid = cuda.threadIdx.x
+        g = (tid & 31) >> 2
+        t = tid & 3
+        n_words = dim >> 1
+        sk = lens[b]
+        r0 = tile * block_rows
+        r1 = min(r0 + block_rows, n_stacked) - 1
+        i_first, i_last = umod(r0, sq), umod(r1, sq)
+        if udiv(r0, sq) != udiv(r1, sq):  # the tile spans two heads: every position may be in it
+            i_first, i_last = 0, sq - 1
+        stacked_a = r0 + (tid >> 5) * 16 + g  # this lane's two stacked rows
+        stacked_b = stacked_a + 8
+        i_a, i_b = int32(umod(stacked_a, sq)), int32(umod(stacked_b, sq))  # 32-bit: registers are short
+        h_a = int32(hk * group + udiv(stacked_a, sq))
+        h_b = int32(hk * group + udiv(stacked_b, sq))
+        row_a = uint32((b * heads_q + h_a) * sq + i_a)  # the rows of q and of the outputs
+        row_b = uint32((b * heads_q + h_b) * sq + i_b)
+        live_a, live_b = stacked_a < n_stacked, stacked_b < n_stacked
+        q_s = cuda.shared.array((block_rows, stride), uint32)  # the block's stacked query rows, once
+        k_s = cuda.shared.array((bn, stride), uint32)
+        v_s = cuda.shared.array((bn, half_stride), uint16)
+        token = cuda.shared.array(bn, int64)
+        s = cuda.local.array((n_key_frags, 4), float32)
+        o = cuda.local.array((n_dim_frags, 4), float32)
+        e = tid
+        while e < block_rows * words:
+            r = udiv(e, words)
+            w = e - r * words
+            x = u0
+            if r0 + r < n_stacked and w < n_words:
+                hq = hk * group + udiv(r0 + r, sq)
+                x = q[uint64((b * heads_q + hq) * sq + umod(r0 + r, sq)), uint64(w)]
+            q_s[r, w] = x
+            e += threads
+        for n in range(n_dim_frags):
+            for e in range(4):
+                o[n, e] = zero
+        max_a, max_b = neg_inf, neg_inf
+        sum_a, sum_b = zero, zero
+        slope_a = slopes[b * slope_stride + h_a] if has_alibi and live_a else zero
+        slope_b = slopes[b * slope_stride + h_b] if has_alibi and live_b else zero
+        chunk = udiv(sk + n_split - 1, n_split)
+        j_lo = max(key_range(i_first, sq, sk, wl, wr)[0], split * chunk)
+        j_hi = min(key_range(i_last, sq, sk, wl, wr)[1], (split + 1) * chunk)
+        for j0 in range(j_lo, j_hi, bn):
+            cuda.syncthreads()
+            e = tid
+            while e < bn:
+                tok = j0 + e
+                row = int64(-1)
+                if tok < j_hi:
+                    row = (table[b, udiv(tok, block_size)] * block_size + umod(tok, block_size)) * heads_kv + hk
+                token[e] = row
+                e += threads
+            cuda.syncthreads()
+            e = tid
+            while e < bn * words:
+                r = udiv(e, words)
+                w = e - r * words
+                kx, vx = u0, u0
+                if token[r] >= 0 and w < n_words:
+                    kx = k_cache[uint64(token[r]), uint64(w)]
+                    vx = v_cache[uint64(token[r]), uint64(w)]
+                k_s[r, w] = kx
+                v_s[r, 2 * w] = uint16(vx & uint32(0xFFFF))
+                v_s[r, 2 * w + 1] = uint16(vx >> uint32(16))
+                e += threads
+            cuda.syncthreads()
+            for n in range(n_key_frags):  # S = Q K^T, 8 keys at a time
+                c0, c1, c2, c3 = zero, zero, zero, zero
+                ra = (tid >> 5) * 16 + g
+                for kk in range(n_dim_steps):
+                    c0, c1, c2, c3 = mma(q_s[ra, kk * 8 + t], q_s[ra + 8, kk * 8 + t], q_s[ra, kk * 8 + t + 4],
+                                         q_s[ra + 8, kk * 8 + t + 4], k_s[n * 8 + g, kk * 8 + t],
+                                         k_s[n * 8 + g, kk * 8 + t + 4], c0, c1, c2, c3)
+                s[n, 0], s[n, 1], s[n, 2], s[n, 3] = c0 * q_mult, c1 * q_mult, c2 * q_mult, c3 * q_mult
+            if softcap > zero:
+                for n in range(n_key_frags):
+                    for e in range(4):
+                        s[n, e] = softcap_score(s[n, e], softcap)
+            if has_alibi:
+                for n in range(n_key_frags):
+                    for e in range(4):
+                        j = j0 + n * 8 + 2 * t + (e & 1)
+                        if e < 2:
+                            s[n, e] += alibi_bias(slope_a, i_a, j, sq, sk)
+                        else:
+                            s[n, e] += alibi_bias(slope_b, i_b, j, sq, sk)
+            lo_a, hi_a = key_range(i_a, sq, sk, wl, wr)  # each tile anew: registers are short here
+            lo_b, hi_b = key_range(i_b, sq, sk, wl, wr)
+            for n in range(n_key_frags):
+                for e in range(4):
+                    live = live_a if e < 2 else live_b
+                    lo = lo_a if e < 2 else lo_b
+                    hi = hi_a if e < 2 else hi_b
+                    j = j0 + n * 8 + 2 * t + (e & 1)
+                    if not (live and lo <= j and j < hi and j < j_hi):
+                        s[n, e] = neg_inf
+            top_a, top_b = max_a, max_b
+            for n in range(n_key_frags):
+                top_a = max(top_a, max(s[n, 0], s[n, 1]))
+                top_b = max(top_b, max(s[n, 2], s[n, 3]))
+            top_a = max(top_a, _mma.shfl_xor(top_a, 1))
+            top_a = max(top_a, _mma.shfl_xor(top_a, 2))
+            top_b = max(top_b, _mma.shfl_xor(top_b, 1))
+            top_b = max(top_b, _mma.shfl_xor(top_b, 2))
+            alpha_a = online_rescale(max_a, top_a)
+            alpha_b = online_rescale(max_b, top_b)
+            part_a, part_b = zero, zero
+            for n in range(n_key_frags):
+                for e in range(4):
+                    top = top_a if e < 2 else top_b
+                    p = zero
+                    if top != neg_inf:
+                        p = math.exp(s[n, e] - top)
+                    if e < 2:
+                        part_a += p
+                    else:
+                        part_b += p
+                    s[n, e] = p
+            sum_a = sum_a * alpha_a + part_a
+            sum_b = sum_b * alpha_b + part_b
+            max_a, max_b = top_a, top_b
+            for n in range(n_dim_frags):
+                o[n, 0] *= alpha_a
+                o[n, 1] *= alpha_a
+                o[n, 2] *= alpha_b
+                o[n, 3] *= alpha_b
+            for step in range(n_pv_steps):  # O += P V, 16 keys at a time
+                p0 = pack(s[2 * step, 0], s[2 * step, 1])
+                p1 = pack(s[2 * step, 2], s[2 * step, 3])
+                p2 = pack(s[2 * step + 1, 0], s[2 * step + 1, 1])
+                p3 = pack(s[2 * step + 1, 2], s[2 * step + 1, 3])
+                key = step * 16 + 2 * t
+                for n in range(n_dim_frags):
+                    col = n * 8 + g
+                    b0 = uint32(v_s[key, col]) | (uint32(v_s[key + 1, col]) << uint32(16))
+                    b1 = uint32(v_s[key + 8, col]) | (uint32(v_s[key + 9, col]) << uint32(16))
+                    o[n, 0], o[n, 1], o[n, 2], o[n, 3] = mma(p0, p1, p2, p3, b0, b1,
+                                                             o[n, 0], o[n, 1], o[n, 2], o[n, 3])
+        sum_a += _mma.shfl_xor(sum_a, 1)
+        sum_a += _mma.shfl_xor(sum_a, 2)
+        sum_b += _mma.shfl_xor(sum_b, 1)
+        sum_b += _mma.shfl_xor(sum_b, 2)
+        inv_a = one / sum_a if sum_a > zero else zero
+        inv_b = one / sum_b if sum_b > zero else zero
+        base = split * batch * heads_q * sq
+        for n in range(n_dim_frags):
+            d = n * 8 + 2 * t
+            if d < dim:
+                if live_a:
+                    out_part[uint64(base + row_a), uint64(d)] = o[n, 0] * inv_a
+                    out_part[uint64(base + row_a), uint64(d + 1)] = o[n, 1] * inv_a
+                if live_b:
+                    out_part[uint64(base + row_b), uint64(d)] = o[n, 2] * inv_b
+                    out_part[uint64(base + row_b), uint64(d + 1)] = o[n, 3] * inv_b
+        if t == 0:
+            if live_a:
+                lse_part[uint64(base + row_a)] = finish_lse(max_a, sum_a)
+            if live_b:
+                lse_part[uint64(base + row_b)] = finish_lse(max_b, sum_b)
+
+    return prefill
+
+
+def paged_signature():
+    """The argument types of :func:`make_paged_prefill`'s kernel (C-contiguous arrays)."""
+    from numba import boolean, int32
+
+    w2, a1, i = uint32[:, ::1], float32[::1], int32
+    return (w2, w2, w2, int32[:, ::1], int32[::1], i, i, i, i, i, i, float32, a1, a1, boolean, i, i, float32, a1, i,
+            boolean, i, boolean, float32[:, ::1], a1)

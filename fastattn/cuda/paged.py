@@ -34,7 +34,7 @@ import numpy as np
 from numba import cuda, float32, int64, uint64
 
 from .._config import config
-from . import _device, _launch
+from . import _device, _launch, _mma, _tensor_core
 from ._device import acc_type, element_type, tile_math, udiv, umod
 from ._tiles import HEAD_DIMS
 from .attention import _check_head_dim, merge, slopes_args
@@ -543,15 +543,43 @@ def _zeros(shape, dtype):
     return out
 
 
+def use_mma(spec, k_cache, has_scales):
+    """Whether a paged forward runs on tensor cores: a prefill (``Sq > 1``) with a cache of the queries'
+    16-bit type and no fp8 scales, where :func:`fastattn.cuda.attention.use_mma` allows it."""
+    from .attention import use_mma as dense_use_mma
+
+    return (spec.seq_q > 1 and not has_scales and np.dtype(k_cache.dtype) == np.dtype(spec.dtype)
+            and dense_use_mma(spec))
+
+
+def _mma_prefill(dtype, db, warps):
+    key = ("prefill-mma", np.dtype(dtype), db, warps)
+    if key not in _kernels:
+        kind = "f16" if np.dtype(dtype) == np.float16 else "bf16"
+        _kernels[key] = _device.kernel(_tensor_core.make_paged_prefill(kind, db, warps),
+                                       _tensor_core.launch_bounds(db, warps))
+    return _kernels[key]
+
+
 def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale=None, v_scale=None,
             out_dtype=None, out_scale=1.0):
-    """Launch the paged forward kernel and merge its splits; return (out, lse) as device arrays."""
+    """Launch the paged forward kernel and merge its splits; return (out, lse) as device arrays.
+
+    A prefill of float16/bfloat16 queries on a cache of their dtype runs on tensor cores (:func:`use_mma`).
+    """
     db = _check_head_dim(spec)
     acc_np = np.dtype(spec.accum_dtype)
-    kernel, rows, _ = _compiled("forward", (np.dtype(q.dtype), np.dtype(k_cache.dtype)), db,
-                                min(decode_rows(spec), config.cuda_paged_rows))
-    per_block = min(spec.group, rows)
-    blocks_x = -(-spec.group // per_block) * -(-spec.seq_q // max(1, rows // per_block))
+    mma = use_mma(spec, k_cache, k_scale is not None)
+    if mma:
+        warps = config.cuda_mma_warps
+        kernel, threads = _mma_prefill(spec.dtype, db, warps), 32 * warps
+        blocks_x = -(-(spec.group * spec.seq_q) // (16 * warps))
+    else:
+        kernel, rows, _ = _compiled("forward", (np.dtype(q.dtype), np.dtype(k_cache.dtype)), db,
+                                    min(decode_rows(spec), config.cuda_paged_rows))
+        threads = config.cuda_paged_threads
+        per_block = min(spec.group, rows)
+        blocks_x = -(-spec.group // per_block) * -(-spec.seq_q // max(1, rows // per_block))
     n_split = num_splits(spec, blocks_x * spec.batch * spec.heads_kv)
     n_rows = spec.batch * spec.heads_q * spec.seq_q
     out_part = cuda.device_array((n_split * n_rows, spec.head_dim), acc_np)
@@ -561,8 +589,11 @@ def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale
     v_dev = _scales(v_scale, acc_np) if has_scales else k_dev
     if n_rows:
         grid = blocks_x * spec.batch * spec.heads_kv * n_split
-        kernel[grid, config.cuda_paged_threads](
-            _flat_rows(q), _flat_rows(k_cache), _flat_rows(v_cache), device_ints(table), device_ints(lens),
+        arrays = [_flat_rows(x) for x in (q, k_cache, v_cache)]
+        if mma:
+            arrays = [x.view(np.uint32) for x in arrays]
+        kernel[grid, threads](
+            *arrays, device_ints(table), device_ints(lens),
             spec.batch, spec.heads_q, spec.heads_kv, spec.seq_q, spec.head_dim, spec.block_size,
             acc_np.type(spec.scale * q_scale), k_dev, v_dev, has_scales, spec.window_left, spec.window_right,
             acc_np.type(spec.softcap), *slopes_args(slopes, spec), n_split,
@@ -674,6 +705,12 @@ def variants(head_dims=None):
             out.append(_launch.Variant(f"paged_forward[q={q_name}]", role, c_name, db, config.cuda_paged_threads,
                                        _make_forward(q_dtype, c_dtype, db, rows, tile, config.cuda_paged_threads),
                                        signature("forward", q_dtype, c_dtype), launch_bounds("forward")))
+            if q_name == c_name and q_name in ("float16", "bfloat16"):
+                kind = "f16" if q_name == "float16" else "bf16"
+                out.append(_launch.Variant("prefill-mma", "forward", c_name, db, 32 * _tensor_core.WARPS,
+                                           _tensor_core.make_paged_prefill(kind, db),
+                                           _tensor_core.paged_signature(), _tensor_core.launch_bounds(db),
+                                           _mma.MIN_CC))
             if q_name == c_name:
                 rows, tile = _shape("backward", acc_type(q_dtype), db)
                 out.append(_launch.Variant("paged_backward", "backward", c_name, db, config.cuda_paged_threads,
