@@ -686,14 +686,10 @@ def make_paged_prefill(kind, db, warps=WARPS):
         i_first, i_last = umod(r0, sq), umod(r1, sq)
         if udiv(r0, sq) != udiv(r1, sq):  # the tile spans two heads: every position may be in it
             i_first, i_last = 0, sq - 1
-        stacked_a = r0 + (tid >> 5) * 16 + g  # this lane's two stacked rows
+        # this lane's two stacked rows; their positions, heads and output rows are derived where they are
+        # needed rather than kept (at D = 128 the output fragments leave few registers)
+        stacked_a = int32(r0 + (tid >> 5) * 16 + g)
         stacked_b = stacked_a + 8
-        i_a, i_b = int32(umod(stacked_a, sq)), int32(umod(stacked_b, sq))  # 32-bit: registers are short
-        h_a = int32(hk * group + udiv(stacked_a, sq))
-        h_b = int32(hk * group + udiv(stacked_b, sq))
-        row_a = uint32((b * heads_q + h_a) * sq + i_a)  # the rows of q and of the outputs
-        row_b = uint32((b * heads_q + h_b) * sq + i_b)
-        live_a, live_b = stacked_a < n_stacked, stacked_b < n_stacked
         q_s = cuda.shared.array((block_rows, stride), uint32)  # the block's stacked query rows, once
         k_s = cuda.shared.array((bn, stride), uint32)
         v_s = cuda.shared.array((bn, half_stride), uint16)
@@ -715,8 +711,6 @@ def make_paged_prefill(kind, db, warps=WARPS):
                 o[n, e] = zero
         max_a, max_b = neg_inf, neg_inf
         sum_a, sum_b = zero, zero
-        slope_a = slopes[b * slope_stride + h_a] if has_alibi and live_a else zero
-        slope_b = slopes[b * slope_stride + h_b] if has_alibi and live_b else zero
         chunk = udiv(sk + n_split - 1, n_split)
         j_lo = max(key_range(i_first, sq, sk, wl, wr)[0], split * chunk)
         j_hi = min(key_range(i_last, sq, sk, wl, wr)[1], (split + 1) * chunk)
@@ -756,7 +750,10 @@ def make_paged_prefill(kind, db, warps=WARPS):
                 for n in range(n_key_frags):
                     for e in range(4):
                         s[n, e] = softcap_score(s[n, e], softcap)
+            i_a, i_b = umod(stacked_a, sq), umod(stacked_b, sq)
             if has_alibi:
+                slope_a = slopes[b * slope_stride + hk * group + udiv(stacked_a, sq)] if stacked_a < n_stacked else zero
+                slope_b = slopes[b * slope_stride + hk * group + udiv(stacked_b, sq)] if stacked_b < n_stacked else zero
                 for n in range(n_key_frags):
                     for e in range(4):
                         j = j0 + n * 8 + 2 * t + (e & 1)
@@ -764,11 +761,11 @@ def make_paged_prefill(kind, db, warps=WARPS):
                             s[n, e] += alibi_bias(slope_a, i_a, j, sq, sk)
                         else:
                             s[n, e] += alibi_bias(slope_b, i_b, j, sq, sk)
-            lo_a, hi_a = key_range(i_a, sq, sk, wl, wr)  # each tile anew: registers are short here
+            lo_a, hi_a = key_range(i_a, sq, sk, wl, wr)
             lo_b, hi_b = key_range(i_b, sq, sk, wl, wr)
             for n in range(n_key_frags):
                 for e in range(4):
-                    live = live_a if e < 2 else live_b
+                    live = stacked_a < n_stacked if e < 2 else stacked_b < n_stacked
                     lo = lo_a if e < 2 else lo_b
                     hi = hi_a if e < 2 else hi_b
                     j = j0 + n * 8 + 2 * t + (e & 1)
@@ -823,6 +820,9 @@ def make_paged_prefill(kind, db, warps=WARPS):
         inv_a = one / sum_a if sum_a > zero else zero
         inv_b = one / sum_b if sum_b > zero else zero
         base = split * batch * heads_q * sq
+        live_a, live_b = stacked_a < n_stacked, stacked_b < n_stacked
+        row_a = (b * heads_q + hk * group + udiv(stacked_a, sq)) * sq + umod(stacked_a, sq)  # the output rows
+        row_b = (b * heads_q + hk * group + udiv(stacked_b, sq)) * sq + umod(stacked_b, sq)
         for n in range(n_dim_frags):
             d = n * 8 + 2 * t
             if d < dim:
