@@ -235,6 +235,23 @@ def test_tensor_core_paged_prefill_matches_reference(mma_device, case, rng, monk
     assert launched == [True], "the tensor-core prefill kernel ran"
 
 
+@CUDA
+def test_a_view_at_an_odd_offset_takes_the_simt_kernels(mma_device, rng, monkeypatch):
+    """Word loads need 4-byte alignment: a float16 view starting one element in runs the SIMT forward."""
+    from fastattn import reference
+    from fastattn.cuda import attention as cuda_attention
+
+    launched = []
+    monkeypatch.setattr(cuda_attention, "_mma_kernel", _recording(cuda_attention._mma_kernel, launched))
+    q, k, v = (random((1, 2, 5, 8), F16, rng) for _ in range(3))
+    shifted = cuda.to_device(np.concatenate([np.zeros(1, F16), q.ravel()]))[1:].reshape(q.shape)
+    out = fastattn.attention(shifted, mma_device.put(k), mma_device.put(v), causal=True)
+    assert launched == []
+    assert_close(mma_device.get(out), reference.attention(q, k, v, causal=True), F16, "out")
+    fastattn.attention(mma_device.put(q), mma_device.put(k), mma_device.put(v), causal=True)
+    assert launched == [True]
+
+
 # --- the switch --------------------------------------------------------------------------------------
 
 def test_use_mma_follows_dtype_head_dim_and_config(monkeypatch):

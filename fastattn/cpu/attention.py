@@ -19,7 +19,7 @@ from .._tile import finish_lse, key_range
 from .._validate import element_strides
 from ._blas import single_threaded_blas
 from ._scratch import scratch
-from ._fastmath import FASTMATH, decode_rows, encode_row
+from ._fastmath import FASTMATH, encode_row
 from ._tiles import (decode_tile, dropout_tile, extra_tile, key_tile_backward, no_dropout, no_extra, row_of, set_lse,
                      softmax_tile, tile_rows)
 

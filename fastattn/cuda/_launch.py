@@ -55,6 +55,22 @@ def rows(x):
     return x.reshape(int(np.prod(shape[:-1])), shape[-1])
 
 
+def words(*arrays):
+    """The 2-d ``[rows, D]`` 16-bit device arrays as ``uint32`` ``[rows, D / 2]`` views (two values a word), or
+    None when one does not start on a 4-byte boundary (a view at an odd offset: the word loads would fault)."""
+    if any(_address(x) % 4 for x in arrays):
+        return None
+    return [x.view(np.uint32) for x in arrays]
+
+
+def _address(x):
+    """Where a device array's first element lives (the simulator's arrays: the host memory it wraps)."""
+    interface = getattr(x, "__cuda_array_interface__", None)
+    if interface is None:
+        interface = np.asarray(x).__array_interface__  # a simulated device array wraps a NumPy array
+    return interface["data"][0]
+
+
 def flat(x):
     """A C-contiguous device array as 1-d."""
     return x.reshape(int(np.prod(tuple(x.shape))))

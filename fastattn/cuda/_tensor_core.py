@@ -1,8 +1,10 @@
-"""Dense attention on tensor cores (float16/bfloat16 inputs, sm_80+), FlashAttention-2's register layout.
+"""Attention on tensor cores (float16/bfloat16 inputs, sm_80+), FlashAttention-2's register layout.
 
-A block of four warps owns 64 query rows of one (batch, head); warp ``w``
-owns rows ``16 w ... 16 w + 15`` and keeps them as ``mma`` A fragments
-(:mod:`fastattn.cuda._mma`) for the whole kernel.  Per tile of ``BN`` keys:
+The kernels here run :mod:`fastattn.cuda._mma`'s ``mma.sync.m16n8k16`` on
+fragments that stay in registers; docs/design.md ("Tensor cores") draws the
+layouts.  The forward: a block of four warps owns 64 query rows of one
+(batch, head), warp ``w`` rows ``16 w ... 16 w + 15``.  Per tile of ``BN``
+keys:
 
 1. the block stages the keys and values in shared memory (keys as 32-bit
    words, two features each: a B fragment of ``Kᵀ`` is one word; values as
@@ -19,10 +21,13 @@ owns rows ``16 w ... 16 w + 15`` and keeps them as ``mma`` A fragments
    fragments (an accumulator pair of two adjacent key tiles *is* an A register
    of a 16-key step), and ``O += P V`` runs ``BN / 16 x D / 8`` ``mma``.
 
+The backward's dQ (:func:`make_dq`) and dK/dV (:func:`make_dkdv`) kernels and
+the paged prefill (:func:`make_paged_prefill`) are built from the same steps.
 Arrays are read as ``uint32`` views (two 16-bit values per word), so the head
-dimension must be even; the output is written the same way.
+dimension must be even; 16-bit outputs are written the same way.
 """
 import math
+from types import SimpleNamespace
 
 from numba import cuda, float32, int32, int64, uint16, uint32, uint64
 
@@ -60,6 +65,91 @@ def q_word(q, q0, row_a, row_b, sq, n_words, kk, r, t):
     return x
 
 
+def fragment_steps(kind, n_frags, n_dim_frags):
+    """The steps every tensor-core kernel takes on one warp's fragments, inlined into it.
+
+    ``n_frags`` accumulator tiles of 8 columns hold a ``16 x 8 n_frags`` product (the scores); the second
+    product's accumulators are ``n_dim_frags`` tiles (the head dimension).  Lane ``(g, t)`` holds rows
+    ``g`` ("a") and ``g + 8`` ("b") of each.
+    """
+    mma, pack = _mma.ops(kind)
+    n_steps = n_frags // 2
+    zero, neg_inf = float32(0.0), float32(-math.inf)
+
+    @inline
+    def add_product(a, halves, acc, g, t):
+        """``acc += A B``: A ``[16, 8 n_frags]`` from the accumulator fragments ``a`` rounded to the 16-bit
+        type (an accumulator pair of two adjacent tiles is an A register of a 16-deep step), B
+        ``[8 n_frags, 8 n_dim_frags]`` from 16-bit values in shared memory, ``halves[k, n]``."""
+        for step in range(n_steps):
+            a0 = pack(a[2 * step, 0], a[2 * step, 1])
+            a1 = pack(a[2 * step, 2], a[2 * step, 3])
+            a2 = pack(a[2 * step + 1, 0], a[2 * step + 1, 1])
+            a3 = pack(a[2 * step + 1, 2], a[2 * step + 1, 3])
+            k = step * 16 + 2 * t
+            for n in range(n_dim_frags):
+                col = n * 8 + g
+                b0 = uint32(halves[k, col]) | (uint32(halves[k + 1, col]) << uint32(16))
+                b1 = uint32(halves[k + 8, col]) | (uint32(halves[k + 9, col]) << uint32(16))
+                acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3] = mma(a0, a1, a2, a3, b0, b1,
+                                                                 acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
+
+    @inline
+    def row_maxima(s, max_a, max_b):
+        """The running maxima of rows a and b over the scores ``s``, across the four lanes of a row."""
+        top_a, top_b = max_a, max_b
+        for n in range(n_frags):
+            top_a = max(top_a, max(s[n, 0], s[n, 1]))
+            top_b = max(top_b, max(s[n, 2], s[n, 3]))
+        top_a = max(top_a, _mma.shfl_xor(top_a, 1))
+        top_a = max(top_a, _mma.shfl_xor(top_a, 2))
+        top_b = max(top_b, _mma.shfl_xor(top_b, 1))
+        top_b = max(top_b, _mma.shfl_xor(top_b, 2))
+        return top_a, top_b
+
+    @inline
+    def exponentiate(s, top_a, top_b, kept, drop_scale):
+        """``s = exp(s - top)`` in place; returns this lane's sums of rows a and b.  With ``drop_scale > 0``
+        the elements whose bit ``4 n + e`` of ``kept`` is clear are dropped after the sum (lse keeps every
+        key) and the others scaled."""
+        part_a, part_b = zero, zero
+        for n in range(n_frags):
+            for e in range(4):
+                top = top_a if e < 2 else top_b
+                p = zero
+                if top != neg_inf:
+                    p = math.exp(s[n, e] - top)
+                if e < 2:
+                    part_a += p
+                else:
+                    part_b += p
+                if drop_scale > zero:
+                    p = p * drop_scale if (kept >> uint32(n * 4 + e)) & uint32(1) else zero
+                s[n, e] = p
+        return part_a, part_b
+
+    @inline
+    def rescale(o, alpha_a, alpha_b):
+        """Rows a and b of the output fragments times their online-softmax factors."""
+        for n in range(n_dim_frags):
+            o[n, 0] *= alpha_a
+            o[n, 1] *= alpha_a
+            o[n, 2] *= alpha_b
+            o[n, 3] *= alpha_b
+
+    @inline
+    def lane_sums(sum_a, sum_b):
+        """The row sums over the four lanes of a row."""
+        sum_a += _mma.shfl_xor(sum_a, 1)
+        sum_a += _mma.shfl_xor(sum_a, 2)
+        sum_b += _mma.shfl_xor(sum_b, 1)
+        sum_b += _mma.shfl_xor(sum_b, 2)
+        return sum_a, sum_b
+
+    return SimpleNamespace(add_product=add_product, row_maxima=row_maxima, exponentiate=exponentiate,
+                           rescale=rescale, lane_sums=lane_sums)
+
+
 def make_forward(kind, db, extra, keep, warps=WARPS):
     """The forward kernel for 16-bit inputs of ``kind`` ("f16" or "bf16") and head-dim bucket ``db``, in
     blocks of ``warps`` warps (``16 * warps`` query rows).
@@ -73,8 +163,11 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
     key_range, softcap_score, alibi_bias = t_.key_range, t_.softcap_score, t_.alibi_bias
     online_rescale, finish_lse = t_.online_rescale, t_.finish_lse
     bn = block_keys(db)
-    n_key_frags, n_pv_steps = bn // 8, bn // 16
+    n_key_frags = bn // 8
     n_dim_steps, n_dim_frags = db // 16, db // 8
+    steps = fragment_steps(kind, n_key_frags, n_dim_frags)
+    add_product, row_maxima, exponentiate = steps.add_product, steps.row_maxima, steps.exponentiate
+    rescale, lane_sums = steps.rescale, steps.lane_sums
     words = db // 2
     stride = words + 4  # padded: the 8 rows x 4 words a B-fragment load touches fall in 32 banks
     half_stride = 2 * stride
@@ -172,14 +265,7 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
                         s[n, e] = neg_inf
                     elif has_bias or has_mask:
                         s[n, e] = extra(s[n, e], b, h, i, j, bias, bs, has_bias, mask, ms, has_mask)
-            top_a, top_b = max_a, max_b
-            for n in range(n_key_frags):
-                top_a = max(top_a, max(s[n, 0], s[n, 1]))
-                top_b = max(top_b, max(s[n, 2], s[n, 3]))
-            top_a = max(top_a, _mma.shfl_xor(top_a, 1))  # the four lanes of a row
-            top_a = max(top_a, _mma.shfl_xor(top_a, 2))
-            top_b = max(top_b, _mma.shfl_xor(top_b, 1))
-            top_b = max(top_b, _mma.shfl_xor(top_b, 2))
+            top_a, top_b = row_maxima(s, max_a, max_b)
             kept = u0  # dropout's keep bits of this lane's elements, bit 4 n + e: a loop apart from the
             if drop_scale > zero:  # fragments, whose indices must unroll (Philox inlined 32 times would not)
                 for n in range(n_key_frags):
@@ -190,44 +276,13 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
                             kept |= uint32(1) << uint32(n * 4 + e)
             alpha_a = online_rescale(max_a, top_a)
             alpha_b = online_rescale(max_b, top_b)
-            part_a, part_b = zero, zero
-            for n in range(n_key_frags):
-                for e in range(4):
-                    top = top_a if e < 2 else top_b
-                    p = zero
-                    if top != neg_inf:
-                        p = math.exp(s[n, e] - top)
-                    if e < 2:
-                        part_a += p
-                    else:
-                        part_b += p
-                    if drop_scale > zero:  # after the sum: lse stays that of every key
-                        p = p * drop_scale if (kept >> uint32(n * 4 + e)) & uint32(1) else zero
-                    s[n, e] = p
+            part_a, part_b = exponentiate(s, top_a, top_b, kept, drop_scale)
             sum_a = sum_a * alpha_a + part_a
             sum_b = sum_b * alpha_b + part_b
             max_a, max_b = top_a, top_b
-            for n in range(n_dim_frags):
-                o[n, 0] *= alpha_a
-                o[n, 1] *= alpha_a
-                o[n, 2] *= alpha_b
-                o[n, 3] *= alpha_b
-            for step in range(n_pv_steps):  # O += P V, 16 keys at a time
-                p0 = pack(s[2 * step, 0], s[2 * step, 1])
-                p1 = pack(s[2 * step, 2], s[2 * step, 3])
-                p2 = pack(s[2 * step + 1, 0], s[2 * step + 1, 1])
-                p3 = pack(s[2 * step + 1, 2], s[2 * step + 1, 3])
-                key = step * 16 + 2 * t
-                for n in range(n_dim_frags):
-                    col = n * 8 + g
-                    b0 = uint32(v_s[key, col]) | (uint32(v_s[key + 1, col]) << uint32(16))
-                    b1 = uint32(v_s[key + 8, col]) | (uint32(v_s[key + 9, col]) << uint32(16))
-                    o[n, 0], o[n, 1], o[n, 2], o[n, 3] = mma(p0, p1, p2, p3, b0, b1,
-                                                             o[n, 0], o[n, 1], o[n, 2], o[n, 3])
-        sum_a += _mma.shfl_xor(sum_a, 1)
-        sum_a += _mma.shfl_xor(sum_a, 2)
-        sum_b += _mma.shfl_xor(sum_b, 1)
-        sum_b += _mma.shfl_xor(sum_b, 2)
+            rescale(o, alpha_a, alpha_b)
+            add_product(s, v_s, o, g, t)  # O += P V
+        sum_a, sum_b = lane_sums(sum_a, sum_b)
         inv_a = one / sum_a if sum_a > zero else zero
         inv_b = one / sum_b if sum_b > zero else zero
         for n in range(n_dim_frags):
@@ -273,8 +328,9 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
     key_range, softcap_score, softcap_grad = t_.key_range, t_.softcap_score, t_.softcap_grad
     alibi_bias = t_.alibi_bias
     bn = block_keys(db)
-    n_key_frags, n_steps = bn // 8, bn // 16
+    n_key_frags = bn // 8
     n_dim_steps, n_dim_frags = db // 16, db // 8
+    add_product = fragment_steps(kind, n_key_frags, n_dim_frags).add_product
     words = db // 2
     stride = words + 4
     half_stride = 2 * stride
@@ -406,18 +462,7 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
                 for n in range(n_key_frags):
                     for e in range(4):
                         dp[n, e] *= softcap_grad(s[n, e], softcap)
-            for step in range(n_steps):  # dQ += dS K, 16 keys at a time
-                a0 = pack(dp[2 * step, 0], dp[2 * step, 1])
-                a1 = pack(dp[2 * step, 2], dp[2 * step, 3])
-                a2 = pack(dp[2 * step + 1, 0], dp[2 * step + 1, 1])
-                a3 = pack(dp[2 * step + 1, 2], dp[2 * step + 1, 3])
-                key = step * 16 + 2 * t
-                for n in range(n_dim_frags):
-                    col = n * 8 + g
-                    b0 = uint32(k_h[key, col]) | (uint32(k_h[key + 1, col]) << uint32(16))
-                    b1 = uint32(k_h[key + 8, col]) | (uint32(k_h[key + 9, col]) << uint32(16))
-                    acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3] = mma(a0, a1, a2, a3, b0, b1, acc[n, 0], acc[n, 1],
-                                                                     acc[n, 2], acc[n, 3])
+            add_product(dp, k_h, acc, g, t)  # dQ += dS K
         for n in range(n_dim_frags):
             w = n * 4 + t
             if w < n_words:
@@ -461,8 +506,9 @@ def make_dkdv(kind, db, extra, keep, warps=WARPS):
     key_range, query_range = t_.key_range, t_.query_range
     softcap_score, softcap_grad, alibi_bias = t_.softcap_score, t_.softcap_grad, t_.alibi_bias
     bm = block_queries(db)
-    n_q_frags, n_steps = bm // 8, bm // 16
+    n_q_frags = bm // 8
     n_dim_steps, n_dim_frags = db // 16, db // 8
+    add_product = fragment_steps(kind, n_q_frags, n_dim_frags).add_product
     words = db // 2
     stride = words + 4
     half_stride = 2 * stride
@@ -597,26 +643,8 @@ def make_dkdv(kind, db, extra, keep, warps=WARPS):
                     for n in range(n_q_frags):
                         for e in range(4):
                             p[n, e] = p[n, e] * drop_scale if (kept >> uint32(n * 4 + e)) & uint32(1) else zero
-                for step in range(n_steps):  # dV += P^T dO and dK += dS^T Q, 16 query rows at a time
-                    p0 = pack(p[2 * step, 0], p[2 * step, 1])
-                    p1 = pack(p[2 * step, 2], p[2 * step, 3])
-                    p2 = pack(p[2 * step + 1, 0], p[2 * step + 1, 1])
-                    p3 = pack(p[2 * step + 1, 2], p[2 * step + 1, 3])
-                    a0 = pack(dp[2 * step, 0], dp[2 * step, 1])
-                    a1 = pack(dp[2 * step, 2], dp[2 * step, 3])
-                    a2 = pack(dp[2 * step + 1, 0], dp[2 * step + 1, 1])
-                    a3 = pack(dp[2 * step + 1, 2], dp[2 * step + 1, 3])
-                    row = step * 16 + 2 * t
-                    for n in range(n_dim_frags):
-                        col = n * 8 + g
-                        b0 = uint32(o_h[row, col]) | (uint32(o_h[row + 1, col]) << uint32(16))
-                        b1 = uint32(o_h[row + 8, col]) | (uint32(o_h[row + 9, col]) << uint32(16))
-                        gv[n, 0], gv[n, 1], gv[n, 2], gv[n, 3] = mma(p0, p1, p2, p3, b0, b1,
-                                                                     gv[n, 0], gv[n, 1], gv[n, 2], gv[n, 3])
-                        b0 = uint32(q_h[row, col]) | (uint32(q_h[row + 1, col]) << uint32(16))
-                        b1 = uint32(q_h[row + 8, col]) | (uint32(q_h[row + 9, col]) << uint32(16))
-                        gk[n, 0], gk[n, 1], gk[n, 2], gk[n, 3] = mma(a0, a1, a2, a3, b0, b1,
-                                                                     gk[n, 0], gk[n, 1], gk[n, 2], gk[n, 3])
+                add_product(p, o_h, gv, g, t)  # dV += P^T dO
+                add_product(dp, q_h, gk, g, t)  # dK += dS^T Q
         for n in range(n_dim_frags):
             w = n * 4 + t
             if w < n_words:
@@ -656,8 +684,11 @@ def make_paged_prefill(kind, db, warps=WARPS):
     key_range, softcap_score, alibi_bias = t_.key_range, t_.softcap_score, t_.alibi_bias
     online_rescale, finish_lse = t_.online_rescale, t_.finish_lse
     bn = 16  # the stacked rows' indices take registers too: the fewest scores a lane can hold
-    n_key_frags, n_pv_steps = bn // 8, bn // 16
+    n_key_frags = bn // 8
     n_dim_steps, n_dim_frags = db // 16, db // 8
+    steps = fragment_steps(kind, n_key_frags, n_dim_frags)
+    add_product, row_maxima, exponentiate = steps.add_product, steps.row_maxima, steps.exponentiate
+    rescale, lane_sums = steps.rescale, steps.lane_sums
     words = db // 2
     stride = words + 4
     half_stride = 2 * stride
@@ -669,7 +700,6 @@ def make_paged_prefill(kind, db, warps=WARPS):
                 vector, out_part, lse_part):
         group = udiv(heads_q, heads_kv)
         n_stacked = group * sq
-        n_tiles = udiv(n_stacked + block_rows - 1, block_rows)
         split = umod(cuda.blockIdx.x, n_split)
         rest = udiv(cuda.blockIdx.x, n_split)
         bh = umod(rest, batch * heads_kv)
@@ -771,52 +801,16 @@ def make_paged_prefill(kind, db, warps=WARPS):
                     j = j0 + n * 8 + 2 * t + (e & 1)
                     if not (live and lo <= j and j < hi and j < j_hi):
                         s[n, e] = neg_inf
-            top_a, top_b = max_a, max_b
-            for n in range(n_key_frags):
-                top_a = max(top_a, max(s[n, 0], s[n, 1]))
-                top_b = max(top_b, max(s[n, 2], s[n, 3]))
-            top_a = max(top_a, _mma.shfl_xor(top_a, 1))
-            top_a = max(top_a, _mma.shfl_xor(top_a, 2))
-            top_b = max(top_b, _mma.shfl_xor(top_b, 1))
-            top_b = max(top_b, _mma.shfl_xor(top_b, 2))
+            top_a, top_b = row_maxima(s, max_a, max_b)
             alpha_a = online_rescale(max_a, top_a)
             alpha_b = online_rescale(max_b, top_b)
-            part_a, part_b = zero, zero
-            for n in range(n_key_frags):
-                for e in range(4):
-                    top = top_a if e < 2 else top_b
-                    p = zero
-                    if top != neg_inf:
-                        p = math.exp(s[n, e] - top)
-                    if e < 2:
-                        part_a += p
-                    else:
-                        part_b += p
-                    s[n, e] = p
+            part_a, part_b = exponentiate(s, top_a, top_b, u0, zero)
             sum_a = sum_a * alpha_a + part_a
             sum_b = sum_b * alpha_b + part_b
             max_a, max_b = top_a, top_b
-            for n in range(n_dim_frags):
-                o[n, 0] *= alpha_a
-                o[n, 1] *= alpha_a
-                o[n, 2] *= alpha_b
-                o[n, 3] *= alpha_b
-            for step in range(n_pv_steps):  # O += P V, 16 keys at a time
-                p0 = pack(s[2 * step, 0], s[2 * step, 1])
-                p1 = pack(s[2 * step, 2], s[2 * step, 3])
-                p2 = pack(s[2 * step + 1, 0], s[2 * step + 1, 1])
-                p3 = pack(s[2 * step + 1, 2], s[2 * step + 1, 3])
-                key = step * 16 + 2 * t
-                for n in range(n_dim_frags):
-                    col = n * 8 + g
-                    b0 = uint32(v_s[key, col]) | (uint32(v_s[key + 1, col]) << uint32(16))
-                    b1 = uint32(v_s[key + 8, col]) | (uint32(v_s[key + 9, col]) << uint32(16))
-                    o[n, 0], o[n, 1], o[n, 2], o[n, 3] = mma(p0, p1, p2, p3, b0, b1,
-                                                             o[n, 0], o[n, 1], o[n, 2], o[n, 3])
-        sum_a += _mma.shfl_xor(sum_a, 1)
-        sum_a += _mma.shfl_xor(sum_a, 2)
-        sum_b += _mma.shfl_xor(sum_b, 1)
-        sum_b += _mma.shfl_xor(sum_b, 2)
+            rescale(o, alpha_a, alpha_b)
+            add_product(s, v_s, o, g, t)  # O += P V
+        sum_a, sum_b = lane_sums(sum_a, sum_b)
         inv_a = one / sum_a if sum_a > zero else zero
         inv_b = one / sum_b if sum_b > zero else zero
         base = split * batch * heads_q * sq

@@ -520,9 +520,10 @@ def _dropout_args(dropout, spec, batch_offset=0):
 
 
 def use_mma(spec):
-    """Whether the forward runs on tensor cores (:mod:`fastattn.cuda._tensor_core`): float16/bfloat16
+    """Whether a call's kernels run on tensor cores (:mod:`fastattn.cuda._tensor_core`): float16/bfloat16
     inputs with an even head dimension, ``config.cuda_mma`` on, and a GPU of compute capability 8.0 or
-    more (the simulator emulates the instructions)."""
+    more (the simulator emulates the instructions).  The launch also needs its arrays 4-byte aligned
+    (:func:`fastattn.cuda._launch.words`), else it takes the SIMT kernels."""
     if not config.cuda_mma or spec.head_dim % 2 or np.dtype(spec.dtype) not in (np.float16, _dtype("bfloat16")):
         return False
     return _device.simulated() or _device.compute_capability() >= _mma.MIN_CC
@@ -555,8 +556,8 @@ def forward(q, k, v, slopes, spec, extra=None, dropout=None, batch_offset=0):
     options = (*_sizes(spec), acc_np(spec.scale), spec.window_left, spec.window_right, spec.shift,
                acc_np(spec.softcap), *slopes_args(slopes, spec), *extra_args,
                *_dropout_args(dropout, spec, batch_offset))
-    if use_mma(spec):
-        words = [_launch.rows(x).view(np.uint32) for x in (q, k, v, out)]
+    words = _launch.words(*(_launch.rows(x) for x in (q, k, v, out))) if use_mma(spec) else None
+    if words is not None:
         warps = config.cuda_mma_warps
         grid = _launch.blocks(spec.seq_q, 16 * warps) * spec.batch * spec.heads_q
         _mma_kernel(spec.dtype, db, bias_dtype, warps)[grid, 32 * warps](*words[:3], *options, words[3],
@@ -581,6 +582,7 @@ def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False
     dv = _launch.empty(v.shape, spec.dtype)
     acc_np = np.dtype(spec.accum_dtype).type
     inputs = [_launch.rows(x) for x in (dout, q, k, v)]
+    words = _launch.words(*inputs, *(_launch.rows(x) for x in (dq, dk, dv))) if use_mma(spec) else None
     extra_args, bias_dtype = _extra_args(extra, spec)
     options = (*_sizes(spec), acc_np(spec.scale), spec.window_left, spec.window_right, acc_np(spec.softcap),
                *slopes_args(slopes, spec), *extra_args, *_dropout_args(dropout, spec, batch_offset))
@@ -600,23 +602,21 @@ def backward(dout, q, k, v, out, lse, slopes, spec, extra=None, want_dbias=False
     if n_rows:
         _kernel("delta", spec.dtype, db)[_launch.blocks(n_rows, threads), threads](
             inputs[0], _launch.rows(out), spec.head_dim, _launch.flat(delta))
-        if use_mma(spec):
+        if words is not None:
             warps = config.cuda_mma_warps
             grid = _launch.blocks(spec.seq_q, 16 * warps) * spec.batch * spec.heads_q
-            words = [x.view(np.uint32) for x in inputs]
             _mma_kernel(spec.dtype, db, bias_dtype, warps, "dq")[grid, 32 * warps](
-                *words, lse, _launch.flat(delta), *options, *dbias_args, _launch.rows(dq).view(np.uint32))
+                *words[:4], lse, _launch.flat(delta), *options, *dbias_args, words[4])
         else:
             kernel, shape = _compiled("dq", spec.dtype, db, bias_dtype)
             grid = _launch.blocks(spec.seq_q, shape[0] * shape[2]) * spec.batch * spec.heads_q
             kernel[grid, _threads(shape)](*inputs, lse, _launch.flat(delta), *options, *dbias_args,
                                           _launch.rows(dq))
-    if spec.batch * spec.heads_kv * spec.seq_k and use_mma(spec):
+    if spec.batch * spec.heads_kv * spec.seq_k and words is not None:
         warps = config.cuda_mma_warps
         grid = _launch.blocks(spec.seq_k, 16 * warps) * spec.batch * spec.heads_kv
         _mma_kernel(spec.dtype, db, bias_dtype, warps, "dkdv")[grid, 32 * warps](
-            *(x.view(np.uint32) for x in inputs), lse, _launch.flat(delta), *options,
-            *(_launch.rows(x).view(np.uint32) for x in (dk, dv)))
+            *words[:4], lse, _launch.flat(delta), *options, *words[5:])
     elif spec.batch * spec.heads_kv * spec.seq_k:
         kernel, shape = _compiled("dkdv", spec.dtype, db, bias_dtype)
         grid = _launch.blocks(spec.seq_k, shape[0] * shape[2]) * spec.batch * spec.heads_kv

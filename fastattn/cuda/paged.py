@@ -569,8 +569,10 @@ def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale
     """
     db = _check_head_dim(spec)
     acc_np = np.dtype(spec.accum_dtype)
-    mma = use_mma(spec, k_cache, k_scale is not None)
-    if mma:
+    arrays = [_flat_rows(x) for x in (q, k_cache, v_cache)]
+    words = _launch.words(*arrays) if use_mma(spec, k_cache, k_scale is not None) else None
+    if words is not None:
+        arrays = words
         warps = config.cuda_mma_warps
         kernel, threads = _mma_prefill(spec.dtype, db, warps), 32 * warps
         blocks_x = -(-(spec.group * spec.seq_q) // (16 * warps))
@@ -589,9 +591,6 @@ def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale
     v_dev = _scales(v_scale, acc_np) if has_scales else k_dev
     if n_rows:
         grid = blocks_x * spec.batch * spec.heads_kv * n_split
-        arrays = [_flat_rows(x) for x in (q, k_cache, v_cache)]
-        if mma:
-            arrays = [x.view(np.uint32) for x in arrays]
         kernel[grid, threads](
             *arrays, device_ints(table), device_ints(lens),
             spec.batch, spec.heads_q, spec.heads_kv, spec.seq_q, spec.head_dim, spec.block_size,
