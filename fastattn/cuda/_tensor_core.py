@@ -150,6 +150,60 @@ def fragment_steps(kind, n_frags, n_dim_frags):
                            rescale=rescale, lane_sums=lane_sums)
 
 
+def row_steps(extra, keep, n_frags):
+    """The element-wise steps of the kernels whose warps own query rows (the forward and dQ), inlined.
+
+    Fragment element ``(n, e)`` of a lane ``(g, t)`` is row ``row_a`` (``e < 2``) or ``row_b``, key
+    ``j0 + 8 n + 2 t + (e & 1)``.  One small loop each: a loop whose body is large is not unrolled, and
+    the fragments it indexes would then go to local memory.
+    """
+    t_ = tile_math(float32)
+    key_range, softcap_score, alibi_bias = t_.key_range, t_.softcap_score, t_.alibi_bias
+    zero, neg_inf = float32(0.0), float32(-math.inf)
+
+    @inline
+    def biased(s, x, row_a, row_b, j0, t, sq, sq_d, sk, wl, wr, softcap, slope, has_alibi, b, h, bias, bs,
+               has_bias, mask, ms, has_mask):
+        """``s`` softcapped in place; ``x = s`` plus ALiBi and bias, -inf where the key is masked or outside
+        the row's causal/window range (``x`` may be ``s``).  Row ``i`` sits at key ``i + sk - sq_d``."""
+        if softcap > zero:
+            for n in range(n_frags):
+                for e in range(4):
+                    s[n, e] = softcap_score(s[n, e], softcap)
+        for n in range(n_frags):
+            for e in range(4):
+                x[n, e] = s[n, e]
+        if has_alibi:
+            for n in range(n_frags):
+                for e in range(4):
+                    x[n, e] += alibi_bias(slope, row_a if e < 2 else row_b, j0 + n * 8 + 2 * t + (e & 1), sq_d, sk)
+        lo_a, hi_a = key_range(row_a, sq_d, sk, wl, wr)
+        lo_b, hi_b = key_range(row_b, sq_d, sk, wl, wr)
+        for n in range(n_frags):
+            for e in range(4):
+                i = row_a if e < 2 else row_b
+                lo = lo_a if e < 2 else lo_b
+                hi = hi_a if e < 2 else hi_b
+                j = j0 + n * 8 + 2 * t + (e & 1)
+                if not (i < sq and lo <= j and j < hi):
+                    x[n, e] = neg_inf
+                elif has_bias or has_mask:
+                    x[n, e] = extra(x[n, e], b, h, i, j, bias, bs, has_bias, mask, ms, has_mask)
+
+    @inline
+    def kept_bits(row_a, row_b, j0, t, b, h, drop):
+        """Dropout's keep bits of the lane's elements, bit ``4 n + e`` (Philox, in a loop of its own)."""
+        kept = uint32(0)
+        for n in range(n_frags):
+            for e in range(4):
+                if keep(drop[0], drop[1], uint64(b) + drop[3], h, row_a if e < 2 else row_b,
+                        j0 + n * 8 + 2 * t + (e & 1), drop[2]):
+                    kept |= uint32(1) << uint32(n * 4 + e)
+        return kept
+
+    return SimpleNamespace(biased=biased, kept_bits=kept_bits)
+
+
 def make_forward(kind, db, extra, keep, warps=WARPS):
     """The forward kernel for 16-bit inputs of ``kind`` ("f16" or "bf16") and head-dim bucket ``db``, in
     blocks of ``warps`` warps (``16 * warps`` query rows).
@@ -160,14 +214,15 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
     mma, pack = _mma.ops(kind)
     block_rows, threads = 16 * warps, 32 * warps
     t_ = tile_math(float32)
-    key_range, softcap_score, alibi_bias = t_.key_range, t_.softcap_score, t_.alibi_bias
-    online_rescale, finish_lse = t_.online_rescale, t_.finish_lse
+    key_range, online_rescale, finish_lse = t_.key_range, t_.online_rescale, t_.finish_lse
     bn = block_keys(db)
     n_key_frags = bn // 8
     n_dim_steps, n_dim_frags = db // 16, db // 8
     steps = fragment_steps(kind, n_key_frags, n_dim_frags)
     add_product, row_maxima, exponentiate = steps.add_product, steps.row_maxima, steps.exponentiate
     rescale, lane_sums = steps.rescale, steps.lane_sums
+    rows_ = row_steps(extra, keep, n_key_frags)
+    biased, kept_bits = rows_.biased, rows_.kept_bits
     words = db // 2
     stride = words + 4  # padded: the 8 rows x 4 words a B-fragment load touches fall in 32 banks
     half_stride = 2 * stride
@@ -209,8 +264,6 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
         max_a, max_b = neg_inf, neg_inf
         sum_a, sum_b = zero, zero
         slope = slopes[b * slope_stride + h] if has_alibi else zero
-        lo_a, hi_a = key_range(row_a, sq_d, sk, wl, wr)
-        lo_b, hi_b = key_range(row_b, sq_d, sk, wl, wr)
         j_lo = key_range(i0, sq_d, sk, wl, wr)[0]
         j_hi = key_range(i0 + n_rows - 1, sq_d, sk, wl, wr)[1]
         for j0 in range(j_lo, j_hi, bn):
@@ -240,40 +293,11 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
                         a3 = q_word(q, q0, row_a, row_b, sq, n_words, kk, 3, t)
                     c0, c1, c2, c3 = mma(a0, a1, a2, a3, k_s[n * 8 + g, kk * 8 + t], k_s[n * 8 + g, kk * 8 + t + 4],
                                          c0, c1, c2, c3)
-                s[n, 0], s[n, 1], s[n, 2], s[n, 3] = c0, c1, c2, c3
-            # the score transforms, one small loop each: a loop whose body is large is not unrolled,
-            # and then the fragments it indexes go to local memory
-            for n in range(n_key_frags):
-                for e in range(4):
-                    s[n, e] *= scale
-            if softcap > zero:
-                for n in range(n_key_frags):
-                    for e in range(4):
-                        s[n, e] = softcap_score(s[n, e], softcap)
-            if has_alibi:
-                for n in range(n_key_frags):
-                    for e in range(4):
-                        i = row_a if e < 2 else row_b
-                        s[n, e] += alibi_bias(slope, i, j0 + n * 8 + 2 * t + (e & 1), sq_d, sk)
-            for n in range(n_key_frags):
-                for e in range(4):
-                    i = row_a if e < 2 else row_b
-                    lo = lo_a if e < 2 else lo_b
-                    hi = hi_a if e < 2 else hi_b
-                    j = j0 + n * 8 + 2 * t + (e & 1)
-                    if not (i < sq and lo <= j and j < hi):
-                        s[n, e] = neg_inf
-                    elif has_bias or has_mask:
-                        s[n, e] = extra(s[n, e], b, h, i, j, bias, bs, has_bias, mask, ms, has_mask)
+                s[n, 0], s[n, 1], s[n, 2], s[n, 3] = c0 * scale, c1 * scale, c2 * scale, c3 * scale
+            biased(s, s, row_a, row_b, j0, t, sq, sq_d, sk, wl, wr, softcap, slope, has_alibi, b, h, bias, bs,
+                   has_bias, mask, ms, has_mask)
             top_a, top_b = row_maxima(s, max_a, max_b)
-            kept = u0  # dropout's keep bits of this lane's elements, bit 4 n + e: a loop apart from the
-            if drop_scale > zero:  # fragments, whose indices must unroll (Philox inlined 32 times would not)
-                for n in range(n_key_frags):
-                    for e in range(4):
-                        i = row_a if e < 2 else row_b
-                        j = j0 + n * 8 + 2 * t + (e & 1)
-                        if keep(drop[0], drop[1], uint64(b) + drop[3], h, i, j, drop[2]):
-                            kept |= uint32(1) << uint32(n * 4 + e)
+            kept = kept_bits(row_a, row_b, j0, t, b, h, drop) if drop_scale > zero else u0
             alpha_a = online_rescale(max_a, top_a)
             alpha_b = online_rescale(max_b, top_b)
             part_a, part_b = exponentiate(s, top_a, top_b, kept, drop_scale)
@@ -325,12 +349,13 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
     mma, pack = _mma.ops(kind)
     block_rows, threads = 16 * warps, 32 * warps
     t_ = tile_math(float32)
-    key_range, softcap_score, softcap_grad = t_.key_range, t_.softcap_score, t_.softcap_grad
-    alibi_bias = t_.alibi_bias
+    key_range, softcap_grad = t_.key_range, t_.softcap_grad
     bn = block_keys(db)
     n_key_frags = bn // 8
     n_dim_steps, n_dim_frags = db // 16, db // 8
     add_product = fragment_steps(kind, n_key_frags, n_dim_frags).add_product
+    rows_ = row_steps(extra, keep, n_key_frags)
+    biased, kept_bits = rows_.biased, rows_.kept_bits
     words = db // 2
     stride = words + 4
     half_stride = 2 * stride
@@ -370,8 +395,6 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
         delta_a = delta[uint64(q0 + row_a)] if row_a < sq else zero
         delta_b = delta[uint64(q0 + row_b)] if row_b < sq else zero
         slope = slopes[b * slope_stride + h] if has_alibi else zero
-        lo_a, hi_a = key_range(row_a, sq, sk, wl, wr)
-        lo_b, hi_b = key_range(row_b, sq, sk, wl, wr)
         j_lo = key_range(i0, sq, sk, wl, wr)[0]
         j_hi = key_range(i0 + n_rows - 1, sq, sk, wl, wr)[1]
         for j0 in range(j_lo, j_hi, bn):
@@ -406,29 +429,9 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
                                          v_w[n * 8 + g, kk * 8 + t], v_w[n * 8 + g, kk * 8 + t + 4], d0, d1, d2, d3)
                 s[n, 0], s[n, 1], s[n, 2], s[n, 3] = c0 * scale, c1 * scale, c2 * scale, c3 * scale
                 dp[n, 0], dp[n, 1], dp[n, 2], dp[n, 3] = d0, d1, d2, d3
-            # element by element, one small loop each (see make_forward); s becomes the softcapped score
-            if softcap > zero:
-                for n in range(n_key_frags):
-                    for e in range(4):
-                        s[n, e] = softcap_score(s[n, e], softcap)
-            for n in range(n_key_frags):
-                for e in range(4):
-                    p[n, e] = s[n, e]
-            if has_alibi:
-                for n in range(n_key_frags):
-                    for e in range(4):
-                        i = row_a if e < 2 else row_b
-                        p[n, e] += alibi_bias(slope, i, j0 + n * 8 + 2 * t + (e & 1), sq, sk)
-            for n in range(n_key_frags):
-                for e in range(4):
-                    i = row_a if e < 2 else row_b
-                    lo = lo_a if e < 2 else lo_b
-                    hi = hi_a if e < 2 else hi_b
-                    j = j0 + n * 8 + 2 * t + (e & 1)
-                    if not (i < sq and lo <= j and j < hi):
-                        p[n, e] = neg_inf
-                    elif has_bias or has_mask:
-                        p[n, e] = extra(p[n, e], b, h, i, j, bias, bs, has_bias, mask, ms, has_mask)
+            # element by element: s becomes the softcapped score, p the biased one
+            biased(s, p, row_a, row_b, j0, t, sq, sq, sk, wl, wr, softcap, slope, has_alibi, b, h, bias, bs,
+                   has_bias, mask, ms, has_mask)
             for n in range(n_key_frags):
                 for e in range(4):
                     top = lse_a if e < 2 else lse_b
@@ -437,13 +440,7 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
                         x = math.exp(p[n, e] - top)
                     p[n, e] = x
             if drop_scale > zero:
-                kept = u0
-                for n in range(n_key_frags):
-                    for e in range(4):
-                        i = row_a if e < 2 else row_b
-                        j = j0 + n * 8 + 2 * t + (e & 1)
-                        if keep(drop[0], drop[1], uint64(b) + drop[3], h, i, j, drop[2]):
-                            kept |= uint32(1) << uint32(n * 4 + e)
+                kept = kept_bits(row_a, row_b, j0, t, b, h, drop)
                 for n in range(n_key_frags):
                     for e in range(4):
                         dp[n, e] = dp[n, e] * drop_scale if (kept >> uint32(n * 4 + e)) & uint32(1) else zero
