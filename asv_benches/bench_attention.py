@@ -200,6 +200,38 @@ class TimeAttentionGQACUDA(bench_core.CUDAOnly, TimeAttentionGQA):
     """TimeAttentionGQA on device arrays."""
 
 
+class TimeTensorCores(_Runs):
+    """float16/bfloat16 forward and causal backward at B=4, H=16, N=4096, D=128 (the tensor-core issue's
+    shape) on tensor cores (``mma``) or the SIMT kernels (``fastattn.config.cuda_mma``); CUDA only."""
+
+    backend = "cuda"
+    params = (["float16", "bfloat16"], ["mma", "simt"])
+    param_names = ["dtype", "kernels"]
+
+    def setup(self, dtype, kernels):
+        import fastattn
+
+        usable, reason = bench_core.cuda_status()
+        if not usable:
+            raise NotImplementedError(reason)
+        self._before = fastattn.config.cuda_mma
+        fastattn.config.cuda_mma = kernels == "mma"
+        shape = dict(dtype=dtype, seq=4096, heads_q=16, heads_kv=16, batch=4, head_dim=128)
+        self._prepare({"forward": bench_dense.Case("forward", **shape),
+                       "backward": bench_dense.Case("backward", causal=True, **shape)})
+
+    def teardown(self, dtype, kernels):
+        import fastattn
+
+        fastattn.config.cuda_mma = self._before
+
+    def time_forward(self, dtype, kernels):
+        self._time("forward")
+
+    def time_backward_causal(self, dtype, kernels):
+        self._time("backward")
+
+
 class TimeCompileCUDA(TimeCompile):
     """First launch of each CUDA kernel in a fresh process (numba.cuda does not cache them)."""
 

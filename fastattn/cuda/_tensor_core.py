@@ -65,12 +65,12 @@ def q_word(q, q0, row_a, row_b, sq, n_words, kk, r, t):
     return x
 
 
-def fragment_steps(kind, n_frags, n_dim_frags):
+def fragment_steps(kind, n_frags, n_dim_frags, n_dim_steps=0):
     """The steps every tensor-core kernel takes on one warp's fragments, inlined into it.
 
     ``n_frags`` accumulator tiles of 8 columns hold a ``16 x 8 n_frags`` product (the scores); the second
-    product's accumulators are ``n_dim_frags`` tiles (the head dimension).  Lane ``(g, t)`` holds rows
-    ``g`` ("a") and ``g + 8`` ("b") of each.
+    product's accumulators are ``n_dim_frags`` tiles (the head dimension), its depth ``16 n_dim_steps``.
+    Lane ``(g, t)`` holds rows ``g`` ("a") and ``g + 8`` ("b") of each.
     """
     mma, pack = _mma.ops(kind)
     n_steps = n_frags // 2
@@ -93,6 +93,28 @@ def fragment_steps(kind, n_frags, n_dim_frags):
                 b1 = uint32(halves[k + 8, col]) | (uint32(halves[k + 9, col]) << uint32(16))
                 acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3] = mma(a0, a1, a2, a3, b0, b1,
                                                                  acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
+
+    @inline
+    def two_products(x, y, x_w, y_w, base, row_a, row_b, limit, n_words, scale, s, dp, g, t):
+        """``s = scale X Bᵀ`` and ``dp = Y Cᵀ``, the backward's two score products: A fragments from rows
+        ``row_a``/``row_b`` of the global ``x`` and ``y`` (:func:`q_word`), B from the shared words
+        ``x_w[8 n + g]`` and ``y_w``, over the head dimension."""
+        for n in range(n_frags):
+            c0, c1, c2, c3 = zero, zero, zero, zero
+            d0, d1, d2, d3 = zero, zero, zero, zero
+            for kk in range(n_dim_steps):
+                c0, c1, c2, c3 = mma(q_word(x, base, row_a, row_b, limit, n_words, kk, 0, t),
+                                     q_word(x, base, row_a, row_b, limit, n_words, kk, 1, t),
+                                     q_word(x, base, row_a, row_b, limit, n_words, kk, 2, t),
+                                     q_word(x, base, row_a, row_b, limit, n_words, kk, 3, t),
+                                     x_w[n * 8 + g, kk * 8 + t], x_w[n * 8 + g, kk * 8 + t + 4], c0, c1, c2, c3)
+                d0, d1, d2, d3 = mma(q_word(y, base, row_a, row_b, limit, n_words, kk, 0, t),
+                                     q_word(y, base, row_a, row_b, limit, n_words, kk, 1, t),
+                                     q_word(y, base, row_a, row_b, limit, n_words, kk, 2, t),
+                                     q_word(y, base, row_a, row_b, limit, n_words, kk, 3, t),
+                                     y_w[n * 8 + g, kk * 8 + t], y_w[n * 8 + g, kk * 8 + t + 4], d0, d1, d2, d3)
+            s[n, 0], s[n, 1], s[n, 2], s[n, 3] = c0 * scale, c1 * scale, c2 * scale, c3 * scale
+            dp[n, 0], dp[n, 1], dp[n, 2], dp[n, 3] = d0, d1, d2, d3
 
     @inline
     def row_maxima(s, max_a, max_b):
@@ -146,8 +168,8 @@ def fragment_steps(kind, n_frags, n_dim_frags):
         sum_b += _mma.shfl_xor(sum_b, 2)
         return sum_a, sum_b
 
-    return SimpleNamespace(add_product=add_product, row_maxima=row_maxima, exponentiate=exponentiate,
-                           rescale=rescale, lane_sums=lane_sums)
+    return SimpleNamespace(add_product=add_product, two_products=two_products, row_maxima=row_maxima,
+                           exponentiate=exponentiate, rescale=rescale, lane_sums=lane_sums)
 
 
 def row_steps(extra, keep, n_frags):
@@ -353,7 +375,8 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
     bn = block_keys(db)
     n_key_frags = bn // 8
     n_dim_steps, n_dim_frags = db // 16, db // 8
-    add_product = fragment_steps(kind, n_key_frags, n_dim_frags).add_product
+    steps = fragment_steps(kind, n_key_frags, n_dim_frags, n_dim_steps)
+    add_product, two_products = steps.add_product, steps.two_products
     rows_ = row_steps(extra, keep, n_key_frags)
     biased, kept_bits = rows_.biased, rows_.kept_bits
     words = db // 2
@@ -413,22 +436,8 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
                 k_h[r, 2 * w + 1] = uint16(kx >> uint32(16))
                 e += threads
             cuda.syncthreads()
-            for n in range(n_key_frags):  # S = Q K^T and dP = dO V^T, 8 keys at a time
-                c0, c1, c2, c3 = zero, zero, zero, zero
-                d0, d1, d2, d3 = zero, zero, zero, zero
-                for kk in range(n_dim_steps):
-                    c0, c1, c2, c3 = mma(q_word(q, q0, row_a, row_b, sq, n_words, kk, 0, t),
-                                         q_word(q, q0, row_a, row_b, sq, n_words, kk, 1, t),
-                                         q_word(q, q0, row_a, row_b, sq, n_words, kk, 2, t),
-                                         q_word(q, q0, row_a, row_b, sq, n_words, kk, 3, t),
-                                         k_w[n * 8 + g, kk * 8 + t], k_w[n * 8 + g, kk * 8 + t + 4], c0, c1, c2, c3)
-                    d0, d1, d2, d3 = mma(q_word(dout, q0, row_a, row_b, sq, n_words, kk, 0, t),
-                                         q_word(dout, q0, row_a, row_b, sq, n_words, kk, 1, t),
-                                         q_word(dout, q0, row_a, row_b, sq, n_words, kk, 2, t),
-                                         q_word(dout, q0, row_a, row_b, sq, n_words, kk, 3, t),
-                                         v_w[n * 8 + g, kk * 8 + t], v_w[n * 8 + g, kk * 8 + t + 4], d0, d1, d2, d3)
-                s[n, 0], s[n, 1], s[n, 2], s[n, 3] = c0 * scale, c1 * scale, c2 * scale, c3 * scale
-                dp[n, 0], dp[n, 1], dp[n, 2], dp[n, 3] = d0, d1, d2, d3
+            # S = Q K^T and dP = dO V^T
+            two_products(q, dout, k_w, v_w, q0, row_a, row_b, sq, n_words, scale, s, dp, g, t)
             # element by element: s becomes the softcapped score, p the biased one
             biased(s, p, row_a, row_b, j0, t, sq, sq, sk, wl, wr, softcap, slope, has_alibi, b, h, bias, bs,
                    has_bias, mask, ms, has_mask)
@@ -505,7 +514,8 @@ def make_dkdv(kind, db, extra, keep, warps=WARPS):
     bm = block_queries(db)
     n_q_frags = bm // 8
     n_dim_steps, n_dim_frags = db // 16, db // 8
-    add_product = fragment_steps(kind, n_q_frags, n_dim_frags).add_product
+    steps = fragment_steps(kind, n_q_frags, n_dim_frags, n_dim_steps)
+    add_product, two_products = steps.add_product, steps.two_products
     words = db // 2
     stride = words + 4
     half_stride = 2 * stride
@@ -571,24 +581,8 @@ def make_dkdv(kind, db, extra, keep, warps=WARPS):
                     delta_s[e] = delta[uint64(q0 + i0 + e)] if i0 + e < i_hi else zero
                     e += threads
                 cuda.syncthreads()
-                for n in range(n_q_frags):  # S^T = K Q^T and dP^T = V dO^T, 8 query rows at a time
-                    c0, c1, c2, c3 = zero, zero, zero, zero
-                    d0, d1, d2, d3 = zero, zero, zero, zero
-                    for kk in range(n_dim_steps):
-                        c0, c1, c2, c3 = mma(q_word(k, k0, key_a, key_b, sk, n_words, kk, 0, t),
-                                             q_word(k, k0, key_a, key_b, sk, n_words, kk, 1, t),
-                                             q_word(k, k0, key_a, key_b, sk, n_words, kk, 2, t),
-                                             q_word(k, k0, key_a, key_b, sk, n_words, kk, 3, t),
-                                             q_w[n * 8 + g, kk * 8 + t], q_w[n * 8 + g, kk * 8 + t + 4],
-                                             c0, c1, c2, c3)
-                        d0, d1, d2, d3 = mma(q_word(v, k0, key_a, key_b, sk, n_words, kk, 0, t),
-                                             q_word(v, k0, key_a, key_b, sk, n_words, kk, 1, t),
-                                             q_word(v, k0, key_a, key_b, sk, n_words, kk, 2, t),
-                                             q_word(v, k0, key_a, key_b, sk, n_words, kk, 3, t),
-                                             o_w[n * 8 + g, kk * 8 + t], o_w[n * 8 + g, kk * 8 + t + 4],
-                                             d0, d1, d2, d3)
-                    s[n, 0], s[n, 1], s[n, 2], s[n, 3] = c0 * scale, c1 * scale, c2 * scale, c3 * scale
-                    dp[n, 0], dp[n, 1], dp[n, 2], dp[n, 3] = d0, d1, d2, d3
+                # S^T = K Q^T and dP^T = V dO^T
+                two_products(k, v, q_w, o_w, k0, key_a, key_b, sk, n_words, scale, s, dp, g, t)
                 # element (n, e): key key_a (e < 2) or key_b, query row i0 + 8 n + 2 t + (e & 1)
                 if softcap > zero:
                     for n in range(n_q_frags):
