@@ -3,7 +3,9 @@
 Every CUDA kernel module (:mod:`fastattn.cuda.attention`, ``paged``, ``gqa``,
 ``projection``) lists its specialisations with ``variants(head_dims=None)``
 (:class:`fastattn.cuda._launch.Variant`).  For each one this module compiles
-the kernel to PTX with NVVM (``numba.cuda.compile_ptx``), assembles it with
+the kernel to PTX with NVVM (``numba.cuda.compile_ptx``; a tensor-core kernel
+to LTO-IR, linked with its CUDA C++ helpers by nvJitLink into PTX, the code a
+GPU would load), assembles it with
 ``ptxas -v`` for a compute capability, and reads back what DESIGN.md holds the
 kernels to: registers, spilled bytes, stack frame, static shared memory, the
 theoretical occupancy, and the float64 and ``mma`` instructions in the PTX.
@@ -57,10 +59,17 @@ def missing_toolchain():
         has_nvvm = nvvm.is_available()
     except Exception:
         has_nvvm = False
-    missing = [name for name, ok in (("NVVM (libnvvm)", has_nvvm), ("ptxas", find_ptxas() is not None))
-               if not ok]
+    try:  # NVRTC and nvJitLink, for the tensor-core kernels' linked CUDA C++
+        from cuda.core import Linker, Program  # noqa: F401
+
+        has_linker = True
+    except Exception:
+        has_linker = False
+    missing = [name for name, ok in (("NVVM (libnvvm)", has_nvvm), ("ptxas", find_ptxas() is not None),
+                                     ("NVRTC/nvJitLink (cuda.core)", has_linker)) if not ok]
     if missing:
-        return f"cuda-report needs NVVM and ptxas; {' and '.join(missing)} not found: {INSTALL_HINT}"
+        return (f"cuda-report needs NVVM, ptxas, NVRTC and nvJitLink; {' and '.join(missing)} not found: "
+                f"{INSTALL_HINT}")
     return None
 
 
@@ -92,14 +101,40 @@ def collect_variants(head_dims=None):
 
 
 @functools.lru_cache(maxsize=512)
-def _compile(py_func, signature, cc, fastmath, launch_bounds):
+def _compile(py_func, signature, cc, fastmath, launch_bounds, link=()):
     from numba import cuda
 
     options = {} if launch_bounds is None else {"launch_bounds": launch_bounds}
     with warnings.catch_warnings():
         # the report reads the code; compile-time advice is the kernels' own tests' business
         warnings.simplefilter("ignore")
-        return cuda.compile_ptx(py_func, signature, cc=cc, fastmath=fastmath, **options)[0]
+        if not link:
+            return cuda.compile_ptx(py_func, signature, cc=cc, fastmath=fastmath, **options)[0]
+        ltoir = cuda.compile(py_func, signature, device=False, abi="numba", output="ltoir", cc=cc,
+                             fastmath=fastmath, **options)[0]
+    return link_ptx(ltoir, link, cc)
+
+
+@functools.lru_cache(maxsize=16)
+def _source_ltoir(path, cc):
+    """LTO-IR of a CUDA C++ source for ``cc`` (NVRTC, as numba-cuda compiles a ``link`` source)."""
+    from cuda.core import Program, ProgramOptions
+
+    options = ProgramOptions(arch=f"sm_{cc[0]}{cc[1]}", link_time_optimization=True,
+                             relocatable_device_code=True)
+    return Program(Path(path).read_text(), "c++", options).compile("ltoir")
+
+
+def link_ptx(ltoir, sources, cc):
+    """The PTX of a kernel's LTO-IR linked with CUDA C++ ``sources`` by nvJitLink with link-time
+    optimisation (what ``cuda.jit(..., lto=True)`` loads on a GPU, here as PTX for ptxas): the
+    sources' device functions are inlined into the kernel."""
+    from cuda.core import Linker, LinkerOptions, ObjectCode
+
+    objects = [_source_ltoir(str(path), tuple(cc)) for path in sources]
+    options = LinkerOptions(arch=f"sm_{cc[0]}{cc[1]}", link_time_optimization=True, ptx=True)
+    code = Linker(*objects, ObjectCode.from_ltoir(ltoir), options=options).link("ptx").code
+    return bytes(code).rstrip(b"\0").decode()
 
 
 def compile_variant(variant, cc):
@@ -131,7 +166,8 @@ def compile_variant(variant, cc):
     launch_bounds = option("launch_bounds", None)
     return _compile(getattr(func, "py_func", func), tuple(variant.signature), tuple(cc),
                     bool(option("fastmath", False)),
-                    tuple(launch_bounds) if isinstance(launch_bounds, list) else launch_bounds)
+                    tuple(launch_bounds) if isinstance(launch_bounds, list) else launch_bounds,
+                    tuple(getattr(variant, "link", ())))
 
 
 def row_id(row):

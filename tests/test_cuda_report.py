@@ -15,8 +15,9 @@ import os
 import pytest
 from numba import cuda, float32, float64
 
-from fastattn import _cuda_report
+from fastattn import _cuda_report, _ptxas
 from fastattn.__main__ import main
+from fastattn.cuda import _mma
 from fastattn.cuda._launch import Variant
 
 REASON = _cuda_report.missing_toolchain()
@@ -353,6 +354,22 @@ def test_tensor_core_kernels_cover_float16_and_bfloat16(reports, target):
     have = {(r["kernel"], r["dtype"], r["head_dim"]) for r in reports[target] if r["kernel"].endswith("-mma")}
     assert have == {(kernel, dtype, d) for kernel in ("forward-mma", "dq-mma", "dkdv-mma", "prefill-mma")
                     for dtype in ("float16", "bfloat16") for d in HEAD_DIMS}, have
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_tensor_core_helpers_inline_when_linked(reports, target):
+    """The CUDA C++ helpers (fastattn/cuda/_mma.cu) are linked with LTO and inline: the linked PTX of every
+    tensor-core kernel calls no function and has no local memory, and its B fragments come by ldmatrix."""
+    ptx_cc = TARGETS[target][1]
+    variants = [v for v in _cuda_report.collect_variants(HEAD_DIMS) if v.kernel.endswith("-mma")]
+    assert variants and all(v.link == (_mma.SOURCE,) for v in variants)
+    for variant in variants:
+        ptx = _cuda_report.compile_variant(variant, ptx_cc)
+        opcodes = list(_ptxas._opcodes(ptx))
+        where = _cuda_report.row_id(variant)
+        assert not [op for op in opcodes if op.startswith("call")], f"a call left in {where}"
+        assert ".local" not in ptx, f"local memory in {where}"
+        assert any(op.startswith("ldmatrix") for op in opcodes), f"no ldmatrix in {where}"
 
 
 def test_no_tensor_core_kernels_below_sm80():

@@ -4,7 +4,8 @@ The layouts are checked against the PTX ISA's own words (section "Matrix
 Fragments for mma.m16n8k16 with floating point type"); the emulation
 (:mod:`fastattn.cuda._mma`, what the simulator runs in place of the
 instruction) against a plain matrix product at every fragment position, loading
-the fragments the way the attention kernel does; then the tensor-core forward,
+the fragments the way the attention kernel does, and the emulated ``ldmatrix``
+against the B fragments it must deliver; then the tensor-core forward,
 dQ and dK/dV kernels (:mod:`fastattn.cuda._tensor_core`) run the float16/bfloat16
 cases of the dense, bias/mask, dropout and varlen tests, and the paged prefill
 kernel paged cases of its own, with
@@ -116,6 +117,40 @@ def test_emulated_mma_is_the_matrix_product(dtype, pattern, rng):
     lo = d[g, 2 * t].astype(dtype).view(np.uint16).astype(np.uint32)
     hi = d[g, 2 * t + 1].astype(dtype).view(np.uint16).astype(np.uint32)
     assert np.array_equal(packed, lo | (hi << 16))
+
+
+def _ldmatrix_kernel():
+    """Each lane's four registers of ``ldmatrix .x4 .trans`` from a ``[16, 16]`` 16-bit matrix staged in
+    shared memory as words with the kernels' padded row stride, addressed as the kernels address it."""
+    words, stride = 8, 12
+
+    def kernel(b, regs):
+        lane = cuda.threadIdx.x
+        tile = cuda.shared.array((16, stride), np.uint32)
+        for r in range(16):
+            if lane < stride:
+                tile[r, lane] = b[r, lane] if lane < words else 0
+        cuda.syncthreads()
+        r0, r1, r2, r3 = _mma.ldmatrix_x4_trans(tile, lane & 15, (lane >> 4) * 4)
+        regs[lane, 0], regs[lane, 1], regs[lane, 2], regs[lane, 3] = r0, r1, r2, r3
+
+    return cuda.jit(kernel)
+
+
+@CUDA
+def test_emulated_ldmatrix_gives_the_b_fragments(rng):
+    reason = cuda_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    bits = rng.integers(0, 2 ** 16, (16, 16)).astype(np.uint16)  # every element distinct in practice
+    regs = np.zeros((32, 4), np.uint32)
+    _ldmatrix_kernel()[1, 32](bits.view(np.uint32), regs)
+    for lane in range(32):
+        for tile in range(2):  # columns 0-7, then 8-15: each as the B operand of one mma
+            for r in range(2):
+                (k0, n0), (k1, n1) = _mma.b_position(lane, 2 * r), _mma.b_position(lane, 2 * r + 1)
+                want = int(bits[k0, 8 * tile + n0]) | (int(bits[k1, 8 * tile + n1]) << 16)
+                assert regs[lane, 2 * tile + r] == want, (lane, tile, r)
 
 
 # --- the tensor-core forward, on the suite's float16/bfloat16 cases --------------------------------
@@ -272,8 +307,17 @@ def test_use_mma_follows_dtype_head_dim_and_config(monkeypatch):
     monkeypatch.setattr(cuda_attention._device, "compute_capability", lambda: (7, 5))
     assert not cuda_attention.use_mma(spec(F16, 64)), "below sm_80 the SIMT kernels run"
     monkeypatch.setattr(cuda_attention._device, "compute_capability", lambda: (8, 0))
+    assert cuda_attention.use_mma(spec(F16, 64)) == _mma.linkable()  # NVRTC and nvJitLink from pip here
+    monkeypatch.setattr(_mma, "linkable", lambda: False)
+    assert not cuda_attention.use_mma(spec(F16, 64)), "without NVRTC/nvJitLink the SIMT kernels run"
+    monkeypatch.setattr(_mma, "linkable", lambda: True)
     monkeypatch.setattr(fastattn.config, "cuda_mma", False)
     assert not cuda_attention.use_mma(spec(F16, 64))
+
+
+def test_the_linked_helpers_can_be_built_here():
+    """The test extra installs NVRTC and nvJitLink (numba-cuda[cu12]): the hardware path can link _mma.cu."""
+    assert _mma.linkable()
 
 
 @pytest.mark.parametrize("value, expected", [("0", False), ("1", True)])

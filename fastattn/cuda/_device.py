@@ -54,11 +54,16 @@ def compute_capability():
     return tuple(cuda.get_current_device().compute_capability)
 
 
-def kernel(fn, launch_bounds=None):
-    """``cuda.jit(fn)``, with ``launch_bounds=(threads, min_blocks)`` where given (the simulator has none)."""
-    if launch_bounds is None or config.ENABLE_CUDASIM:
+def kernel(fn, launch_bounds=None, lto=False):
+    """``cuda.jit(fn)``, with ``launch_bounds=(threads, min_blocks)`` where given, and with link-time
+    optimisation where ``lto`` (kernels that call the CUDA C++ of :mod:`fastattn.cuda._mma`, whose calls
+    then inline); the simulator takes neither."""
+    if config.ENABLE_CUDASIM:
         return cuda.jit(fn)
-    return cuda.jit(fn, launch_bounds=launch_bounds)
+    options = {"lto": True} if lto else {}
+    if launch_bounds is not None:
+        options["launch_bounds"] = launch_bounds
+    return cuda.jit(fn, **options)
 
 
 def inline(fn):

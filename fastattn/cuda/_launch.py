@@ -91,7 +91,8 @@ class Variant:
     ``py_func`` and ``signature`` are what ``numba.cuda.compile_ptx`` takes;
     ``dtype`` is the NumPy/ml_dtypes name of the inputs (the cache's for paged
     kernels), ``role`` one of ``forward``, ``decode``, ``backward``, ``other``.
-    A report for a compute capability below ``min_cc`` leaves the variant out.
+    A report for a compute capability below ``min_cc`` leaves the variant out;
+    a variant with ``link`` sources is reported from its LTO-linked PTX.
     The merge kernels' ``dtype`` is that of the partial states they read.
     """
 
@@ -104,3 +105,4 @@ class Variant:
     signature: tuple
     launch_bounds: tuple = None  #: ``(threads, min_blocks)`` given to ``cuda.jit``, if any
     min_cc: tuple = None  #: the oldest compute capability the kernel is built for (tensor cores: 8.0), if any
+    link: tuple = ()  #: CUDA C++ sources linked into the kernel with LTO (its PTX is then nvJitLink's)

@@ -1,9 +1,14 @@
 """Tensor cores from numba: ``mma.sync.m16n8k16`` (float16/bfloat16 in, float32 out) and its helpers.
 
-numba has no MMA API, so the instructions are emitted as inline PTX from
-``numba.cuda.extending.intrinsic`` functions: NVVM passes them through, they
-land in the kernel's own PTX (where ``cuda-report`` counts them) and their
-operands are ordinary registers, so the fragments never touch memory.
+numba has no MMA API, so the instructions live in a small CUDA C++ source,
+``_mma.cu`` (:data:`SOURCE`): ``extern "C"`` device functions over
+``mma.sync``, ``ldmatrix`` and the ``cvt`` that packs two float32 into one
+16-bit pair.  They are declared here with ``numba.cuda.declare_device`` and
+linked into every tensor-core kernel with link-time optimisation
+(``cuda.jit(..., lto=True)``; NVRTC and nvJitLink from pip): the calls inline,
+so the fragments stay in registers.  ``cuda-report`` links the same way
+(:func:`fastattn._cuda_report.compile_variant`) and counts the instructions in
+the linked PTX.
 
 A warp computes ``D [16x8] = A [16x16] @ B [16x8] + C [16x8]``.  Each of the 32
 lanes holds a piece of each matrix (PTX ISA, "Matrix Fragments for mma.m16n8k16
@@ -23,24 +28,34 @@ code, element by element.  A row-major ``[rows, D]`` float16 array viewed as
 ``uint32`` ``[rows, D / 2]`` already holds A's register pairs (word ``w`` =
 columns ``2w, 2w + 1``), and so does a ``[keys, D]`` key array for B = Kᵀ.
 
+``ldmatrix .x4 .trans`` (:func:`ldmatrix_x4_trans`) reads the B fragments of
+a row-major ``[k, n]`` tile in shared memory (the values in ``P V``, the keys
+in ``dS K``): lane ``i`` names the 16 bytes of row ``i % 16``, and the
+instruction hands each lane the column pairs it needs, transposed.
+
 Kernels call :func:`mma_f16`, :func:`mma_bf16`, :func:`pack_f16`,
-:func:`pack_bf16` and :func:`shfl_xor` through this module.  Under numba's CUDA
+:func:`pack_bf16`, :func:`ldmatrix_x4_trans` and :func:`shfl_xor` through this
+module.  Under numba's CUDA
 simulator (which runs each thread as a Python thread and cannot run PTX) they
 are an exact emulation: the 32 lanes of a warp meet at a barrier, each deposits
 its fragments, every lane rebuilds A, B and C from the fragment layout above,
 and takes its own part of ``A @ B + C`` (products of 16-bit values are exact in
 float32; the sum is taken in float64 and rounded once).
 """
+import functools
+import pathlib
 import threading
 
 import numpy as np
-from numba import config, float32, uint32
+from numba import config, float32, int32, uint32
 
 from ._device import inline
 
 #: The instruction this module wraps, and the first compute capability that has it.
 SHAPE = (16, 8, 16)
 MIN_CC = (8, 0)
+#: The CUDA C++ source of the instructions, linked into each tensor-core kernel with LTO.
+SOURCE = str(pathlib.Path(__file__).with_name("_mma.cu"))
 
 
 def a_position(lane, i):
@@ -186,6 +201,16 @@ def _butterfly(mask):
 _BUTTERFLY = {m: _butterfly(m) for m in (1, 2, 4, 8, 16)}
 
 
+def _transposed_tiles(rows):
+    """Each lane's four registers of ``ldmatrix .x4 .trans`` from the 16 bytes each lane addressed: tile
+    ``m`` is the rows of lanes ``8 m ... 8 m + 7``; register ``m`` of lane ``(g, t)`` holds its rows ``2 t``
+    and ``2 t + 1`` at column ``g`` (PTX ISA, "ldmatrix")."""
+    halves = _halves(rows)  # [32 lanes, 8 columns]: lane i's row
+    return [tuple(int(halves[8 * m + 2 * (lane % 4), lane >> 2])
+                  | (int(halves[8 * m + 2 * (lane % 4) + 1, lane >> 2]) << 16) for m in range(4))
+            for lane in range(32)]
+
+
 if config.ENABLE_CUDASIM:
     def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
         """``(d0, d1, d2, d3)`` of ``mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32`` (emulated)."""
@@ -207,48 +232,31 @@ if config.ENABLE_CUDASIM:
         """``value`` of lane ``lane ^ lane_mask`` (``shfl.sync.bfly`` over the full warp)."""
         return collective(value, _BUTTERFLY[int(lane_mask)])
 
+    def ldmatrix_x4_trans(words, row, col):
+        """B fragments of two 8-column tiles of a row-major 16-bit matrix in shared memory (emulated
+        ``ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16``; see the hardware version)."""
+        return collective(tuple(int(x) for x in words[row, col:col + 4]), _transposed_tiles)
+
 else:
-    from llvmlite import ir
     from numba import cuda, types
     from numba.cuda.extending import intrinsic
 
-    def _mma_intrinsic(kind):
-        asm = (f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
-               "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
+    _f32x4, _u32 = types.UniTuple(types.float32, 4), types.uint32
+    _mma_sig = _f32x4(*([_u32] * 6 + [types.float32] * 4))
+    _mma_f16 = cuda.declare_device("fastattn_mma_f16", _mma_sig, link=SOURCE)
+    _mma_bf16 = cuda.declare_device("fastattn_mma_bf16", _mma_sig, link=SOURCE)
+    _pack_f16 = cuda.declare_device("fastattn_pack_f16", _u32(types.float32, types.float32), link=SOURCE)
+    _pack_bf16 = cuda.declare_device("fastattn_pack_bf16", _u32(types.float32, types.float32), link=SOURCE)
+    _ldmatrix_x4_trans = cuda.declare_device(
+        "fastattn_ldmatrix_x4_trans", types.UniTuple(_u32, 4)(types.CPointer(_u32), types.int32), link=SOURCE)
 
-        @intrinsic
-        def mma(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-            sig = types.UniTuple(types.float32, 4)(*([types.uint32] * 6 + [types.float32] * 4))
+    @intrinsic
+    def _data(typingctx, array):
+        """The address of ``array``'s first element, as the pointer a foreign function takes."""
+        def codegen(context, builder, signature, args):
+            return context.make_array(signature.args[0])(context, builder, args[0]).data
 
-            def codegen(context, builder, signature, args):
-                f32, i32 = ir.FloatType(), ir.IntType(32)
-                fnty = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * 6 + [f32] * 4)
-                call = builder.call(ir.InlineAsm(fnty, asm, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f"), args)
-                return context.make_tuple(builder, signature.return_type,
-                                          [builder.extract_value(call, k) for k in range(4)])
-
-            return sig, codegen
-
-        return mma
-
-    def _pack_intrinsic(kind):
-        asm = f"cvt.rn.{kind}x2.f32 $0, $1, $2;"  # $1 goes to the upper half
-
-        @intrinsic
-        def pack(typingctx, lo, hi):
-            sig = types.uint32(types.float32, types.float32)
-
-            def codegen(context, builder, signature, args):
-                f32, i32 = ir.FloatType(), ir.IntType(32)
-                fnty = ir.FunctionType(i32, [f32, f32])
-                return builder.call(ir.InlineAsm(fnty, asm, "=r,f,f"), [args[1], args[0]])
-
-            return sig, codegen
-
-        return pack
-
-    _mma_f16, _mma_bf16 = _mma_intrinsic("f16"), _mma_intrinsic("bf16")
-    _pack_f16, _pack_bf16 = _pack_intrinsic("f16"), _pack_intrinsic("bf16")
+        return types.CPointer(array.dtype)(array), codegen
 
     @inline
     def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
@@ -273,9 +281,32 @@ else:
         return _pack_bf16(float32(lo), float32(hi))
 
     @inline
+    def ldmatrix_x4_trans(words, row, col):
+        """B fragments of two 8-column tiles of a row-major 16-bit matrix in shared memory
+        (``ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16``): ``words`` is its ``uint32`` view; lane ``i``
+        names row ``row`` (``i % 16`` of the 16 rows) and word column ``col`` (``i // 16`` selects the tile).
+        Returns ``(b0, b1)`` of the first tile and ``(b0, b1)`` of the second."""
+        return _ldmatrix_x4_trans(_data(words), int32(row * words.shape[1] + col))
+
+    @inline
     def shfl_xor(value, lane_mask):
         """``value`` of lane ``lane ^ lane_mask`` (``shfl.sync.bfly`` over the full warp)."""
         return cuda.shfl_xor_sync(0xFFFFFFFF, value, lane_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def linkable():
+    """Whether the tensor-core kernels can be built here: NVRTC and nvJitLink load (they compile and link
+    :data:`SOURCE` into each kernel), or the simulator stands in.  Without them the SIMT kernels run."""
+    if config.ENABLE_CUDASIM:
+        return True
+    try:
+        from cuda.bindings import nvjitlink, nvrtc
+
+        nvjitlink.version()
+        return nvrtc.nvrtcVersion()[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    except Exception:
+        return False
 
 
 def ops(kind):

@@ -6,9 +6,9 @@ layouts.  The forward: a block of four warps owns 64 query rows of one
 (batch, head), warp ``w`` rows ``16 w ... 16 w + 15``.  Per tile of ``BN``
 keys:
 
-1. the block stages the keys and values in shared memory (keys as 32-bit
-   words, two features each: a B fragment of ``Kᵀ`` is one word; values as
-   16-bit elements, since a B fragment of ``V`` pairs two keys);
+1. the block stages the keys and values in shared memory as 32-bit words,
+   two features each (a B fragment of ``Kᵀ`` is one word; the B fragments of
+   ``V`` pair two keys, and ``ldmatrix .trans`` reads them transposed);
 2. each warp forms its ``16 x BN`` scores with ``D / 16 x BN / 8`` ``mma``
    instructions, in float32 accumulator fragments: lane ``(g, t)`` holds rows
    ``g`` and ``g + 8``, keys ``8 n + 2 t, 8 n + 2 t + 1``;
@@ -29,13 +29,16 @@ dimension must be even; 16-bit outputs are written the same way.
 import math
 from types import SimpleNamespace
 
-from numba import cuda, float32, int32, int64, uint16, uint32, uint64
+from numba import cuda, float32, int32, int64, uint32, uint64
 
 from . import _mma
-from ._device import inline, tile_math, udiv, umod
+from ._device import inline, simulated, tile_math, udiv, umod
 
 #: Warps per block (each owns 16 query rows) unless ``config.cuda_mma_warps`` says otherwise.
 WARPS = 4
+#: Byte alignment of the shared tiles ``ldmatrix`` reads (each row it addresses must be 16-byte aligned; the
+#: padded row stride keeps that); the simulator takes no alignment.
+ALIGN = None if simulated() else 16
 
 
 def launch_bounds(db, warps=WARPS, name="forward"):
@@ -73,26 +76,32 @@ def fragment_steps(kind, n_frags, n_dim_frags, n_dim_steps=0):
     Lane ``(g, t)`` holds rows ``g`` ("a") and ``g + 8`` ("b") of each.
     """
     mma, pack = _mma.ops(kind)
+    ldmatrix_x4_trans = _mma.ldmatrix_x4_trans
     n_steps = n_frags // 2
+    n_dim_pairs = n_dim_frags // 2
+    assert n_dim_frags % 2 == 0, "the head-dim buckets are multiples of 16"
     zero, neg_inf = float32(0.0), float32(-math.inf)
 
     @inline
-    def add_product(a, halves, acc, g, t):
+    def add_product(a, words, acc, g, t):
         """``acc += A B``: A ``[16, 8 n_frags]`` from the accumulator fragments ``a`` rounded to the 16-bit
         type (an accumulator pair of two adjacent tiles is an A register of a 16-deep step), B
-        ``[8 n_frags, 8 n_dim_frags]`` from 16-bit values in shared memory, ``halves[k, n]``."""
+        ``[8 n_frags, 8 n_dim_frags]`` row-major in shared memory as ``uint32`` ``words`` (rows 16-byte
+        aligned), read transposed by ``ldmatrix``, two 8-column tiles at a time."""
+        lane = g * 4 + t
         for step in range(n_steps):
             a0 = pack(a[2 * step, 0], a[2 * step, 1])
             a1 = pack(a[2 * step, 2], a[2 * step, 3])
             a2 = pack(a[2 * step + 1, 0], a[2 * step + 1, 1])
             a3 = pack(a[2 * step + 1, 2], a[2 * step + 1, 3])
-            k = step * 16 + 2 * t
-            for n in range(n_dim_frags):
-                col = n * 8 + g
-                b0 = uint32(halves[k, col]) | (uint32(halves[k + 1, col]) << uint32(16))
-                b1 = uint32(halves[k + 8, col]) | (uint32(halves[k + 9, col]) << uint32(16))
+            row = step * 16 + (lane & 15)
+            for pair in range(n_dim_pairs):
+                b0, b1, b2, b3 = ldmatrix_x4_trans(words, row, (2 * pair + (lane >> 4)) * 4)
+                n = 2 * pair
                 acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3] = mma(a0, a1, a2, a3, b0, b1,
                                                                  acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
+                acc[n + 1, 0], acc[n + 1, 1], acc[n + 1, 2], acc[n + 1, 3] = mma(
+                    a0, a1, a2, a3, b2, b3, acc[n + 1, 0], acc[n + 1, 1], acc[n + 1, 2], acc[n + 1, 3])
 
     @inline
     def two_products(x, y, x_w, y_w, base, row_a, row_b, limit, n_words, scale, s, dp, g, t):
@@ -246,8 +255,7 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
     rows_ = row_steps(extra, keep, n_key_frags)
     biased, kept_bits = rows_.biased, rows_.kept_bits
     words = db // 2
-    stride = words + 4  # padded: the 8 rows x 4 words a B-fragment load touches fall in 32 banks
-    half_stride = 2 * stride
+    stride = words + 4  # padded: the 8 rows x 4 words of a B-fragment or ldmatrix load fall in 32 banks
     hold_q = db <= 32  # the query fragments stay in registers (past 32 the scores and outputs need them)
     zero, one, neg_inf = float32(0.0), float32(1.0), float32(-math.inf)
     u0 = uint32(0)
@@ -272,7 +280,7 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
         row_a = i0 + warp * 16 + g  # this lane's two rows
         row_b = row_a + 8
         k_s = cuda.shared.array((bn, stride), uint32)
-        v_s = cuda.shared.array((bn, half_stride), uint16)
+        v_s = cuda.shared.array((bn, stride), uint32, alignment=ALIGN)
         qf = cuda.local.array((n_dim_steps if hold_q else 1, 4), uint32)
         s = cuda.local.array((n_key_frags, 4), float32)
         o = cuda.local.array((n_dim_frags, 4), float32)
@@ -299,8 +307,7 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
                     kx = k[uint64(k0 + j0 + r), uint64(w)]
                     vx = v[uint64(k0 + j0 + r), uint64(w)]
                 k_s[r, w] = kx
-                v_s[r, 2 * w] = uint16(vx & uint32(0xFFFF))
-                v_s[r, 2 * w + 1] = uint16(vx >> uint32(16))
+                v_s[r, w] = vx
                 e += threads
             cuda.syncthreads()
             for n in range(n_key_frags):  # S = Q K^T, 8 keys at a time
@@ -366,7 +373,7 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
     ``S = Q Kᵀ`` and ``dP = dO Vᵀ`` on ``mma`` (keys and values staged as words), ``P = exp(S - lse)``
     and ``dS = P (dP - delta)`` element by element on the fragments (with the softcap derivative,
     ALiBi, bias/mask, dropout and the bias gradient's atomics, as the SIMT kernel), then
-    ``dQ += dS K`` with dS rounded to the inputs' 16-bit type (keys staged again as halves).
+    ``dQ += dS K`` with dS rounded to the inputs' 16-bit type (K's B fragments by ``ldmatrix .trans``).
     """
     mma, pack = _mma.ops(kind)
     block_rows, threads = 16 * warps, 32 * warps
@@ -381,7 +388,6 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
     biased, kept_bits = rows_.biased, rows_.kept_bits
     words = db // 2
     stride = words + 4
-    half_stride = 2 * stride
     zero, neg_inf = float32(0.0), float32(-math.inf)
     u0 = uint32(0)
 
@@ -403,9 +409,8 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
         n_rows = min(block_rows, sq - i0)
         row_a = i0 + (tid >> 5) * 16 + g
         row_b = row_a + 8
-        k_w = cuda.shared.array((bn, stride), uint32)
+        k_w = cuda.shared.array((bn, stride), uint32, alignment=ALIGN)
         v_w = cuda.shared.array((bn, stride), uint32)
-        k_h = cuda.shared.array((bn, half_stride), uint16)
         s = cuda.local.array((n_key_frags, 4), float32)
         dp = cuda.local.array((n_key_frags, 4), float32)
         p = cuda.local.array((n_key_frags, 4), float32)
@@ -432,8 +437,6 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
                     vx = v[uint64(k0 + j0 + r), uint64(w)]
                 k_w[r, w] = kx
                 v_w[r, w] = vx
-                k_h[r, 2 * w] = uint16(kx & uint32(0xFFFF))
-                k_h[r, 2 * w + 1] = uint16(kx >> uint32(16))
                 e += threads
             cuda.syncthreads()
             # S = Q K^T and dP = dO V^T
@@ -468,7 +471,7 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
                 for n in range(n_key_frags):
                     for e in range(4):
                         dp[n, e] *= softcap_grad(s[n, e], softcap)
-            add_product(dp, k_h, acc, g, t)  # dQ += dS K
+            add_product(dp, k_w, acc, g, t)  # dQ += dS K
         for n in range(n_dim_frags):
             w = n * 4 + t
             if w < n_words:
@@ -502,7 +505,7 @@ def make_dkdv(kind, db, extra, keep, warps=WARPS):
 
     A block owns ``16 * warps`` keys of one KV head, a warp 16 of them (its A fragments, read from L1),
     and walks the query rows of every head of the group that see them, ``BM`` at a time (staged in
-    shared memory as words and as halves, with their lse and delta): ``Sᵀ = K Qᵀ`` and ``dPᵀ = V dOᵀ`` on
+    shared memory as words, with their lse and delta): ``Sᵀ = K Qᵀ`` and ``dPᵀ = V dOᵀ`` on
     ``mma``, ``Pᵀ`` and ``dSᵀ`` element by element, then ``dV += Pᵀ dO`` and ``dK += dSᵀ Q`` with the
     probabilities and dS rounded to the inputs' 16-bit type.
     """
@@ -518,7 +521,6 @@ def make_dkdv(kind, db, extra, keep, warps=WARPS):
     add_product, two_products = steps.add_product, steps.two_products
     words = db // 2
     stride = words + 4
-    half_stride = 2 * stride
     zero, neg_inf = float32(0.0), float32(-math.inf)
     u0 = uint32(0)
 
@@ -538,10 +540,8 @@ def make_dkdv(kind, db, extra, keep, warps=WARPS):
         n_keys = min(block_keys_, sk - j0)
         key_a = j0 + (tid >> 5) * 16 + g  # this lane's two keys
         key_b = key_a + 8
-        q_w = cuda.shared.array((bm, stride), uint32)
-        o_w = cuda.shared.array((bm, stride), uint32)
-        q_h = cuda.shared.array((bm, half_stride), uint16)
-        o_h = cuda.shared.array((bm, half_stride), uint16)
+        q_w = cuda.shared.array((bm, stride), uint32, alignment=ALIGN)
+        o_w = cuda.shared.array((bm, stride), uint32, alignment=ALIGN)
         lse_s = cuda.shared.array(bm, float32)
         delta_s = cuda.shared.array(bm, float32)
         s = cuda.local.array((n_q_frags, 4), float32)
@@ -570,10 +570,6 @@ def make_dkdv(kind, db, extra, keep, warps=WARPS):
                         ox = dout[uint64(q0 + i0 + r), uint64(w)]
                     q_w[r, w] = qx
                     o_w[r, w] = ox
-                    q_h[r, 2 * w] = uint16(qx & uint32(0xFFFF))
-                    q_h[r, 2 * w + 1] = uint16(qx >> uint32(16))
-                    o_h[r, 2 * w] = uint16(ox & uint32(0xFFFF))
-                    o_h[r, 2 * w + 1] = uint16(ox >> uint32(16))
                     e += threads
                 e = tid
                 while e < bm:
@@ -634,8 +630,8 @@ def make_dkdv(kind, db, extra, keep, warps=WARPS):
                     for n in range(n_q_frags):
                         for e in range(4):
                             p[n, e] = p[n, e] * drop_scale if (kept >> uint32(n * 4 + e)) & uint32(1) else zero
-                add_product(p, o_h, gv, g, t)  # dV += P^T dO
-                add_product(dp, q_h, gk, g, t)  # dK += dS^T Q
+                add_product(p, o_w, gv, g, t)  # dV += P^T dO
+                add_product(dp, q_w, gk, g, t)  # dK += dS^T Q
         for n in range(n_dim_frags):
             w = n * 4 + t
             if w < n_words:
@@ -682,7 +678,6 @@ def make_paged_prefill(kind, db, warps=WARPS):
     rescale, lane_sums = steps.rescale, steps.lane_sums
     words = db // 2
     stride = words + 4
-    half_stride = 2 * stride
     zero, one, neg_inf = float32(0.0), float32(1.0), float32(-math.inf)
     u0 = uint32(0)
 
@@ -713,7 +708,7 @@ def make_paged_prefill(kind, db, warps=WARPS):
         stacked_b = stacked_a + 8
         q_s = cuda.shared.array((block_rows, stride), uint32)  # the block's stacked query rows, once
         k_s = cuda.shared.array((bn, stride), uint32)
-        v_s = cuda.shared.array((bn, half_stride), uint16)
+        v_s = cuda.shared.array((bn, stride), uint32, alignment=ALIGN)
         token = cuda.shared.array(bn, int64)
         s = cuda.local.array((n_key_frags, 4), float32)
         o = cuda.local.array((n_dim_frags, 4), float32)
@@ -755,8 +750,7 @@ def make_paged_prefill(kind, db, warps=WARPS):
                     kx = k_cache[uint64(token[r]), uint64(w)]
                     vx = v_cache[uint64(token[r]), uint64(w)]
                 k_s[r, w] = kx
-                v_s[r, 2 * w] = uint16(vx & uint32(0xFFFF))
-                v_s[r, 2 * w + 1] = uint16(vx >> uint32(16))
+                v_s[r, w] = vx
                 e += threads
             cuda.syncthreads()
             for n in range(n_key_frags):  # S = Q K^T, 8 keys at a time

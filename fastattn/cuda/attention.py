@@ -522,11 +522,12 @@ def _dropout_args(dropout, spec, batch_offset=0):
 def use_mma(spec):
     """Whether a call's kernels run on tensor cores (:mod:`fastattn.cuda._tensor_core`): float16/bfloat16
     inputs with an even head dimension, ``config.cuda_mma`` on, and a GPU of compute capability 8.0 or
-    more (the simulator emulates the instructions).  The launch also needs its arrays 4-byte aligned
+    more with NVRTC and nvJitLink to link the instructions' CUDA C++ (:func:`fastattn.cuda._mma.linkable`;
+    the simulator emulates the instructions).  The launch also needs its arrays 4-byte aligned
     (:func:`fastattn.cuda._launch.words`), else it takes the SIMT kernels."""
     if not config.cuda_mma or spec.head_dim % 2 or np.dtype(spec.dtype) not in (np.float16, _dtype("bfloat16")):
         return False
-    return _device.simulated() or _device.compute_capability() >= _mma.MIN_CC
+    return _device.simulated() or (_device.compute_capability() >= _mma.MIN_CC and _mma.linkable())
 
 
 def _mma_kernel(dtype, db, bias_dtype, warps, name="forward"):
@@ -536,7 +537,7 @@ def _mma_kernel(dtype, db, bias_dtype, warps, name="forward"):
         kind = "f16" if np.dtype(dtype) == np.float16 else "bf16"
         make = {"forward": _tensor_core.make_forward, "dq": _tensor_core.make_dq, "dkdv": _tensor_core.make_dkdv}[name]
         fn = make(kind, db, _extra_terms(dtype, bias_dtype), _keep, warps)
-        _kernels[key] = _device.kernel(fn, _tensor_core.launch_bounds(db, warps, name))
+        _kernels[key] = _device.kernel(fn, _tensor_core.launch_bounds(db, warps, name), lto=True)
     return _kernels[key]
 
 
@@ -738,23 +739,19 @@ def variants(head_dims=None):
                 variants.append(_launch.Variant(name, _ROLES[name], dtype_name, db if name != "delta" else 0,
                                                 threads, _MAKERS[name](dtype, db, *shape),
                                                 signature(name, dtype, db), launch_bounds(name, shape)))
-    for dtype_name in ("float16", "bfloat16"):  # the tensor-core forward (sm_80+)
+    makers = {"forward": (_tensor_core.make_forward, _tensor_core.signature),
+              "dq": (_tensor_core.make_dq, _tensor_core.dq_signature),
+              "dkdv": (_tensor_core.make_dkdv, _tensor_core.dkdv_signature)}
+    for dtype_name in ("float16", "bfloat16"):  # the tensor-core kernels (sm_80+)
         dtype = _dtype(dtype_name)
+        kind = "f16" if dtype_name == "float16" else "bf16"
         for db in HEAD_DIMS:
             if head_dims is None or db in head_dims:
-                kind = "f16" if dtype_name == "float16" else "bf16"
-                variants.append(_launch.Variant(
-                    "forward-mma", "forward", dtype_name, db, 32 * _tensor_core.WARPS,
-                    _tensor_core.make_forward(kind, db, _extra_terms(dtype, _accum_np(dtype)), _keep),
-                    _tensor_core.signature(), _tensor_core.launch_bounds(db), _mma.MIN_CC))
-                variants.append(_launch.Variant(
-                    "dq-mma", "backward", dtype_name, db, 32 * _tensor_core.WARPS,
-                    _tensor_core.make_dq(kind, db, _extra_terms(dtype, _accum_np(dtype)), _keep),
-                    _tensor_core.dq_signature(), _tensor_core.launch_bounds(db, name="dq"), _mma.MIN_CC))
-                variants.append(_launch.Variant(
-                    "dkdv-mma", "backward", dtype_name, db, 32 * _tensor_core.WARPS,
-                    _tensor_core.make_dkdv(kind, db, _extra_terms(dtype, _accum_np(dtype)), _keep),
-                    _tensor_core.dkdv_signature(), _tensor_core.launch_bounds(db, name="dkdv"), _mma.MIN_CC))
+                for name, (make, sig) in makers.items():
+                    variants.append(_launch.Variant(
+                        f"{name}-mma", "forward" if name == "forward" else "backward", dtype_name, db,
+                        32 * _tensor_core.WARPS, make(kind, db, _extra_terms(dtype, _accum_np(dtype)), _keep), sig(),
+                        _tensor_core.launch_bounds(db, name=name), _mma.MIN_CC, (_mma.SOURCE,)))
     for dtype_name in ("float32", "float64"):
         dtype = _dtype(dtype_name)
         acc = acc_type(dtype)

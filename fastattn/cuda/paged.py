@@ -557,7 +557,7 @@ def _mma_prefill(dtype, db, warps):
     if key not in _kernels:
         kind = "f16" if np.dtype(dtype) == np.float16 else "bf16"
         _kernels[key] = _device.kernel(_tensor_core.make_paged_prefill(kind, db, warps),
-                                       _tensor_core.launch_bounds(db, warps))
+                                       _tensor_core.launch_bounds(db, warps), lto=True)
     return _kernels[key]
 
 
@@ -709,7 +709,7 @@ def variants(head_dims=None):
                 out.append(_launch.Variant("prefill-mma", "forward", c_name, db, 32 * _tensor_core.WARPS,
                                            _tensor_core.make_paged_prefill(kind, db),
                                            _tensor_core.paged_signature(), _tensor_core.launch_bounds(db),
-                                           _mma.MIN_CC))
+                                           _mma.MIN_CC, (_mma.SOURCE,)))
             if q_name == c_name:
                 rows, tile = _shape("backward", acc_type(q_dtype), db)
                 out.append(_launch.Variant("paged_backward", "backward", c_name, db, config.cuda_paged_threads,
