@@ -294,7 +294,10 @@ def _forward_as_paged(q, k, v, slopes, spec):
                          block_size=spec.seq_k, dtype=spec.dtype, cache_dtype=spec.dtype, scale=spec.scale,
                          window_left=spec.window_left, window_right=spec.window_right, softcap=spec.softcap,
                          max_seq_len=spec.seq_k)
-    out, lse = paged.forward(queries, *caches, table, lens, slopes, as_paged)
+    # A paged decode tile holds every KV head of its keys; one head here, so as many more keys a tile
+    # (the per-tile work the same; 0.77 instead of 0.91 of the paged time at B=4, ctx=2048, Hkv=8, float32)
+    block_k = config.cpu_decode_block_k * min(spec.heads_kv, 8)
+    out, lse = paged.forward(queries, *caches, table, lens, slopes, as_paged, decode_block_k=block_k)
     return out.reshape(q.shape), lse.reshape(q.shape[:3])
 
 

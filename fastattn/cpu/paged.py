@@ -371,8 +371,11 @@ def _fits_decode(spec, rows_q, per_task):
 
 
 def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale=None, v_scale=None,
-            out_dtype=None, out_scale=1.0):
-    """Run the paged forward kernel and merge its splits; return (out, lse) as NumPy arrays."""
+            out_dtype=None, out_scale=1.0, decode_block_k=None):
+    """Run the paged forward kernel and merge its splits; return (out, lse) as NumPy arrays.
+
+    ``decode_block_k`` (default ``config.cpu_decode_block_k``) is the decode kernel's keys per tile.
+    """
     acc = spec.accum_dtype
     ones = np.ones(spec.heads_kv, acc)
     k_mult = ones if k_scale is None else k_scale.astype(acc)
@@ -389,7 +392,8 @@ def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale
             k_mult, v_mult = k_mult * E4M3_SCALE, v_mult * E4M3_SCALE
         _decode(bits_view(np.ascontiguousarray(q)), k_flat, v_flat, table, lens, spec.block_size, spec.heads_kv,
                 codec_of(q.dtype), spec.scale * q_scale, k_mult, v_mult, spec.window_left, spec.window_right,
-                spec.softcap, slopes, has_alibi, out_part, lse_part, max(1, config.cpu_decode_block_k))
+                spec.softcap, slopes, has_alibi, out_part, lse_part,
+                max(1, decode_block_k or config.cpu_decode_block_k))
     elif q.size:
         with single_threaded_blas():
             _forward(bits_view(np.ascontiguousarray(q)), *_token_rows(k_cache, v_cache), table, lens,
