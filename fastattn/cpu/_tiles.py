@@ -297,9 +297,19 @@ def _grad_row_extra(p, ds, g, row_lse, row_delta):
 
 
 @njit(fastmath=FASTMATH, cache=True)
+def backward_buffers(rows, keys, dim, acc_t, has_extra):
+    """The scratch arrays of :func:`key_tile_backward` for up to ``rows`` query rows and ``keys`` keys a
+    tile, made once per task: a malloc per block of rows can cost page faults every time (with dask's
+    ``MALLOC_TRIM_THRESHOLD_``, the backward ran 1.5x slower)."""
+    return (np.empty((rows, dim), acc_t), np.empty((rows, dim), acc_t), np.empty(rows * keys, acc_t),
+            np.empty(rows * keys, acc_t), np.empty(rows * keys if has_extra else 0, acc_t),
+            np.empty((keys, dim), acc_t), np.empty((rows, dim), acc_t))
+
+
+@njit(fastmath=FASTMATH, cache=True)
 def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, extra,
                       dbias, dbias_strides, want_dbias, drop, drop_scale, lse, delta, scale, codec, block_q, dk_acc,
-                      dv_acc, dq_part, want_dq):
+                      dv_acc, dq_part, want_dq, buffers):
     """Add one tile of keys' contributions from every query head of KV head hk of sequence b.
 
     ``kt``/``vt`` are the tile's keys and values (from ``j0``, ``sk`` keys in all),
@@ -313,6 +323,8 @@ def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, s
     ``[B, Hq, Sq, Sk]``, see :func:`add_tile`).  With ``drop_scale > 0`` the
     keep mask ``M`` of :func:`dropout_tile` (times ``drop_scale = 1 / (1 - p)``)
     is regenerated: ``dS = P (M dP - delta)`` and ``dV += (P M)^T dO``.
+    ``buffers`` are :func:`backward_buffers` of at least ``block_q`` rows and
+    the tile's keys, made once per task by the caller.
     FlashAttention-2's backward inner loop, shared by the dense, packed and
     paged kernels.
     """
@@ -320,20 +332,22 @@ def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, s
     m_max = min(block_q, sq)
     dim = kt.shape[1]
     n = kt.shape[0]
-    acc_t = dk_acc.dtype
     has_extra = extra[3] or extra[6]
-    e_buf = np.empty(m_max * n if has_extra else 0, acc_t)
+    q_buf, d_buf, s_buf, dp_buf, e_buf, key_buf, row_part = buffers
+    key_part = key_buf[:n]  # a product before it is added to dk_acc or dv_acc
     i_lo, i_hi = query_range(j0, j0 + n, sq, sk, wl, wr)
     for h in range(hk * group, (hk + 1) * group):
         for i0 in range(i_lo, i_hi, m_max):
             m = min(m_max, i_hi - i0)
-            qt = np.empty((m, dim), acc_t)
-            dt = np.empty((m, dim), acc_t)
+            qt = q_buf[:m]
+            dt = d_buf[:m]
             decode_tile(q, qa, h, r0 + i0, m, qt, codec)
             decode_tile(dout, qa, h, r0 + i0, m, dt, codec)
             qt *= scale
-            s = np.dot(qt, kt.T)
-            dp = np.dot(dt, vt.T)
+            s = s_buf[:m * n].reshape(m, n)
+            dp = dp_buf[:m * n].reshape(m, n)
+            np.dot(qt, kt.T, s)
+            np.dot(dt, vt.T, dp)
             e = e_buf[:m * n].reshape(m, n) if has_extra else s
             if has_extra:
                 extra_tile(extra, b, h, i0, m, j0, n, e)
@@ -345,10 +359,14 @@ def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, s
                 dropout_tile(drop, drop_scale, b, h, i0, j0, s)
             if want_dbias:
                 add_tile(dbias, dbias_strides, b, h, i0, j0, e)
-            dv_acc += np.dot(s.T, dt)
-            dk_acc += np.dot(dp.T, qt)
+            np.dot(s.T, dt, key_part)
+            dv_acc += key_part
+            np.dot(dp.T, qt, key_part)
+            dk_acc += key_part
             if want_dq:
-                dq_part[qa, h, r0 + i0:r0 + i0 + m] += np.dot(dp, kt)
+                part = row_part[:m]
+                np.dot(dp, kt, part)
+                dq_part[qa, h, r0 + i0:r0 + i0 + m] += part
 
 
 def no_dropout():

@@ -20,8 +20,8 @@ from .._validate import element_strides
 from ._blas import single_threaded_blas
 from ._scratch import scratch
 from ._fastmath import FASTMATH, encode_row
-from ._tiles import (decode_tile, dropout_tile, extra_tile, key_tile_backward, no_dropout, no_extra, row_of, set_lse,
-                     softmax_tile, tile_rows)
+from ._tiles import (backward_buffers, decode_tile, dropout_tile, extra_tile, key_tile_backward, no_dropout,
+                     no_extra, row_of, set_lse, softmax_tile, tile_rows)
 
 _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 
@@ -170,25 +170,31 @@ def _backward(dout, q, k, v, lse, delta, seqs, owner_start, members, codec, scal
     for task in prange(n_owner * n_split):
         split = task % n_split
         o = task // n_split
+        # every buffer made once a task (see backward_buffers)
+        buffers = backward_buffers(block_q, block_k, dim, acc_t, extra[3] or extra[6])
+        k_buf = np.empty((block_k, dim), acc_t)
+        v_buf = np.empty((block_k, dim), acc_t)
+        dk_buf = np.empty((block_k, dim), acc_t)
+        dv_buf = np.empty((block_k, dim), acc_t)
         for member in range(owner_start[o], owner_start[o + 1]):
             b, hk = members[member, 0], members[member, 1]
             qa, q0, ka, k0, sq, sk = seqs[b, 0], seqs[b, 1], seqs[b, 2], seqs[b, 3], seqs[b, 4], seqs[b, 5]
             if sq == 0:  # no query: the keys' gradients stay 0
                 continue
             n_tiles = (sk + block_k - 1) // block_k
-            k_buf = np.empty((block_k, dim), acc_t)
-            v_buf = np.empty((block_k, dim), acc_t)
             for tile in range(split, n_tiles, n_split):  # interleaved: causal work spreads evenly
                 j0 = tile * block_k
                 n = min(block_k, sk - j0)
                 kt = tile_rows(k, ka, hk, k0 + j0, n, k_buf, codec)
                 vt = tile_rows(v, ka, hk, k0 + j0, n, v_buf, codec)
-                dk_acc = np.zeros((n, dim), acc_t)
-                dv_acc = np.zeros((n, dim), acc_t)
+                dk_acc = dk_buf[:n]
+                dv_acc = dv_buf[:n]
+                dk_acc[:] = 0
+                dv_acc[:] = 0
                 sums = dbias_sums[split if dbias_strides[0] else 0]  # not inside the call: numba refuses that
                 key_tile_backward(dout, q, (qa, q0), b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes,
                                   has_alibi, extra, sums, dbias_strides[1:], want_dbias, drop, drop_scale, lse,
-                                  delta, scale, codec, block_q, dk_acc, dv_acc, dq_part[split], True)
+                                  delta, scale, codec, block_q, dk_acc, dv_acc, dq_part[split], True, buffers)
                 for r in range(n):
                     encode_row(dk_acc[r], row_of(dk, ka, hk, k0 + j0 + r), codec)
                     encode_row(dv_acc[r], row_of(dv, ka, hk, k0 + j0 + r), codec)

@@ -34,7 +34,7 @@ from ._blas import single_threaded_blas
 from ._decode import add_values, scores
 from ._fastmath import FASTMATH, decode_rows, decode_token, encode_row
 from ._simd import E4M3_SCALE, LANES, simd_view
-from ._tiles import grad_tile, key_tile_backward, softmax_tile
+from ._tiles import backward_buffers, grad_tile, key_tile_backward, softmax_tile
 from .rotary import plan as rotary_plan, rotate_row
 from .attention import _delta, _slopes, merge
 
@@ -273,6 +273,7 @@ def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_s
         hk = task % heads_kv
         u = task // heads_kv
         blk = ref_block[u]
+        buffers = backward_buffers(min(block_q, sq), bs, dim, acc_t, False)
         dk_acc = np.zeros((bs, dim), acc_t)
         dv_acc = np.zeros((bs, dim), acc_t)
         for ref in range(ref_start[u], ref_start[u + 1]):
@@ -286,7 +287,7 @@ def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_s
             decode_rows(v_cache[blk, :n, hk], vt, codec)
             key_tile_backward(dout, q, (b, 0), b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi,
                               no_extra, no_extra[0], none, False, no_drop, zero, lse, delta, scale, codec, block_q,
-                              dk_acc[:n], dv_acc[:n], no_dq, False)
+                              dk_acc[:n], dv_acc[:n], no_dq, False, buffers)
         for r in range(bs):
             encode_row(dk_acc[r], dk_cache[blk, r, hk], codec)
             encode_row(dv_acc[r], dv_cache[blk, r, hk], codec)

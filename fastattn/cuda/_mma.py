@@ -35,12 +35,12 @@ instruction hands each lane the column pairs it needs, transposed.
 
 Kernels call :func:`mma_f16`, :func:`mma_bf16`, :func:`pack_f16`,
 :func:`pack_bf16`, :func:`ldmatrix_x4_trans` and :func:`shfl_xor` through this
-module.  Under numba's CUDA
-simulator (which runs each thread as a Python thread and cannot run PTX) they
-are an exact emulation: the 32 lanes of a warp meet at a barrier, each deposits
-its fragments, every lane rebuilds A, B and C from the fragment layout above,
-and takes its own part of ``A @ B + C`` (products of 16-bit values are exact in
-float32; the sum is taken in float64 and rounded once).
+module.  Under numba's CUDA simulator (which runs each thread as a Python
+thread and cannot run foreign code) they are an exact emulation: the 32 lanes
+of a warp meet at a barrier, each deposits its fragments (or the 16 bytes it
+addresses), the last to arrive rebuilds A, B and C from the fragment layout
+above, and each lane takes its own part of ``A @ B + C`` (products of 16-bit
+values are exact in float32; the sum is taken in float64 and rounded once).
 """
 import functools
 import pathlib
