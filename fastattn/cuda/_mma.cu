@@ -12,47 +12,37 @@
 struct fastattn_f32x4 { float x, y, z, w; };
 struct fastattn_u32x4 { unsigned x, y, z, w; };
 
-// D = A B + C with A 16x16 (row-major), B 16x8 (column-major) in float16, C and D 16x8 float32.
+// D = A B + C with A 16x16 (row-major), B 16x8 (column-major) in float16 or bfloat16 (TYPE), C and D
+// 16x8 float32: fastattn_mma_f16 and fastattn_mma_bf16.
 // Not volatile: a pure function of its registers, which the compiler may schedule (a volatile mma
 // pins the order and costs the paged prefill at D = 128 a spill).
-extern "C" __device__ int fastattn_mma_f16(fastattn_f32x4 *d, unsigned a0, unsigned a1, unsigned a2,
-                                           unsigned a3, unsigned b0, unsigned b1, float c0, float c1,
-                                           float c2, float c3)
-{
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};"
-                 : "=f"(d->x), "=f"(d->y), "=f"(d->z), "=f"(d->w)
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1),
-                   "f"(c0), "f"(c1), "f"(c2), "f"(c3));
-    return 0;
-}
+#define FASTATTN_MMA(NAME, TYPE)                                                                         \
+    extern "C" __device__ int NAME(fastattn_f32x4 *d, unsigned a0, unsigned a1, unsigned a2,            \
+                                   unsigned a3, unsigned b0, unsigned b1, float c0, float c1, float c2,  \
+                                   float c3)                                                             \
+    {                                                                                                    \
+        asm("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 "                              \
+            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};"                        \
+            : "=f"(d->x), "=f"(d->y), "=f"(d->z), "=f"(d->w)                                             \
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1),                                      \
+              "f"(c0), "f"(c1), "f"(c2), "f"(c3));                                                       \
+        return 0;                                                                                        \
+    }
 
-// The same with bfloat16 A and B.
-extern "C" __device__ int fastattn_mma_bf16(fastattn_f32x4 *d, unsigned a0, unsigned a1, unsigned a2,
-                                            unsigned a3, unsigned b0, unsigned b1, float c0, float c1,
-                                            float c2, float c3)
-{
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};"
-                 : "=f"(d->x), "=f"(d->y), "=f"(d->z), "=f"(d->w)
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1),
-                   "f"(c0), "f"(c1), "f"(c2), "f"(c3));
-    return 0;
-}
+FASTATTN_MMA(fastattn_mma_f16, "f16")
+FASTATTN_MMA(fastattn_mma_bf16, "bf16")
 
-// Two float32 rounded to nearest even into one register of two float16, lo in the low half.
-extern "C" __device__ int fastattn_pack_f16(unsigned *r, float lo, float hi)
-{
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(*r) : "f"(hi), "f"(lo));
-    return 0;
-}
+// Two float32 rounded to nearest even into one register of two 16-bit values of TYPE, lo in the low
+// half: fastattn_pack_f16 and fastattn_pack_bf16.
+#define FASTATTN_PACK(NAME, TYPE)                                                                        \
+    extern "C" __device__ int NAME(unsigned *r, float lo, float hi)                                     \
+    {                                                                                                    \
+        asm("cvt.rn." TYPE "x2.f32 %0, %1, %2;" : "=r"(*r) : "f"(hi), "f"(lo));                          \
+        return 0;                                                                                        \
+    }
 
-// The same for bfloat16.
-extern "C" __device__ int fastattn_pack_bf16(unsigned *r, float lo, float hi)
-{
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(*r) : "f"(hi), "f"(lo));
-    return 0;
-}
+FASTATTN_PACK(fastattn_pack_f16, "f16")
+FASTATTN_PACK(fastattn_pack_bf16, "bf16")
 
 // Four 8x8 tiles of 16-bit values from shared memory, transposed: lane i gives the address of row
 // i % 8 of tile i / 8 (16 bytes, 16-byte aligned); register m of lane (g, t) = (lane / 4, lane % 4)
