@@ -53,7 +53,7 @@ def test_bench_tiny_prints_the_table_and_writes_json(tmp_path):
         assert row["peer_ms"] > 0, row
         assert row["first_call_s"] > 0 and isinstance(row["new_kernels"], list), row
     assert cpu_rows[0]["new_kernels"] == ["forward"], "the first row compiles (or loads) the forward kernel"
-    assert report["sgemm_gflops"] > 0
+    assert report["sgemm_gflops"] > 0 and report["tile_gemm_gflops"] > 0
     assert "versions" in report["machine"] and "cuda" in report["machine"]
     # the sequence-length sweep that docs/plot_bench.py draws
     assert "sequence-length sweep" in out, out

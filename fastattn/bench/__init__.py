@@ -20,7 +20,7 @@ import sys
 
 import fastattn
 
-from .core import cuda_status, say, sgemm_gflops
+from .core import cuda_status, say, sgemm_gflops, tile_gemm_gflops
 
 
 def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None, peers=False):
@@ -46,6 +46,10 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None, peer
                  f"numba {threads['threads']} threads ({threads['threading_layer']} layer)", end="\n")
     for line in _info.blas():
         say(stream, f"BLAS: {line}", end="\n")
+    # the tile GEMMs first: NumPy's BLAS threads spin for a while after a multithreaded sgemm
+    say(stream, "measuring the forward's tile GEMMs (256×512 by 64 on each numba thread)…")
+    tile_gemm = tile_gemm_gflops()
+    say(stream, f" {tile_gemm:.1f} GFLOP/s (the ceiling of a forward on BLAS tiles)", end="\n")
     n = settings["sgemm"]
     say(stream, f"measuring sgemm (NumPy float32 matmul {n}×{n})…")
     sgemm = sgemm_gflops(n)
@@ -111,7 +115,8 @@ def run(size="full", backends=("cpu", "cuda"), json_path=None, stream=None, peer
         say(stream, "", end="\n")
         gpu = gpu_section.run(size, stream)
     if json_path:
-        report = dict(size=size, settings=settings, sgemm_gflops=sgemm, rows=rows, notes=notes,
+        report = dict(size=size, settings=settings, sgemm_gflops=sgemm, tile_gemm_gflops=tile_gemm, rows=rows,
+                      notes=notes,
                       read_bandwidth_gbs=bandwidth, paged_rows=paged_rows, paged_ratios=paged_ratios,
                       projection_rows=projection_rows, masked=masked_rows, rotary=rotary_rows, sweep=points,
                       machine=_info.machine_info())

@@ -1,5 +1,5 @@
 """What every section of ``python -m fastattn bench`` shares: dtypes by name, device copies,
-the timers (best of, in turn), the machine's sgemm rate, whether CUDA rows can run, and printing.
+the timers (best of, in turn), the machine's sgemm and tile-GEMM rates, whether CUDA rows can run, and printing.
 
 Nothing here imports another module of :mod:`fastattn.bench`.
 """
@@ -7,6 +7,7 @@ import time
 
 import ml_dtypes
 import numpy as np
+from numba import njit, prange
 
 import fastattn
 
@@ -57,6 +58,33 @@ def sgemm_gflops(n, repeats=5):
     b = rng.standard_normal((n, n), np.float32)
     a @ b
     return 2.0 * n ** 3 / best_time(lambda: a @ b, repeats) / 1e9
+
+
+@njit(parallel=True, cache=True)
+def _tile_gemms(q, k, v, s, o, calls):
+    for t in prange(q.shape[0]):
+        for _ in range(calls):
+            np.dot(q[t], k[t].T, s[t])
+            np.dot(s[t], v[t], o[t])
+
+
+def tile_gemm_gflops(rows=256, keys=512, dim=64, calls=20, repeats=5):
+    """The rate of the CPU forward's two tile GEMMs (``S = Q Kᵀ`` and ``S V``: ``rows x keys`` by ``dim``,
+    the default tiles at D = 64) as the forward runs them: ``np.dot`` in a numba ``prange``, one task a
+    thread, on single-threaded BLAS.  The ceiling of a forward built on BLAS tiles (below square sgemm)."""
+    from numba import get_num_threads
+
+    from ..cpu._blas import single_threaded_blas
+
+    n = get_num_threads()
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((n, rows, dim), np.float32)
+    k, v = (rng.standard_normal((n, keys, dim), np.float32) for _ in range(2))
+    s, o = np.empty((n, rows, keys), np.float32), np.empty((n, rows, dim), np.float32)
+    with single_threaded_blas():
+        _tile_gemms(q, k, v, s, o, 1)
+        seconds = best_time(lambda: _tile_gemms(q, k, v, s, o, calls), repeats)
+    return n * calls * 2 * 2.0 * rows * keys * dim / seconds / 1e9
 
 
 def cuda_status():
