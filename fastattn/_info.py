@@ -74,6 +74,23 @@ def cuda():
         return {"status": f"none found ({type(exc).__name__}: {exc})", "devices": []}
 
 
+def tensor_cores():
+    """Whether float16/bfloat16 CUDA attention can run on tensor cores here, in a sentence."""
+    import numba
+
+    from ._config import config
+
+    if numba.config.ENABLE_CUDASIM:
+        return "emulated (CUDA simulator)"
+    if not config.cuda_mma:
+        return "off (fastattn.config.cuda_mma / FASTATTN_CUDA_MMA=0)"
+    from .cuda._mma import linkable
+
+    if not linkable():
+        return 'unavailable: NVRTC/nvJitLink not found (pip install "numba-cuda[cu12]")'
+    return "ready: float16/bfloat16 on sm_80+ GPUs (mma.sync from fastattn/cuda/_mma.cu, linked by nvJitLink)"
+
+
 def cache_dir():
     """Where ``cache=True`` kernels are stored, found the way numba finds it."""
     import numba
@@ -140,6 +157,7 @@ def machine_info():
         **threading(),
         "blas": blas(),
         "cuda": cuda(),
+        "tensor_cores": tensor_cores(),
         "cache_dir": cache_dir(),
         "cpu": cpu(),
     }
@@ -152,6 +170,7 @@ def format_info(info):
     rows += [("threading layer", info["threading_layer"]), ("threads", str(info["threads"]))]
     rows += [("blas", line) for line in info["blas"]]
     rows += [("cuda", info["cuda"]["status"])] + [("cuda device", d) for d in info["cuda"]["devices"]]
+    rows += [("tensor cores", info["tensor_cores"])]
     rows += [("numba cache", info["cache_dir"])]
     c = info["cpu"]
     rows += [("cpu", f"{c['model']} ({c['cores']} cores, LLVM target {c['llvm_target']})"),

@@ -29,7 +29,7 @@ def test_info_reports_versions_threads_cuda_and_cache():
     out = run_cli("info")
     for name in ("fastattn", "numba", "numba-cuda", "llvmlite", "numpy", "scipy", "ml_dtypes"):
         assert f"\n{name} " in f"\n{out}", f"info: expected a {name} version line in\n{out}"
-    for label in ("python", "threading layer", "threads", "cuda", "numba cache", "cpu"):
+    for label in ("python", "threading layer", "threads", "cuda", "tensor cores", "numba cache", "cpu"):
         assert f"\n{label} " in f"\n{out}", f"info: expected a {label!r} line in\n{out}"
     layer = next(line for line in out.splitlines() if line.startswith("threading layer")).split()[-1]
     assert layer in ("tbb", "omp", "workqueue"), f"info: unexpected threading layer {layer!r}"
