@@ -68,6 +68,29 @@ def q_word(q, q0, row_a, row_b, sq, n_words, kk, r, t):
     return x
 
 
+def row_stager(rows, words, threads):
+    """``stage(x, y, x_s, y_s, base, first, end, n_words, tid)``: the block copies rows ``first ...
+    first + rows - 1`` of the ``uint32`` views ``x`` and ``y`` (global rows ``base + i``) into the shared
+    ``x_s`` and ``y_s``, ``words`` words a row, zeros past row ``end`` or the head dimension."""
+    u0 = uint32(0)
+
+    @inline
+    def stage(x, y, x_s, y_s, base, first, end, n_words, tid):
+        e = tid
+        while e < rows * words:
+            r = udiv(e, words)
+            w = e - r * words
+            a, c = u0, u0
+            if first + r < end and w < n_words:
+                a = x[uint64(base + first + r), uint64(w)]
+                c = y[uint64(base + first + r), uint64(w)]
+            x_s[r, w] = a
+            y_s[r, w] = c
+            e += threads
+
+    return stage
+
+
 def fragment_steps(kind, n_frags, n_dim_frags, n_dim_steps=0):
     """The steps every tensor-core kernel takes on one warp's fragments, inlined into it.
 
@@ -177,8 +200,31 @@ def fragment_steps(kind, n_frags, n_dim_frags, n_dim_steps=0):
         sum_b += _mma.shfl_xor(sum_b, 2)
         return sum_a, sum_b
 
-    return SimpleNamespace(add_product=add_product, two_products=two_products, row_maxima=row_maxima,
-                           exponentiate=exponentiate, rescale=rescale, lane_sums=lane_sums)
+    online_rescale = tile_math(float32).online_rescale
+    one = float32(1.0)
+
+    @inline
+    def softmax_step(s, o, words, max_a, max_b, sum_a, sum_b, kept, drop_scale, g, t):
+        """One key tile of the forward's online softmax on the score fragments ``s``: the new row maxima,
+        the probabilities (dropout with ``kept``), the running sums and the output fragments ``o``
+        rescaled, then ``o += P V`` (V row-major in the shared ``words``).  Returns the new maxima and
+        sums."""
+        top_a, top_b = row_maxima(s, max_a, max_b)
+        alpha_a = online_rescale(max_a, top_a)
+        alpha_b = online_rescale(max_b, top_b)
+        part_a, part_b = exponentiate(s, top_a, top_b, kept, drop_scale)
+        rescale(o, alpha_a, alpha_b)
+        add_product(s, words, o, g, t)
+        return top_a, top_b, sum_a * alpha_a + part_a, sum_b * alpha_b + part_b
+
+    @inline
+    def final_sums(sum_a, sum_b):
+        """The rows' sums over their four lanes and their inverses (0 for a row that saw no key)."""
+        sum_a, sum_b = lane_sums(sum_a, sum_b)
+        return sum_a, sum_b, (one / sum_a if sum_a > zero else zero), (one / sum_b if sum_b > zero else zero)
+
+    return SimpleNamespace(add_product=add_product, two_products=two_products, softmax_step=softmax_step,
+                           final_sums=final_sums)
 
 
 def row_steps(extra, keep, n_frags):
@@ -245,19 +291,19 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
     mma, pack = _mma.ops(kind)
     block_rows, threads = 16 * warps, 32 * warps
     t_ = tile_math(float32)
-    key_range, online_rescale, finish_lse = t_.key_range, t_.online_rescale, t_.finish_lse
+    key_range, finish_lse = t_.key_range, t_.finish_lse
     bn = block_keys(db)
     n_key_frags = bn // 8
     n_dim_steps, n_dim_frags = db // 16, db // 8
     steps = fragment_steps(kind, n_key_frags, n_dim_frags)
-    add_product, row_maxima, exponentiate = steps.add_product, steps.row_maxima, steps.exponentiate
-    rescale, lane_sums = steps.rescale, steps.lane_sums
+    softmax_step, final_sums = steps.softmax_step, steps.final_sums
     rows_ = row_steps(extra, keep, n_key_frags)
     biased, kept_bits = rows_.biased, rows_.kept_bits
     words = db // 2
+    stage = row_stager(bn, words, threads)
     stride = words + 4  # padded: the 8 rows x 4 words of a B-fragment or ldmatrix load fall in 32 banks
     hold_q = db <= 32  # the query fragments stay in registers (past 32 the scores and outputs need them)
-    zero, one, neg_inf = float32(0.0), float32(1.0), float32(-math.inf)
+    zero, neg_inf = float32(0.0), float32(-math.inf)
     u0 = uint32(0)
 
     def forward(q, k, v, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, shift, softcap, slopes, slope_stride,
@@ -298,17 +344,7 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
         j_hi = key_range(i0 + n_rows - 1, sq_d, sk, wl, wr)[1]
         for j0 in range(j_lo, j_hi, bn):
             cuda.syncthreads()  # the previous tile's values are read
-            e = tid
-            while e < bn * words:
-                r = udiv(e, words)
-                w = e - r * words
-                kx, vx = u0, u0
-                if j0 + r < j_hi and w < n_words:
-                    kx = k[uint64(k0 + j0 + r), uint64(w)]
-                    vx = v[uint64(k0 + j0 + r), uint64(w)]
-                k_s[r, w] = kx
-                v_s[r, w] = vx
-                e += threads
+            stage(k, v, k_s, v_s, k0, j0, j_hi, n_words, tid)
             cuda.syncthreads()
             for n in range(n_key_frags):  # S = Q K^T, 8 keys at a time
                 c0, c1, c2, c3 = zero, zero, zero, zero
@@ -325,19 +361,10 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
                 s[n, 0], s[n, 1], s[n, 2], s[n, 3] = c0 * scale, c1 * scale, c2 * scale, c3 * scale
             biased(s, s, row_a, row_b, j0, t, sq, sq_d, sk, wl, wr, softcap, slope, has_alibi, b, h, bias, bs,
                    has_bias, mask, ms, has_mask)
-            top_a, top_b = row_maxima(s, max_a, max_b)
             kept = kept_bits(row_a, row_b, j0, t, b, h, drop) if drop_scale > zero else u0
-            alpha_a = online_rescale(max_a, top_a)
-            alpha_b = online_rescale(max_b, top_b)
-            part_a, part_b = exponentiate(s, top_a, top_b, kept, drop_scale)
-            sum_a = sum_a * alpha_a + part_a
-            sum_b = sum_b * alpha_b + part_b
-            max_a, max_b = top_a, top_b
-            rescale(o, alpha_a, alpha_b)
-            add_product(s, v_s, o, g, t)  # O += P V
-        sum_a, sum_b = lane_sums(sum_a, sum_b)
-        inv_a = one / sum_a if sum_a > zero else zero
-        inv_b = one / sum_b if sum_b > zero else zero
+            max_a, max_b, sum_a, sum_b = softmax_step(s, o, v_s, max_a, max_b, sum_a, sum_b, kept, drop_scale,
+                                                      g, t)  # and O += P V
+        sum_a, sum_b, inv_a, inv_b = final_sums(sum_a, sum_b)
         for n in range(n_dim_frags):
             w = n * 4 + t
             if w < n_words:
@@ -387,9 +414,9 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
     rows_ = row_steps(extra, keep, n_key_frags)
     biased, kept_bits = rows_.biased, rows_.kept_bits
     words = db // 2
+    stage = row_stager(bn, words, threads)
     stride = words + 4
     zero, neg_inf = float32(0.0), float32(-math.inf)
-    u0 = uint32(0)
 
     def dq_kernel(dout, q, k, v, lse, delta, heads_q, heads_kv, sq, sk, dim, scale, wl, wr, softcap, slopes,
                   slope_stride, has_alibi, bias, bs, has_bias, mask, ms, has_mask, drop, drop_scale, dbias, dbs,
@@ -427,17 +454,7 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
         j_hi = key_range(i0 + n_rows - 1, sq, sk, wl, wr)[1]
         for j0 in range(j_lo, j_hi, bn):
             cuda.syncthreads()
-            e = tid
-            while e < bn * words:
-                r = udiv(e, words)
-                w = e - r * words
-                kx, vx = u0, u0
-                if j0 + r < j_hi and w < n_words:
-                    kx = k[uint64(k0 + j0 + r), uint64(w)]
-                    vx = v[uint64(k0 + j0 + r), uint64(w)]
-                k_w[r, w] = kx
-                v_w[r, w] = vx
-                e += threads
+            stage(k, v, k_w, v_w, k0, j0, j_hi, n_words, tid)
             cuda.syncthreads()
             # S = Q K^T and dP = dO V^T
             two_products(q, dout, k_w, v_w, q0, row_a, row_b, sq, n_words, scale, s, dp, g, t)
@@ -520,6 +537,7 @@ def make_dkdv(kind, db, extra, keep, warps=WARPS):
     steps = fragment_steps(kind, n_q_frags, n_dim_frags, n_dim_steps)
     add_product, two_products = steps.add_product, steps.two_products
     words = db // 2
+    stage = row_stager(bm, words, threads)
     stride = words + 4
     zero, neg_inf = float32(0.0), float32(-math.inf)
     u0 = uint32(0)
@@ -560,17 +578,7 @@ def make_dkdv(kind, db, extra, keep, warps=WARPS):
             q0 = (b * heads_q + h) * sq
             for i0 in range(i_lo, i_hi, bm):
                 cuda.syncthreads()  # the previous step's rows are read
-                e = tid
-                while e < bm * words:
-                    r = udiv(e, words)
-                    w = e - r * words
-                    qx, ox = u0, u0
-                    if i0 + r < i_hi and w < n_words:
-                        qx = q[uint64(q0 + i0 + r), uint64(w)]
-                        ox = dout[uint64(q0 + i0 + r), uint64(w)]
-                    q_w[r, w] = qx
-                    o_w[r, w] = ox
-                    e += threads
+                stage(q, dout, q_w, o_w, q0, i0, i_hi, n_words, tid)
                 e = tid
                 while e < bm:
                     lse_s[e] = lse[uint64(q0 + i0 + e)] if i0 + e < i_hi else neg_inf
@@ -669,16 +677,15 @@ def make_paged_prefill(kind, db, warps=WARPS):
     block_rows, threads = 16 * warps, 32 * warps
     t_ = tile_math(float32)
     key_range, softcap_score, alibi_bias = t_.key_range, t_.softcap_score, t_.alibi_bias
-    online_rescale, finish_lse = t_.online_rescale, t_.finish_lse
+    finish_lse = t_.finish_lse
     bn = 16  # the stacked rows' indices take registers too: the fewest scores a lane can hold
     n_key_frags = bn // 8
     n_dim_steps, n_dim_frags = db // 16, db // 8
     steps = fragment_steps(kind, n_key_frags, n_dim_frags)
-    add_product, row_maxima, exponentiate = steps.add_product, steps.row_maxima, steps.exponentiate
-    rescale, lane_sums = steps.rescale, steps.lane_sums
+    softmax_step, final_sums = steps.softmax_step, steps.final_sums
     words = db // 2
     stride = words + 4
-    zero, one, neg_inf = float32(0.0), float32(1.0), float32(-math.inf)
+    zero, neg_inf = float32(0.0), float32(-math.inf)
     u0 = uint32(0)
 
     def prefill(q, k_cache, v_cache, table, lens, batch, heads_q, heads_kv, sq, dim, block_size, q_mult,
@@ -786,18 +793,8 @@ def make_paged_prefill(kind, db, warps=WARPS):
                     j = j0 + n * 8 + 2 * t + (e & 1)
                     if not (live and lo <= j and j < hi and j < j_hi):
                         s[n, e] = neg_inf
-            top_a, top_b = row_maxima(s, max_a, max_b)
-            alpha_a = online_rescale(max_a, top_a)
-            alpha_b = online_rescale(max_b, top_b)
-            part_a, part_b = exponentiate(s, top_a, top_b, u0, zero)
-            sum_a = sum_a * alpha_a + part_a
-            sum_b = sum_b * alpha_b + part_b
-            max_a, max_b = top_a, top_b
-            rescale(o, alpha_a, alpha_b)
-            add_product(s, v_s, o, g, t)  # O += P V
-        sum_a, sum_b = lane_sums(sum_a, sum_b)
-        inv_a = one / sum_a if sum_a > zero else zero
-        inv_b = one / sum_b if sum_b > zero else zero
+            max_a, max_b, sum_a, sum_b = softmax_step(s, o, v_s, max_a, max_b, sum_a, sum_b, u0, zero, g, t)
+        sum_a, sum_b, inv_a, inv_b = final_sums(sum_a, sum_b)
         base = split * batch * heads_q * sq
         live_a, live_b = stacked_a < n_stacked, stacked_b < n_stacked
         row_a = (b * heads_q + hk * group + udiv(stacked_a, sq)) * sq + umod(stacked_a, sq)  # the output rows
