@@ -500,15 +500,23 @@ def make_dq(kind, db, extra, keep, warps=WARPS):
     return dq_kernel
 
 
-def dq_signature():
-    """The argument types of :func:`make_dq`'s kernel (C-contiguous arrays)."""
-    from numba import boolean, int32, int64, types
+def _backward_signature():
+    """The argument types the dQ and dK/dV kernels share (dout, q, k, v ... dropout), and the strides type."""
+    from numba import boolean, int64, types
 
     w2, a1 = uint32[:, ::1], float32[::1]
     strides = types.UniTuple(int64, 4)
     extra = (a1, strides, boolean, boolean[::1], strides, boolean, uint64[::1], float32)
-    return (w2, w2, w2, w2, a1, a1, *(int32,) * 5, float32, int32, int32, float32, a1, int32, boolean, *extra,
-            a1, strides, boolean, w2)
+    return (w2, w2, w2, w2, a1, a1, *(int32,) * 5, float32, int32, int32, float32, a1, int32, boolean,
+            *extra), strides
+
+
+def dq_signature():
+    """The argument types of :func:`make_dq`'s kernel (C-contiguous arrays)."""
+    from numba import boolean
+
+    shared, strides = _backward_signature()
+    return (*shared, float32[::1], strides, boolean, uint32[:, ::1])
 
 
 def block_queries(db):
@@ -655,13 +663,7 @@ def make_dkdv(kind, db, extra, keep, warps=WARPS):
 
 def dkdv_signature():
     """The argument types of :func:`make_dkdv`'s kernel (C-contiguous arrays)."""
-    from numba import boolean, int32, int64, types
-
-    w2, a1 = uint32[:, ::1], float32[::1]
-    strides = types.UniTuple(int64, 4)
-    extra = (a1, strides, boolean, boolean[::1], strides, boolean, uint64[::1], float32)
-    return (w2, w2, w2, w2, a1, a1, *(int32,) * 5, float32, int32, int32, float32, a1, int32, boolean, *extra,
-            w2, w2)
+    return (*_backward_signature()[0], uint32[:, ::1], uint32[:, ::1])
 
 
 def make_paged_prefill(kind, db, warps=WARPS):
