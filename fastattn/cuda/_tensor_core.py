@@ -204,18 +204,18 @@ def fragment_steps(kind, n_frags, n_dim_frags, n_dim_steps=0):
     one = float32(1.0)
 
     @inline
-    def softmax_step(s, o, words, max_a, max_b, sum_a, sum_b, kept, drop_scale, g, t):
-        """One key tile of the forward's online softmax on the score fragments ``s``: the new row maxima,
-        the probabilities (dropout with ``kept``), the running sums and the output fragments ``o``
-        rescaled, then ``o += P V`` (V row-major in the shared ``words``).  Returns the new maxima and
-        sums."""
-        top_a, top_b = row_maxima(s, max_a, max_b)
+    def softmax_step(s, o, words, max_a, max_b, top_a, top_b, sum_a, sum_b, kept, drop_scale, g, t):
+        """One key tile of the forward's online softmax on the score fragments ``s``, given the new row
+        maxima ``top`` (:func:`row_maxima`): the probabilities (dropout with ``kept``), the running sums and
+        the output fragments ``o`` rescaled, then ``o += P V`` (V row-major in the shared ``words``).
+        Returns the new sums.  (The caller takes the maxima first: drawing the dropout bits after them, not
+        before, keeps the forward at D = 128 on sm_80 free of spills.)"""
         alpha_a = online_rescale(max_a, top_a)
         alpha_b = online_rescale(max_b, top_b)
         part_a, part_b = exponentiate(s, top_a, top_b, kept, drop_scale)
         rescale(o, alpha_a, alpha_b)
         add_product(s, words, o, g, t)
-        return top_a, top_b, sum_a * alpha_a + part_a, sum_b * alpha_b + part_b
+        return sum_a * alpha_a + part_a, sum_b * alpha_b + part_b
 
     @inline
     def final_sums(sum_a, sum_b):
@@ -223,8 +223,8 @@ def fragment_steps(kind, n_frags, n_dim_frags, n_dim_steps=0):
         sum_a, sum_b = lane_sums(sum_a, sum_b)
         return sum_a, sum_b, (one / sum_a if sum_a > zero else zero), (one / sum_b if sum_b > zero else zero)
 
-    return SimpleNamespace(add_product=add_product, two_products=two_products, softmax_step=softmax_step,
-                           final_sums=final_sums)
+    return SimpleNamespace(add_product=add_product, two_products=two_products, row_maxima=row_maxima,
+                           softmax_step=softmax_step, final_sums=final_sums)
 
 
 def row_steps(extra, keep, n_frags):
@@ -296,7 +296,7 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
     n_key_frags = bn // 8
     n_dim_steps, n_dim_frags = db // 16, db // 8
     steps = fragment_steps(kind, n_key_frags, n_dim_frags)
-    softmax_step, final_sums = steps.softmax_step, steps.final_sums
+    row_maxima, softmax_step, final_sums = steps.row_maxima, steps.softmax_step, steps.final_sums
     rows_ = row_steps(extra, keep, n_key_frags)
     biased, kept_bits = rows_.biased, rows_.kept_bits
     words = db // 2
@@ -361,9 +361,11 @@ def make_forward(kind, db, extra, keep, warps=WARPS):
                 s[n, 0], s[n, 1], s[n, 2], s[n, 3] = c0 * scale, c1 * scale, c2 * scale, c3 * scale
             biased(s, s, row_a, row_b, j0, t, sq, sq_d, sk, wl, wr, softcap, slope, has_alibi, b, h, bias, bs,
                    has_bias, mask, ms, has_mask)
+            top_a, top_b = row_maxima(s, max_a, max_b)
             kept = kept_bits(row_a, row_b, j0, t, b, h, drop) if drop_scale > zero else u0
-            max_a, max_b, sum_a, sum_b = softmax_step(s, o, v_s, max_a, max_b, sum_a, sum_b, kept, drop_scale,
-                                                      g, t)  # and O += P V
+            sum_a, sum_b = softmax_step(s, o, v_s, max_a, max_b, top_a, top_b, sum_a, sum_b, kept, drop_scale, g,
+                                        t)  # and O += P V
+            max_a, max_b = top_a, top_b
         sum_a, sum_b, inv_a, inv_b = final_sums(sum_a, sum_b)
         for n in range(n_dim_frags):
             w = n * 4 + t
@@ -684,7 +686,7 @@ def make_paged_prefill(kind, db, warps=WARPS):
     n_key_frags = bn // 8
     n_dim_steps, n_dim_frags = db // 16, db // 8
     steps = fragment_steps(kind, n_key_frags, n_dim_frags)
-    softmax_step, final_sums = steps.softmax_step, steps.final_sums
+    row_maxima, softmax_step, final_sums = steps.row_maxima, steps.softmax_step, steps.final_sums
     words = db // 2
     stride = words + 4
     zero, neg_inf = float32(0.0), float32(-math.inf)
@@ -795,7 +797,9 @@ def make_paged_prefill(kind, db, warps=WARPS):
                     j = j0 + n * 8 + 2 * t + (e & 1)
                     if not (live and lo <= j and j < hi and j < j_hi):
                         s[n, e] = neg_inf
-            max_a, max_b, sum_a, sum_b = softmax_step(s, o, v_s, max_a, max_b, sum_a, sum_b, u0, zero, g, t)
+            top_a, top_b = row_maxima(s, max_a, max_b)
+            sum_a, sum_b = softmax_step(s, o, v_s, max_a, max_b, top_a, top_b, sum_a, sum_b, u0, zero, g, t)
+            max_a, max_b = top_a, top_b
         sum_a, sum_b, inv_a, inv_b = final_sums(sum_a, sum_b)
         base = split * batch * heads_q * sq
         live_a, live_b = stacked_a < n_stacked, stacked_b < n_stacked
