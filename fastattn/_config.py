@@ -19,6 +19,9 @@ class Config:
     cpu_paged_block_k: int = 256    #: keys gathered from the paged cache per GEMM tile
     cpu_decode_block_k: int = 64    #: keys per tile of the register-blocked paged decode kernel
     cpu_split_min_keys: int = 1024  #: shortest key range worth a split of its own (split-KV decode)
+    #: float32 tile products of the attention kernels: "auto" (fastattn's micro-kernels where numba's
+    #: target has AVX-512, else BLAS), "simd" or "blas" (see fastattn/cpu/_gemm.py)
+    cpu_gemm: str = "auto"
     cpu_proj_pool: str = "numpy"    #: whose threads run the projection GEMMs: "numpy" (its BLAS) or "numba"
     cuda_threads: int = 128         #: threads per block of the element-wise CUDA kernels (delta, merge, ...)
     cuda_tiles: Optional[tuple] = None        #: (tm, tn, ny, nx) for every dense CUDA kernel; None: the tuned table

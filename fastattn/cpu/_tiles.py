@@ -17,6 +17,7 @@ from numba.extending import overload
 
 from .._philox import philox
 from .._tile import alibi_bias, key_range, query_range, softcap_grad
+from ._gemm import add_matmul, add_matmul_tn, matmul_nt, pack_transposed
 from ._fastmath import FASTMATH, decode_one, decode_rows, exp_row, exp_shifted, max_of, softcap_fast
 
 
@@ -303,13 +304,14 @@ def backward_buffers(rows, keys, dim, acc_t, has_extra):
     ``MALLOC_TRIM_THRESHOLD_``, the backward ran 1.5x slower)."""
     return (np.empty((rows, dim), acc_t), np.empty((rows, dim), acc_t), np.empty(rows * keys, acc_t),
             np.empty(rows * keys, acc_t), np.empty(rows * keys if has_extra else 0, acc_t),
-            np.empty((keys, dim), acc_t), np.empty((rows, dim), acc_t))
+            np.empty((keys, dim), acc_t), np.empty((rows, dim), acc_t), np.empty(keys * dim, acc_t),
+            np.empty(keys * dim, acc_t))
 
 
 @njit(fastmath=FASTMATH, cache=True)
 def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi, extra,
                       dbias, dbias_strides, want_dbias, drop, drop_scale, lse, delta, scale, codec, block_q, dk_acc,
-                      dv_acc, dq_part, want_dq, buffers):
+                      dv_acc, dq_part, want_dq, buffers, simd):
     """Add one tile of keys' contributions from every query head of KV head hk of sequence b.
 
     ``kt``/``vt`` are the tile's keys and values (from ``j0``, ``sk`` keys in all),
@@ -324,7 +326,8 @@ def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, s
     keep mask ``M`` of :func:`dropout_tile` (times ``drop_scale = 1 / (1 - p)``)
     is regenerated: ``dS = P (M dP - delta)`` and ``dV += (P M)^T dO``.
     ``buffers`` are :func:`backward_buffers` of at least ``block_q`` rows and
-    the tile's keys, made once per task by the caller.
+    the tile's keys, made once per task by the caller.  ``simd``: float32
+    products on :mod:`._gemm`'s micro-kernels (else BLAS).
     FlashAttention-2's backward inner loop, shared by the dense, packed and
     paged kernels.
     """
@@ -333,8 +336,10 @@ def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, s
     dim = kt.shape[1]
     n = kt.shape[0]
     has_extra = extra[3] or extra[6]
-    q_buf, d_buf, s_buf, dp_buf, e_buf, key_buf, row_part = buffers
-    key_part = key_buf[:n]  # a product before it is added to dk_acc or dv_acc
+    q_buf, d_buf, s_buf, dp_buf, e_buf, key_buf, row_part, k_panels, v_panels = buffers
+    key_part = key_buf[:n]  # BLAS's product before it is added to dk_acc or dv_acc
+    pack_transposed(kt, k_panels, simd)
+    pack_transposed(vt, v_panels, simd)
     i_lo, i_hi = query_range(j0, j0 + n, sq, sk, wl, wr)
     for h in range(hk * group, (hk + 1) * group):
         for i0 in range(i_lo, i_hi, m_max):
@@ -346,8 +351,8 @@ def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, s
             qt *= scale
             s = s_buf[:m * n].reshape(m, n)
             dp = dp_buf[:m * n].reshape(m, n)
-            np.dot(qt, kt.T, s)
-            np.dot(dt, vt.T, dp)
+            matmul_nt(qt, kt, k_panels, s, simd)
+            matmul_nt(dt, vt, v_panels, dp, simd)
             e = e_buf[:m * n].reshape(m, n) if has_extra else s
             if has_extra:
                 extra_tile(extra, b, h, i0, m, j0, n, e)
@@ -359,14 +364,10 @@ def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, s
                 dropout_tile(drop, drop_scale, b, h, i0, j0, s)
             if want_dbias:
                 add_tile(dbias, dbias_strides, b, h, i0, j0, e)
-            np.dot(s.T, dt, key_part)
-            dv_acc += key_part
-            np.dot(dp.T, qt, key_part)
-            dk_acc += key_part
+            add_matmul_tn(s, dt, dv_acc, key_part, simd)
+            add_matmul_tn(dp, qt, dk_acc, key_part, simd)
             if want_dq:
-                part = row_part[:m]
-                np.dot(dp, kt, part)
-                dq_part[qa, h, r0 + i0:r0 + i0 + m] += part
+                add_matmul(dp, kt, dq_part[qa, h, r0 + i0:r0 + i0 + m], row_part[:m], simd)
 
 
 def no_dropout():

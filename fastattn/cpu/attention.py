@@ -1,7 +1,8 @@
 """CPU kernels of the dense attention family.
 
 Forward: one task per (batch, query head, tile of ``block_q`` query rows); the
-two GEMMs per key tile run through BLAS (``np.dot``) on contiguous tiles and
+two GEMMs per key tile run on contiguous tiles (float32: :mod:`._gemm`'s
+register micro-kernels where the CPU has AVX-512, else BLAS's ``np.dot``) and
 the online softmax runs in between with a vectorised exponential.
 
 Backward (FlashAttention-2 style): probabilities are recomputed from ``lse``,
@@ -18,6 +19,7 @@ from .._dtypes import accum_dtype as _accum_dtype, bits_view, codec_of
 from .._tile import finish_lse, key_range
 from .._validate import element_strides
 from ._blas import single_threaded_blas
+from ._gemm import add_matmul, matmul_nt, pack_transposed, simd_gemm
 from ._scratch import scratch
 from ._fastmath import FASTMATH, encode_row
 from ._tiles import (backward_buffers, decode_tile, dropout_tile, extra_tile, key_tile_backward, no_dropout,
@@ -28,7 +30,7 @@ _JIT = dict(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _query_tile(q, k, v, at_q, at_k, b, h, hk, i0, m, sq, sk, codec, scale, wl, wr, shift, softcap, slopes,
-                has_alibi, extra, drop, drop_scale, out, lse, block_k):
+                has_alibi, extra, drop, drop_scale, out, lse, block_k, simd):
     """Output rows ``i0 : i0 + m`` of query head ``h`` of sequence ``b`` (its ``sq`` rows against ``sk`` keys).
 
     Inputs are dense ``[B, H, S, D]`` or packed ``[total, H, D]``, a sequence's rows
@@ -38,6 +40,7 @@ def _query_tile(q, k, v, at_q, at_k, b, h, hk, i0, m, sq, sk, codec, scale, wl, 
     packed ``[total, H, D]`` (lse ``[H, total]``) at row ``start + i``.  ``b`` picks the ALiBi slopes and
     the bias/mask of :func:`extra_tile`.  ``drop_scale > 0``: dropout on the probabilities after their
     sum is taken (:func:`~fastattn.cpu._tiles.dropout_tile`, ``drop_scale = 1 / (1 - p)``).
+    ``simd``: float32 products on :mod:`~fastattn.cpu._gemm`'s micro-kernels (else BLAS).
     """
     dim = q.shape[-1]
     qa, q0 = at_q
@@ -58,6 +61,7 @@ def _query_tile(q, k, v, at_q, at_k, b, h, hk, i0, m, sq, sk, codec, scale, wl, 
     v_buf = np.empty((block_k, dim), acc_t)
     s_buf = np.empty(m * block_k, acc_t)
     pv = np.empty((m, dim), acc_t)
+    panels = np.empty(block_k * dim, acc_t)
     has_extra = extra[3] or extra[6]
     e_buf = np.empty(m * block_k if has_extra else 0, acc_t)
     for j0 in range(j_lo, j_hi, block_k):
@@ -65,7 +69,8 @@ def _query_tile(q, k, v, at_q, at_k, b, h, hk, i0, m, sq, sk, codec, scale, wl, 
         s = s_buf[:m * n].reshape(m, n)
         kt = tile_rows(k, ka, hk, k0 + j0, n, k_buf, codec)
         vt = tile_rows(v, ka, hk, k0 + j0, n, v_buf, codec)
-        np.dot(qt, kt.T, s)
+        pack_transposed(kt, panels, simd)
+        matmul_nt(qt, kt, panels, s, simd)
         e = e_buf[:m * n].reshape(m, n) if has_extra else s
         if has_extra:
             extra_tile(extra, b, h, i0, m, j0, n, e)
@@ -73,8 +78,7 @@ def _query_tile(q, k, v, at_q, at_k, b, h, hk, i0, m, sq, sk, codec, scale, wl, 
                      row_max, row_sum, acc)
         if drop_scale > 0:
             dropout_tile(drop, drop_scale, b, h, i0, j0, s)
-        np.dot(s, vt, pv)
-        acc += pv
+        add_matmul(s, vt, acc, pv, simd)
     for r in range(m):
         if row_sum[r] > 0:
             acc[r] *= 1.0 / row_sum[r]
@@ -84,7 +88,7 @@ def _query_tile(q, k, v, at_q, at_k, b, h, hk, i0, m, sq, sk, codec, scale, wl, 
 
 @njit(**_JIT)
 def _forward(q, k, v, codec, scale, wl, wr, shift, softcap, slopes, has_alibi, extra, drop, drop_scale, out, lse,
-             block_q, block_k):
+             block_q, block_k, simd):
     batch, heads_q, sq, dim = q.shape
     heads_kv, sk = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
@@ -95,12 +99,12 @@ def _forward(q, k, v, codec, scale, wl, wr, shift, softcap, slopes, has_alibi, e
         b = task // (n_tiles * heads_q)
         i0 = tile * block_q
         _query_tile(q, k, v, (b, 0), (b, 0), b, h, h // group, i0, min(block_q, sq - i0), sq, sk, codec, scale,
-                    wl, wr, shift, softcap, slopes, has_alibi, extra, drop, drop_scale, out, lse, block_k)
+                    wl, wr, shift, softcap, slopes, has_alibi, extra, drop, drop_scale, out, lse, block_k, simd)
 
 
 @njit(**_JIT)
 def _forward_packed(q, k, v, cu_q, cu_k, tiles, codec, scale, wl, wr, softcap, slopes, has_alibi, extra, drop,
-                    drop_scale, out, lse, block_q, block_k):
+                    drop_scale, out, lse, block_q, block_k, simd):
     """Every sequence of a packed batch in one parallel loop: ``tiles`` lists ``(sequence, first row)``.
 
     ``q``, ``k``, ``v`` are the packed ``[total, H, D]`` arrays, read in place (a tile's rows are strided,
@@ -115,7 +119,8 @@ def _forward_packed(q, k, v, cu_q, cu_k, tiles, codec, scale, wl, wr, softcap, s
         b, i0 = tiles[task - h * n, 0], tiles[task - h * n, 1]
         sq, sk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
         _query_tile(q, k, v, (0, cu_q[b]), (0, cu_k[b]), b, h, h // group, i0, min(block_q, sq - i0), sq, sk,
-                    codec, scale, wl, wr, 0, softcap, slopes, has_alibi, extra, drop, drop_scale, out, lse, block_k)
+                    codec, scale, wl, wr, 0, softcap, slopes, has_alibi, extra, drop, drop_scale, out, lse, block_k,
+                    simd)
 
 
 @njit(**_JIT)
@@ -147,7 +152,7 @@ def _delta(dout, out, codec, delta, block):
 @njit(**_JIT)
 def _backward(dout, q, k, v, lse, delta, seqs, owner_start, members, codec, scale, wl, wr, softcap, slopes,
               has_alibi, extra, dbias_sums, dbias_strides, want_dbias, drop, drop_scale, dq_part, dk, dv, block_q,
-              block_k):
+              block_k, simd):
     """dK/dV of each key tile, dq and dbias partial sums; one task per (owner, key split).
 
     Sequence ``s`` is ``seqs[s] = (qa, q0, ka, k0, sq, sk)``: its query rows are
@@ -194,7 +199,7 @@ def _backward(dout, q, k, v, lse, delta, seqs, owner_start, members, codec, scal
                 sums = dbias_sums[split if dbias_strides[0] else 0]  # not inside the call: numba refuses that
                 key_tile_backward(dout, q, (qa, q0), b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes,
                                   has_alibi, extra, sums, dbias_strides[1:], want_dbias, drop, drop_scale, lse,
-                                  delta, scale, codec, block_q, dk_acc, dv_acc, dq_part[split], True, buffers)
+                                  delta, scale, codec, block_q, dk_acc, dv_acc, dq_part[split], True, buffers, simd)
                 for r in range(n):
                     encode_row(dk_acc[r], row_of(dk, ka, hk, k0 + j0 + r), codec)
                     encode_row(dv_acc[r], row_of(dv, ka, hk, k0 + j0 + r), codec)
@@ -328,7 +333,7 @@ def forward(q, k, v, slopes, spec, extra=None, dropout=None):
         _forward(qb, kb, vb, spec.codec, spec.scale, spec.window_left, spec.window_right,
                  spec.shift, spec.softcap, slopes, has_alibi, _extra(extra, spec),
                  *dropout_args(dropout, np.dtype(spec.accum_dtype)), bits_view(out), lse,
-                 config.cpu_block_q, config.cpu_block_k)
+                 config.cpu_block_q, config.cpu_block_k, simd_gemm())
     return out, lse
 
 
@@ -415,7 +420,7 @@ def run_backward(dout, q, k, v, lse, seqs, slopes, spec, extra, want_dbias, dq, 
         _backward(dout[0], q, k, v, lse, delta, seqs, owner_start, members, spec.codec, spec.scale,
                   spec.window_left, spec.window_right, spec.softcap, slopes, has_alibi, _extra(extra, spec), sums,
                   dbias_strides, want_dbias, *dropout_args(dropout, np.dtype(acc)), dq_part, dk, dv,
-                  config.cpu_bwd_block_q, config.cpu_bwd_block_k)
+                  config.cpu_bwd_block_q, config.cpu_bwd_block_k, simd_gemm())
         _reduce_dq(dq_part, spec.scale, spec.codec, dq, config.cpu_bwd_block_q)
     if not want_dbias:
         return None

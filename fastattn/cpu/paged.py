@@ -31,6 +31,7 @@ from .._config import config
 from .._dtypes import E4M3, bits_view, codec_of
 from .._tile import finish_lse, key_range
 from ._blas import single_threaded_blas
+from ._gemm import simd_gemm
 from ._decode import add_values, scores
 from ._fastmath import FASTMATH, decode_rows, decode_token, encode_row
 from ._simd import E4M3_SCALE, LANES, simd_view
@@ -258,7 +259,7 @@ def _backward_dq(dout, q, k_rows, v_rows, table, lens, bs, heads_kv, lse, delta,
 
 @njit(**_JIT)
 def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_seq, ref_block, codec,
-                   scale, wl, wr, softcap, slopes, has_alibi, dk_cache, dv_cache, block_q):
+                   scale, wl, wr, softcap, slopes, has_alibi, dk_cache, dv_cache, block_q, simd):
     """One task per (physical block, KV head): sum the contributions of every sequence reading it."""
     batch, heads_q, sq, dim = q.shape
     bs, heads_kv = k_cache.shape[1], k_cache.shape[2]
@@ -287,7 +288,7 @@ def _backward_dkdv(dout, q, k_cache, v_cache, lens, lse, delta, ref_start, ref_s
             decode_rows(v_cache[blk, :n, hk], vt, codec)
             key_tile_backward(dout, q, (b, 0), b, hk, group, kt, vt, j0, sq, sk, wl, wr, softcap, slopes, has_alibi,
                               no_extra, no_extra[0], none, False, no_drop, zero, lse, delta, scale, codec, block_q,
-                              dk_acc[:n], dv_acc[:n], no_dq, False, buffers)
+                              dk_acc[:n], dv_acc[:n], no_dq, False, buffers, simd)
         for r in range(bs):
             encode_row(dk_acc[r], dk_cache[blk, r, hk], codec)
             encode_row(dv_acc[r], dv_cache[blk, r, hk], codec)
@@ -441,7 +442,7 @@ def backward(dout, q, k_cache, v_cache, out, lse, table, lens, slopes, spec):
                      delta, *options, bits_view(dq),
                      _rows_per_task(spec), config.cpu_paged_block_k)
         _backward_dkdv(db, qb, kb, vb, lens, lse, delta, start, refs, blocks, *options,
-                       bits_view(dk_cache), bits_view(dv_cache), config.cpu_bwd_block_q)
+                       bits_view(dk_cache), bits_view(dv_cache), config.cpu_bwd_block_q, simd_gemm())
     return dq, dk_cache, dv_cache
 
 

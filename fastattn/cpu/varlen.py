@@ -14,6 +14,7 @@ from .._config import config
 from .._dtypes import bits_view
 from . import attention as dense
 from ._blas import single_threaded_blas
+from ._gemm import simd_gemm
 
 
 def _packed(*arrays):
@@ -40,8 +41,7 @@ def forward(q, k, v, cu_q, cu_k, slopes, spec, extra, dropout=None):
         dense._forward_packed(*_packed(q, k, v), cu_q, cu_k, tiles, spec.codec,
                               spec.scale, spec.window_left, spec.window_right, spec.softcap, slopes, has_alibi,
                               dense._extra(extra, spec), *dense.dropout_args(dropout, np.dtype(spec.accum_dtype)),
-                              bits_view(out), lse, config.cpu_block_q,
-                              config.cpu_block_k)
+                              bits_view(out), lse, config.cpu_block_q, config.cpu_block_k, simd_gemm())
     return out, lse
 
 
