@@ -141,11 +141,22 @@ def blas():
         import scipy.linalg  # noqa: F401  (loads SciPy's BLAS, the one numba calls)
         from threadpoolctl import threadpool_info
 
-        return [f"{lib['internal_api']} {lib.get('version') or ''} ({lib['num_threads']} threads) "
+        return [f"{lib['internal_api']} {lib.get('version') or ''} ({lib['num_threads']} threads"
+                f"{', ' + lib['architecture'] + ' kernels' if lib.get('architecture') else ''}) "
                 f"for {'numpy' if 'numpy' in lib['filepath'] else 'scipy/numba'}"
                 for lib in threadpool_info() if lib["user_api"] == "blas"]
     except Exception as exc:
         return [f"unknown ({type(exc).__name__})"]
+
+
+def tile_products():
+    """Who runs the CPU kernels' float32 tile products (``fastattn.config.cpu_gemm``, see cpu/_gemm.py)."""
+    from .cpu._gemm import simd_gemm, target_has_avx512
+
+    if simd_gemm():
+        return "fastattn's micro-kernels (16-lane FMA)"
+    reason = "cpu_gemm='blas'" if target_has_avx512() else "no AVX-512 in numba's target"
+    return f"BLAS ({reason})"
 
 
 def machine_info():
@@ -156,6 +167,7 @@ def machine_info():
         "versions": versions(),
         **threading(),
         "blas": blas(),
+        "tile_products": tile_products(),
         "cuda": cuda(),
         "tensor_cores": tensor_cores(),
         "cache_dir": cache_dir(),
@@ -169,6 +181,7 @@ def format_info(info):
     rows += list(info["versions"].items())
     rows += [("threading layer", info["threading_layer"]), ("threads", str(info["threads"]))]
     rows += [("blas", line) for line in info["blas"]]
+    rows += [("cpu tile products", info["tile_products"])]
     rows += [("cuda", info["cuda"]["status"])] + [("cuda device", d) for d in info["cuda"]["devices"]]
     rows += [("tensor cores", info["tensor_cores"])]
     rows += [("numba cache", info["cache_dir"])]

@@ -333,7 +333,6 @@ def key_tile_backward(dout, q, at_q, b, hk, group, kt, vt, j0, sq, sk, wl, wr, s
     """
     qa, r0 = at_q
     m_max = min(block_q, sq)
-    dim = kt.shape[1]
     n = kt.shape[0]
     has_extra = extra[3] or extra[6]
     q_buf, d_buf, s_buf, dp_buf, e_buf, key_buf, row_part, k_panels, v_panels = buffers
