@@ -31,7 +31,7 @@ from .._config import config
 from .._dtypes import E4M3, bits_view, codec_of
 from .._tile import finish_lse, key_range
 from ._blas import single_threaded_blas
-from ._gemm import simd_gemm
+from ._gemm import add_matmul, matmul_nt, pack_transposed, simd_gemm
 from ._decode import add_values, scores
 from ._fastmath import FASTMATH, decode_rows, decode_token, encode_row
 from ._simd import E4M3_SCALE, LANES, simd_view
@@ -62,11 +62,12 @@ def _gather(k_rows, v_rows, table_row, hk0, heads_kv, bs, j0, n, kt, vt, codec):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _accumulate(p, vt, acc):
-    """acc += p @ vt: BLAS for tall tiles; for the few rows of a decode step, loops that
-    take four keys per pass over a row of acc (BLAS's call overhead dominates there)."""
-    if p.shape[0] > _SMALL_M:
-        acc += np.dot(p, vt)
+def _accumulate(p, vt, acc, scratch, simd):
+    """acc += p @ vt: the tile products (:mod:`._gemm`) for tall tiles or with ``simd``; for the few rows of
+    a decode step on BLAS, loops that take four keys per pass over a row of acc (BLAS's call overhead
+    dominates there).  ``scratch`` is shaped like ``acc``."""
+    if simd or p.shape[0] > _SMALL_M:
+        add_matmul(p, vt, acc, scratch, simd)
         return
     n = vt.shape[0]
     c = 0
@@ -96,7 +97,7 @@ def _group_rows(src, b, hk, group, i0, mq, dst, codec):
 
 @njit(**_JIT)
 def _forward(q, k_rows, v_rows, table, lens, bs, heads_kv, kv_per_task, q_codec, kv_codec, q_mult, k_mult,
-             v_mult, wl, wr, softcap, slopes, has_alibi, out_part, lse_part, rows_q, block_k):
+             v_mult, wl, wr, softcap, slopes, has_alibi, out_part, lse_part, rows_q, block_k, simd):
     batch, heads_q, sq, dim = q.shape
     group = heads_q // heads_kv
     n_split = out_part.shape[0]
@@ -126,15 +127,20 @@ def _forward(q, k_rows, v_rows, table, lens, bs, heads_kv, kv_per_task, q_codec,
                 qt[u] *= q_mult * k_mult[hk0 + u]
             kt = np.empty((nk, block_k, dim), acc_t)
             vt = np.empty((nk, block_k, dim), acc_t)
+            s_buf = np.empty(m * block_k, acc_t)
+            panels = np.empty(block_k * dim, acc_t)
+            scratch = np.empty((m, dim), acc_t)
             for j0 in range(j_lo, j_hi, block_k):
                 n = min(block_k, j_hi - j0)
                 _gather(k_rows, v_rows, table[b], hk0, heads_kv, bs, j0, n, kt, vt, kv_codec)
+                s = s_buf[:m * n].reshape(m, n)
                 for u in range(nk):
                     hk = hk0 + u
-                    s = np.dot(qt[u], kt[u, :n].T)
+                    pack_transposed(kt[u, :n], panels, simd)
+                    matmul_nt(qt[u], kt[u, :n], panels, s, simd)
                     softmax_tile(s, i0, mq, j0, sq, sk, wl, wr, softcap, slopes[b, hk * group:(hk + 1) * group],
                                  has_alibi, s, False, row_max[u], row_sum[u], acc[u])
-                    _accumulate(s, vt[u, :n], acc[u])
+                    _accumulate(s, vt[u, :n], acc[u], scratch, simd)
         for u in range(nk):
             hk = hk0 + u
             for r in range(m):
@@ -216,7 +222,7 @@ def _decode(q, k_flat, v_flat, table, lens, bs, heads_kv, q_codec, q_mult, k_mul
 
 @njit(**_JIT)
 def _backward_dq(dout, q, k_rows, v_rows, table, lens, bs, heads_kv, lse, delta, codec, scale, wl, wr, softcap,
-                 slopes, has_alibi, dq, rows_q, block_k):
+                 slopes, has_alibi, dq, rows_q, block_k, simd):
     batch, heads_q, sq, dim = q.shape
     group = heads_q // heads_kv
     n_tiles = (sq + rows_q - 1) // rows_q
@@ -244,14 +250,21 @@ def _backward_dq(dout, q, k_rows, v_rows, table, lens, bs, heads_kv, lse, delta,
         j_hi = key_range(i0 + mq - 1, sq, sk, wl, wr)[1]
         kt = np.empty((1, block_k, dim), acc_t)
         vt = np.empty((1, block_k, dim), acc_t)
+        s_buf, dp_buf = np.empty(m * block_k, acc_t), np.empty(m * block_k, acc_t)
+        k_panels, v_panels = np.empty(block_k * dim, acc_t), np.empty(block_k * dim, acc_t)
+        scratch = np.empty((m, dim), acc_t)
         for j0 in range(j_lo, j_hi, block_k):
             n = min(block_k, j_hi - j0)
             _gather(k_rows, v_rows, table[b], hk, heads_kv, bs, j0, n, kt, vt, codec)
-            s = np.dot(qt, kt[0, :n].T)
-            dp = np.dot(dt, vt[0, :n].T)
+            s = s_buf[:m * n].reshape(m, n)
+            dp = dp_buf[:m * n].reshape(m, n)
+            pack_transposed(kt[0, :n], k_panels, simd)
+            pack_transposed(vt[0, :n], v_panels, simd)
+            matmul_nt(qt, kt[0, :n], k_panels, s, simd)
+            matmul_nt(dt, vt[0, :n], v_panels, dp, simd)
             grad_tile(s, dp, i0, mq, j0, sq, sk, wl, wr, softcap, slopes[b, hk * group:(hk + 1) * group],
                       has_alibi, s, False, lse_t, delta_t)
-            dq_acc += np.dot(dp, kt[0, :n])
+            add_matmul(dp, kt[0, :n], dq_acc, scratch, simd)
         for r in range(m):
             dq_acc[r] *= scale
             encode_row(dq_acc[r], dq[b, hk * group + r // mq, i0 + r % mq], codec)
@@ -401,7 +414,8 @@ def forward(q, k_cache, v_cache, table, lens, slopes, spec, q_scale=1.0, k_scale
             _forward(bits_view(np.ascontiguousarray(q)), *_token_rows(k_cache, v_cache), table, lens,
                      spec.block_size, spec.heads_kv, per_task, codec_of(q.dtype), codec_of(k_cache.dtype),
                      spec.scale * q_scale, k_mult, v_mult, spec.window_left, spec.window_right, spec.softcap,
-                     slopes, has_alibi, out_part, lse_part, rows_q, max(1, config.cpu_paged_block_k // per_task))
+                     slopes, has_alibi, out_part, lse_part, rows_q, max(1, config.cpu_paged_block_k // per_task),
+                     simd_gemm())
     return merge(out_part, lse_part, spec.dtype if out_dtype is None else out_dtype, 1.0 / out_scale)
 
 
@@ -439,8 +453,7 @@ def backward(dout, q, k_cache, v_cache, out, lse, table, lens, slopes, spec):
     with single_threaded_blas():
         _delta(db, ob, codec, delta, config.cpu_bwd_block_q)
         _backward_dq(db, qb, *_token_rows(k_cache, v_cache), table, lens, spec.block_size, spec.heads_kv, lse,
-                     delta, *options, bits_view(dq),
-                     _rows_per_task(spec), config.cpu_paged_block_k)
+                     delta, *options, bits_view(dq), _rows_per_task(spec), config.cpu_paged_block_k, simd_gemm())
         _backward_dkdv(db, qb, kb, vb, lens, lse, delta, start, refs, blocks, *options,
                        bits_view(dk_cache), bits_view(dv_cache), config.cpu_bwd_block_q, simd_gemm())
     return dq, dk_cache, dv_cache
