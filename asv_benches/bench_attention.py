@@ -232,6 +232,33 @@ class TimeTensorCores(_Runs):
         self._time("backward")
 
 
+class TimeTileProducts(_Runs):
+    """float32 forward and causal backward, B=1, H=8, N=2048, D=64, with the tile products on fastattn's
+    micro-kernels or on BLAS (``fastattn.config.cpu_gemm``; "simd" without AVX-512 spills registers)."""
+
+    params = (["simd", "blas"],)
+    param_names = ["products"]
+
+    def setup(self, products):
+        import fastattn
+
+        self._before = fastattn.config.cpu_gemm
+        fastattn.config.cpu_gemm = products
+        self._prepare({"forward": bench_dense.Case("forward", dtype="float32", seq=2048),
+                       "backward": bench_dense.Case("backward", dtype="float32", seq=2048, causal=True)})
+
+    def teardown(self, products):
+        import fastattn
+
+        fastattn.config.cpu_gemm = self._before
+
+    def time_forward(self, products):
+        self._time("forward")
+
+    def time_backward_causal(self, products):
+        self._time("backward")
+
+
 class TimeCompileCUDA(TimeCompile):
     """First launch of each CUDA kernel in a fresh process (numba.cuda does not cache them)."""
 
