@@ -9,6 +9,8 @@ import ml_dtypes
 import numpy as np
 from numba import njit, prange
 
+from ..cpu._gemm import add_matmul, matmul_nt, pack_transposed
+
 import fastattn
 
 
@@ -61,29 +63,35 @@ def sgemm_gflops(n, repeats=5):
 
 
 @njit(parallel=True, cache=True)
-def _tile_gemms(q, k, v, s, o, calls):
+def _tile_gemms(q, k, v, s, o, panels, calls, simd):
     for t in prange(q.shape[0]):
+        scratch = np.empty_like(o[t])
         for _ in range(calls):
-            np.dot(q[t], k[t].T, s[t])
-            np.dot(s[t], v[t], o[t])
+            pack_transposed(k[t], panels[t], simd)
+            matmul_nt(q[t], k[t], panels[t], s[t], simd)
+            add_matmul(s[t], v[t], o[t], scratch, simd)
 
 
 def tile_gemm_gflops(rows=256, keys=512, dim=64, calls=20, repeats=5):
-    """The rate of the CPU forward's two tile GEMMs (``S = Q Kᵀ`` and ``S V``: ``rows x keys`` by ``dim``,
-    the default tiles at D = 64) as the forward runs them: ``np.dot`` in a numba ``prange``, one task a
-    thread, on single-threaded BLAS.  The ceiling of a forward built on BLAS tiles (below square sgemm)."""
+    """The rate of the CPU forward's two tile products (``S = Q Kᵀ`` and ``O += S V``: ``rows x keys`` by
+    ``dim``, the default tiles at D = 64) as the forward runs them, softmax left out: in a numba
+    ``prange``, one task a thread, on fastattn's micro-kernels or single-threaded BLAS
+    (:func:`fastattn.cpu._gemm.simd_gemm`).  The ceiling of the float32 forward."""
     from numba import get_num_threads
 
     from ..cpu._blas import single_threaded_blas
+    from ..cpu._gemm import simd_gemm
 
     n = get_num_threads()
     rng = np.random.default_rng(0)
     q = rng.standard_normal((n, rows, dim), np.float32)
     k, v = (rng.standard_normal((n, keys, dim), np.float32) for _ in range(2))
-    s, o = np.empty((n, rows, keys), np.float32), np.empty((n, rows, dim), np.float32)
+    s, o = np.empty((n, rows, keys), np.float32), np.zeros((n, rows, dim), np.float32)
+    panels = np.empty((n, keys * dim), np.float32)
+    simd = simd_gemm()
     with single_threaded_blas():
-        _tile_gemms(q, k, v, s, o, 1)
-        seconds = best_time(lambda: _tile_gemms(q, k, v, s, o, calls), repeats)
+        _tile_gemms(q, k, v, s, o, panels, 1, simd)
+        seconds = best_time(lambda: _tile_gemms(q, k, v, s, o, panels, calls, simd), repeats)
     return n * calls * 2 * 2.0 * rows * keys * dim / seconds / 1e9
 
 
