@@ -133,11 +133,18 @@ def say(stream, text, end=""):
     stream.flush()
 
 
-def interleaved(fns, repeats):
-    """Best time of each callable, calling them in turn ``repeats`` times."""
+def interleaved(fns, repeats, pause=0.0):
+    """Best time of each callable, calling them in turn ``repeats`` times.
+
+    ``pause`` seconds of sleep before each call let the previous callable's idle
+    threads stop spinning (OpenBLAS's spin for about 0.1 s after a call, and on a
+    small machine they take the cores from the next callable's threads).
+    """
     best = [float("inf")] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            if pause:
+                time.sleep(pause)
             t0 = time.perf_counter()
             fn()
             best[i] = min(best[i], time.perf_counter() - t0)

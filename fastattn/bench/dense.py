@@ -220,6 +220,11 @@ def format_table(rows):
     return align(head, body, 4)
 
 
+#: seconds between the sweep's calls: the peers' BLAS and OpenMP threads spin after a call, and at the
+#: short lengths that slowed the next call up to tenfold (N=256: 7.6 ms against 0.6 ms alone)
+SWEEP_PAUSE = 0.15
+
+
 def sweep_cases(size="full"):
     """The forward cases of the sequence-length sweep: float32, non-causal and causal, per length."""
     return [Case("forward", seq=seq, causal=causal) for seq in SWEEP_SEQ_LENS[size] for causal in (False, True)]
@@ -230,7 +235,7 @@ def sweep(size, stream, torch_peer=None):
 
     Each point is ``{"op", "seq", "flops", "fastattn_s", "numpy_s"}`` (best seconds
     of ``repeats`` calls of each, called alternately so that a busy machine
-    slows them alike); with ``torch_peer(case, host_inputs)``, a builder of
+    slows them alike, :data:`SWEEP_PAUSE` apart); with ``torch_peer(case, host_inputs)``, a builder of
     PyTorch's callable (:func:`fastattn.bench.torch_peers.dense_peer`), it joins
     the turn and the point gets ``"torch_s"``.
     """
@@ -246,7 +251,7 @@ def sweep(size, stream, torch_peer=None):
             fns.append(torch_peer(case, x["host"]))
         for fn in fns:  # compile (or load the cache) and warm up
             fn()
-        times = interleaved(fns, repeats)
+        times = interleaved(fns, repeats, pause=SWEEP_PAUSE)
         point = dict(op=case.label, seq=case.seq, flops=case.flops, fastattn_s=times[0], numpy_s=times[1])
         text = (f"  {case.label:<15} N={case.seq:<5} fastattn {times[0] * 1e3:8.2f} ms  "
                 f"numpy {times[1] * 1e3:8.2f} ms  {times[1] / times[0]:5.1f}×")
