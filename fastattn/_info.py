@@ -151,12 +151,14 @@ def blas():
 
 def tile_products():
     """Who runs the CPU kernels' float32 tile products (``fastattn.config.cpu_gemm``, see cpu/_gemm.py)."""
-    from .cpu._gemm import simd_gemm, target_has_avx512
+    from ._config import config
+    from .cpu._gemm import simd_gemm
 
     if simd_gemm():
         return "fastattn's micro-kernels (16-lane FMA)"
-    reason = "cpu_gemm='blas'" if target_has_avx512() else "no AVX-512 in numba's target"
-    return f"BLAS ({reason})"
+    if config.cpu_gemm != "auto":
+        return f"BLAS (fastattn.config.cpu_gemm = {config.cpu_gemm!r})"
+    return "BLAS (no AVX-512 in numba's target)"
 
 
 def machine_info():

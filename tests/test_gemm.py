@@ -1,9 +1,10 @@
 """The CPU kernels' tile products (fastattn/cpu/_gemm.py): the micro-kernels and their BLAS fallback.
 
-Each product is held to the classical bound of a float32 dot product of length k,
-``|got - exact| <= (k + 2) eps (|a| @ |b| + |out|)`` element by element (Higham's
-gamma_k, one more rounding for the add into ``out``); float64 tiles take BLAS and are
-held to the same bound with float64's eps.
+Each product is held to the classical bound of a dot product of length k,
+``|got - exact| <= (k + 2) eps (|a| @ |b| + |out|)`` element by element: Higham's
+gamma_k with one more rounding for the add into ``out``, written with ``eps``, twice the
+unit roundoff, so it is about twice the worst case. That factor also covers the
+reference for float64 tiles (which take BLAS), itself a float64 product.
 """
 import numba
 import numpy as np
@@ -12,6 +13,7 @@ from numba import njit
 
 import fastattn
 from conftest import assert_close
+from paged_cases import PagedCase, paged_inputs
 from fastattn.cpu._gemm import (MR, PANEL, add_matmul, add_matmul_tn, matmul_nt, pack_transposed, simd_gemm,
                                 target_has_avx512)
 
@@ -41,8 +43,9 @@ def _within_bound(got, a, b, start, dtype):
     return bool(np.all(np.abs(got - (s64 + a64 @ b64)) <= bound))
 
 
-SHAPES = [  # (m, n, k): rows past a multiple of MR, tail panels of 16-48 columns, n % 16 != 0 (BLAS), k = 1
-    (256, 512, 64), (2 * MR + 1, PANEL + 48, 33), (1, 16, 1), (MR - 1, 112, 128), (7, 24, 8), (3, 80, 256),
+SHAPES = [  # (m, n, k): rows past a multiple of MR, tail panels of 16, 32 and 48 columns, n % 16 != 0 (BLAS)
+    (256, 512, 64), (2 * MR + 1, PANEL + 48, 33), (1, 16, 1), (MR - 1, 112, 128), (5, 96, 17), (7, 24, 8),
+    (3, 80, 256),
 ]
 
 

@@ -9,9 +9,8 @@ import ml_dtypes
 import numpy as np
 from numba import njit, prange
 
-from ..cpu._gemm import add_matmul, matmul_nt, pack_transposed
-
 import fastattn
+from ..cpu._gemm import add_matmul, matmul_nt, pack_transposed, simd_gemm
 
 
 def numpy_dtype(name):
@@ -80,7 +79,6 @@ def tile_gemm_gflops(rows=256, keys=512, dim=64, calls=20, repeats=5):
     from numba import get_num_threads
 
     from ..cpu._blas import single_threaded_blas
-    from ..cpu._gemm import simd_gemm
 
     n = get_num_threads()
     rng = np.random.default_rng(0)

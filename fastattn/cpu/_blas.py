@@ -28,15 +28,6 @@ def _numba_blas():
     return _libs
 
 
-def blas_kernels():
-    """The kernel family OpenBLAS chose for the BLAS numba calls, e.g. ``["Haswell"]`` (threadpoolctl's
-    "architecture"; empty where it cannot tell).  OpenBLAS picks it from a table of CPU families, or takes
-    ``OPENBLAS_CORETYPE``; ``python -m fastattn info`` prints it."""
-    with _lock:
-        libs = _numba_blas()
-    return [info["architecture"] for info in (lib.info() for lib in libs) if info.get("architecture")]
-
-
 @contextmanager
 def single_threaded_blas():
     """Run the body with SciPy's BLAS on one thread (and leave it on one thread)."""

@@ -17,8 +17,8 @@ The 24 accumulators (plus four ``B`` vectors and a broadcast) need the 32
 registers of AVX-512; with AVX2's 16 they would spill, so :func:`simd_gemm`
 chooses BLAS there (``fastattn.config.cpu_gemm`` overrides).  Shapes whose
 output columns are not a multiple of 16 take BLAS as well, as do float64 tiles.
-The sums of a dot product run in order along the shared dimension in both
-paths; results match BLAS to float32 rounding, not bit for bit.
+The micro-kernels sum each dot product in order along the shared dimension;
+results match BLAS to float32 rounding, not bit for bit.
 """
 import numpy as np
 import llvmlite.binding as llvm
@@ -63,7 +63,8 @@ _micro1, _micro2, _micro3, _micro4 = (_make_micro(v) for v in range(1, 5))
 
 @intrinsic
 def _first(typingctx, arr):
-    """A pointer to ``arr``'s first element, whatever its layout (strides are the caller's business)."""
+    """A pointer to ``arr``'s first element, whatever its layout (strides are the caller's business;
+    :func:`._simd.data_of` takes C-contiguous arrays only)."""
     if not isinstance(arr, types.Array):
         return None
 
@@ -99,9 +100,12 @@ def _product_c(a, a_at, a_rs, a_cs, b, b_at, ldb, k, c, c_at, ldc, m, n, accumul
 
 
 # The kernels call the product through a symbol, so that the micro-kernels are compiled once (and cached)
-# instead of into every kernel that uses them, which tripled those kernels' compile times.
-llvm.add_symbol("fastattn_tile_product", _product_c.address)
-_product = types.ExternalFunction("fastattn_tile_product", _PRODUCT_SIG)
+# instead of into every kernel that uses them, which added 4-7 s to each of those kernels' first compile.
+# numba's cache of a calling kernel does not see this file: change the symbol's name with its signature,
+# so that a stale cached caller fails to link instead of calling with the old arguments.
+_SYMBOL = "fastattn_tile_product_v1"
+llvm.add_symbol(_SYMBOL, _product_c.address)
+_product = types.ExternalFunction(_SYMBOL, _PRODUCT_SIG)
 
 
 def _row_stride(x):
@@ -120,6 +124,17 @@ def _simd_ok(simd, a, b, out):
     every operand's rows unit-stride."""
     return (simd and out.shape[1] % LANES == 0 and out.shape[0] > 0
             and a.strides[1] == 4 and b.strides[1] == 4 and out.strides[1] == 4)
+
+
+def takes_micro(simd, a, b, out):
+    """Whether ``add_matmul``/``add_matmul_tn`` of these operands runs on the micro-kernels (else BLAS)."""
+
+
+@overload(takes_micro, inline="always")
+def _takes_micro(simd, a, b, out):
+    if out.dtype != types.float32 or a.dtype != types.float32 or b.dtype != types.float32:
+        return lambda simd, a, b, out: False
+    return lambda simd, a, b, out: _simd_ok(simd, a, b, out)
 
 
 def add_matmul(a, b, out, scratch, simd):
@@ -159,6 +174,7 @@ def _add_matmul_tn(a, b, out, scratch, simd):
     return product
 
 
+# The BLAS paths take the same arguments as the products they stand in for (simd, panels unused).
 @njit(fastmath=FASTMATH, nogil=True)
 def _blas_add_matmul(a, b, out, scratch, simd):
     np.dot(a, b, scratch)
@@ -179,7 +195,8 @@ def _blas_matmul_nt(a, b, panels, out, simd):
 def pack_transposed(b, panels, simd):
     """Pack ``b [n, k]`` as the columns of ``Bᵀ`` for :func:`matmul_nt`: panels of 64 keys (the last one
     narrower), each ``[k, width]`` row-major, one after the other in the flat ``panels`` (``n k``
-    elements or more).  Does nothing where :func:`matmul_nt` will take BLAS."""
+    elements or more).  Skipped where :func:`matmul_nt` is sure to take BLAS (no ``simd``, not float32,
+    ``n`` not a multiple of 16); the panels must then be packed whenever it may take the micro-kernels."""
 
 
 @overload(pack_transposed, fastmath=FASTMATH)
@@ -202,12 +219,13 @@ def _pack_transposed(b, panels, simd):
 
 
 def matmul_nt(a, b, panels, out, simd):
-    """``out = a @ b.T`` with ``panels`` from :func:`pack_transposed` ``(b, panels, simd)``."""
+    """``out = a @ b.T`` with ``panels`` from :func:`pack_transposed` ``(b, panels, simd)`` (``out`` is
+    ``[a.shape[0], b.shape[0]]``)."""
 
 
 @overload(matmul_nt, fastmath=FASTMATH)
 def _matmul_nt(a, b, panels, out, simd):
-    if out.dtype != types.float32:
+    if out.dtype != types.float32 or a.dtype != types.float32 or b.dtype != types.float32:
         return lambda a, b, panels, out, simd: _blas_matmul_nt(a, b, panels, out, simd)
 
     def product(a, b, panels, out, simd):
@@ -225,7 +243,6 @@ def _matmul_nt(a, b, panels, out, simd):
 
 def target_has_avx512():
     """Whether numba compiles for a CPU with AVX-512 (its ``NUMBA_CPU_FEATURES``, else this CPU's)."""
-    import llvmlite.binding as llvm
     from numba.core import config as numba_config
 
     features = numba_config.CPU_FEATURES

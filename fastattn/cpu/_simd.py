@@ -1,4 +1,4 @@
-"""Explicit 16-lane float32 vectors for the CPU decode kernel.
+"""Explicit 16-lane float32 vectors for the CPU decode kernel and the tile products (:mod:`._gemm`).
 
 LLVM's loop vectoriser keeps an accumulator in memory between the passes of
 an outer loop; the decode kernel needs the opposite: a few vectors of output

@@ -31,7 +31,7 @@ from .._config import config
 from .._dtypes import E4M3, bits_view, codec_of
 from .._tile import finish_lse, key_range
 from ._blas import single_threaded_blas
-from ._gemm import add_matmul, matmul_nt, pack_transposed, simd_gemm
+from ._gemm import add_matmul, matmul_nt, pack_transposed, simd_gemm, takes_micro
 from ._decode import add_values, scores
 from ._fastmath import FASTMATH, decode_rows, decode_token, encode_row
 from ._simd import E4M3_SCALE, LANES, simd_view
@@ -63,10 +63,10 @@ def _gather(k_rows, v_rows, table_row, hk0, heads_kv, bs, j0, n, kt, vt, codec):
 
 @njit(fastmath=FASTMATH, cache=True)
 def _accumulate(p, vt, acc, scratch, simd):
-    """acc += p @ vt: the tile products (:mod:`._gemm`) for tall tiles or with ``simd``; for the few rows of
-    a decode step on BLAS, loops that take four keys per pass over a row of acc (BLAS's call overhead
-    dominates there).  ``scratch`` is shaped like ``acc``."""
-    if simd or p.shape[0] > _SMALL_M:
+    """acc += p @ vt: the tile product (:mod:`._gemm`) where it runs on the micro-kernels or the tile is
+    tall; else, for the few rows of a decode step, loops that take four keys per pass over a row of acc
+    (BLAS's call overhead dominates there).  ``scratch`` is shaped like ``acc``."""
+    if takes_micro(simd, p, vt, acc) or p.shape[0] > _SMALL_M:
         add_matmul(p, vt, acc, scratch, simd)
         return
     n = vt.shape[0]
