@@ -14,8 +14,8 @@ from numba import njit
 import fastattn
 from conftest import assert_close
 from paged_cases import PagedCase, paged_inputs
-from fastattn.cpu._gemm import (MR, PANEL, add_matmul, add_matmul_tn, matmul_nt, pack_transposed, simd_gemm,
-                                target_has_avx512)
+from fastattn.cpu._gemm import (KC, MR, PANEL, add_matmul, add_matmul_tn, matmul_nt, matmul_packed,
+                                matmul_packed_tn, pack_transposed, simd_gemm, target_has_avx512)
 
 
 @njit
@@ -68,6 +68,36 @@ def test_tile_products_are_within_the_rounding_bound(product, m, n, k, dtype, si
         got = start.copy()
         _tn(np.ascontiguousarray(a.T), b, got, simd)
     assert _within_bound(got, a, b, start, dtype)
+
+
+@njit
+def _packed(a, b, out, simd):
+    matmul_packed(a, b, out, np.empty(KC * PANEL, out.dtype), simd)
+
+
+@njit
+def _packed_tn(wide, c0, c1, b, out, simd):
+    matmul_packed_tn(wide[:, c0:c1], b, out, np.empty(KC * PANEL, out.dtype), simd)
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["micro-kernels", "blas"])
+@pytest.mark.parametrize("m,n,k", [(2 * MR + 1, PANEL + 32, 2 * KC + 7), (3, 16, 5), (7, 24, KC)],
+                         ids=lambda x: str(x))
+def test_the_projections_products_are_within_the_rounding_bound(m, n, k, simd, rng):
+    """``a @ b`` with ``b`` packed a block of KC rows at a time (C order, or a transpose like ``weight.T``)
+    and ``a.T @ b`` with ``a`` a block of columns of a wider array: several blocks, tails, BLAS widths."""
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    zero = np.zeros((m, n), np.float32)
+    for layout in (b, np.asfortranarray(b)):
+        got = np.full((m, n), np.nan, np.float32)
+        _packed(a, layout, got, simd)
+        assert _within_bound(got, a, b, zero, np.float32)
+    wide = np.zeros((k, m + 9), np.float32)
+    wide[:, 4:4 + m] = a.T
+    got = np.full((m, n), np.nan, np.float32)
+    _packed_tn(wide, 4, 4 + m, b, got, simd)
+    assert _within_bound(got, a, b, zero, np.float32)
 
 
 def test_the_bound_catches_one_dropped_term(rng):

@@ -232,15 +232,19 @@ def test_output_projection_rejects():
         fastattn.fused_output_projection_residual_backward(np.zeros((2, 3, 4), np.float32), a, w)
 
 
-def test_both_cpu_gemm_pools_give_the_same_gradients(monkeypatch):
-    """config.cpu_proj_pool = "numba" (the layer's choice) computes what NumPy's pool computes."""
+@pytest.mark.parametrize("products", ["simd", "blas"])
+@pytest.mark.parametrize("embed, head_dim", [(24, 4), (32, 16)], ids=["widths-24", "widths-of-16"])
+def test_both_cpu_gemm_pools_give_the_same_gradients(embed, head_dim, products, monkeypatch):
+    """config.cpu_proj_pool = "numba" (the layer's choice) computes what NumPy's pool computes, on the
+    tile products' micro-kernels (widths of 16) or BLAS (other widths, or cpu_gemm="blas")."""
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((2, 9, 24), np.float32)
-    w = rng.standard_normal((3 * 2 * 4, 24), np.float32)
-    b = rng.standard_normal(3 * 2 * 4).astype(np.float32)
-    heads = dict(num_heads=2, num_kv_heads=2, head_dim=4)
-    attn = rng.standard_normal((2, 9, 8), np.float32)
-    wo = rng.standard_normal((24, 8), np.float32)
+    monkeypatch.setattr(fastattn.config, "cpu_gemm", products)
+    x = rng.standard_normal((2, 9, embed), np.float32)
+    w = rng.standard_normal((3 * 2 * head_dim, embed), np.float32)
+    b = rng.standard_normal(3 * 2 * head_dim).astype(np.float32)
+    heads = dict(num_heads=2, num_kv_heads=2, head_dim=head_dim)
+    attn = rng.standard_normal((2, 9, 2 * head_dim), np.float32)
+    wo = rng.standard_normal((embed, 2 * head_dim), np.float32)
     results = {}
     for pool in ("numpy", "numba"):
         monkeypatch.setattr(fastattn.config, "cpu_proj_pool", pool)
@@ -250,5 +254,5 @@ def test_both_cpu_gemm_pools_give_the_same_gradients(monkeypatch):
         out_grads = fastattn.fused_output_projection_residual_backward(x, attn, wo)
         results[pool] = [q, k, v, *grads, y, *(g for g in out_grads if g is not None)]
     for a, c in zip(results["numpy"], results["numba"]):
-        # each is a sum of at most 24 products: a few float32 units apart at most
+        # each is a sum of at most 32 products: a few float32 units apart at most
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5 * np.abs(c).max())

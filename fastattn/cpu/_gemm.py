@@ -174,6 +174,69 @@ def _add_matmul_tn(a, b, out, scratch, simd):
     return product
 
 
+#: rows of the shared dimension per packed block of ``B`` (:func:`matmul_packed`)
+KC = 256
+
+
+def matmul_packed(a, b, out, buf, simd):
+    """``out = a @ b`` for large operands (the projections' GEMMs; ``a`` with unit-stride rows, ``b`` in
+    any layout, e.g. a weight's transpose): ``b`` is copied into contiguous blocks of ``KC`` rows by 64
+    columns (``buf``: ``KC * PANEL`` elements) before the micro-kernels walk them, so that its rows, a
+    whole weight row apart, do not thrash the caches."""
+
+
+def matmul_packed_tn(a, b, out, buf, simd):
+    """``out = a.T @ b`` as :func:`matmul_packed` (``a`` may be a block of columns of a wider array)."""
+
+
+@njit(fastmath=FASTMATH, nogil=True)
+def _packed_product(pa, a_rs, a_cs, b, pc, ldc, m, buf):
+    """The loops of :func:`matmul_packed` on ``A[i, kk] = pa[i a_rs + kk a_cs]``, ``C = pc`` (row stride
+    ``ldc``); the first block of ``B`` writes ``C``, the others add to it."""
+    k, n = b.shape
+    pb = _first(buf)
+    for k0 in range(0, k, KC):
+        kb = min(KC, k - k0)
+        for j0 in range(0, n, PANEL):
+            width = min(PANEL, n - j0)
+            panel = buf[:kb * width].reshape(kb, width)
+            if b.strides[0] >= b.strides[1]:  # rows of b contiguous: copy them
+                for r in range(kb):
+                    panel[r, :] = b[k0 + r, j0:j0 + width]
+            else:  # columns contiguous (a weight's transpose): read them down
+                for j in range(width):
+                    column = b[k0:k0 + kb, j0 + j]
+                    for r in range(kb):
+                        panel[r, j] = column[r]
+            _product(pa, k0 * a_cs, a_rs, a_cs, pb, 0, width, kb, pc, j0, ldc, m, width, 1 if k0 > 0 else 0)
+
+
+@overload(matmul_packed, fastmath=FASTMATH)
+def _matmul_packed(a, b, out, buf, simd):
+    if out.dtype != types.float32 or a.dtype != types.float32 or b.dtype != types.float32:
+        return lambda a, b, out, buf, simd: _blas_matmul(a, b, out, simd)
+
+    def product(a, b, out, buf, simd):
+        if not _simd_ok(simd, a, a, out):  # b is read only by the packing, in any layout
+            _blas_matmul(a, b, out, simd)
+            return
+        _packed_product(_first(a), _row_stride(a), 1, b, _first(out), _row_stride(out), out.shape[0], buf)
+    return product
+
+
+@overload(matmul_packed_tn, fastmath=FASTMATH)
+def _matmul_packed_tn(a, b, out, buf, simd):
+    if out.dtype != types.float32 or a.dtype != types.float32 or b.dtype != types.float32:
+        return lambda a, b, out, buf, simd: _blas_matmul_tn(a, b, out, simd)
+
+    def product(a, b, out, buf, simd):
+        if not _simd_ok(simd, a, a, out):  # b is read only by the packing, in any layout
+            _blas_matmul_tn(a, b, out, simd)
+            return
+        _packed_product(_first(a), 1, _row_stride(a), b, _first(out), _row_stride(out), out.shape[0], buf)
+    return product
+
+
 # The BLAS paths take the same arguments as the products they stand in for (simd, panels unused).
 @njit(fastmath=FASTMATH, nogil=True)
 def _blas_add_matmul(a, b, out, scratch, simd):
@@ -190,6 +253,16 @@ def _blas_add_matmul_tn(a, b, out, scratch, simd):
 @njit(fastmath=FASTMATH, nogil=True)
 def _blas_matmul_nt(a, b, panels, out, simd):
     np.dot(a, b.T, out)
+
+
+@njit(fastmath=FASTMATH, nogil=True)
+def _blas_matmul(a, b, out, simd):
+    np.dot(a, b, out)
+
+
+@njit(fastmath=FASTMATH, nogil=True)
+def _blas_matmul_tn(a, b, out, simd):
+    np.dot(np.ascontiguousarray(a).T, b, out)  # a block of columns: BLAS wants it contiguous
 
 
 def pack_transposed(b, panels, simd):
