@@ -81,7 +81,7 @@ def _packed_tn(wide, c0, c1, b, out, simd):
 
 
 @pytest.mark.parametrize("simd", [True, False], ids=["micro-kernels", "blas"])
-@pytest.mark.parametrize("m,n,k", [(2 * MR + 1, PANEL + 32, 2 * KC + 7), (3, 16, 5), (7, 24, KC)],
+@pytest.mark.parametrize("m,n,k", [(2 * MR + 1, PANEL + 32, 2 * KC + 7), (3, 16, 5), (7, 24, KC), (3, 16, 0)],
                          ids=lambda x: str(x))
 def test_the_projections_products_are_within_the_rounding_bound(m, n, k, simd, rng):
     """``a @ b`` with ``b`` packed a block of KC rows at a time (C order, or a transpose like ``weight.T``)

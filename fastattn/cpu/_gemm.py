@@ -217,7 +217,7 @@ def _matmul_packed(a, b, out, buf, simd):
         return lambda a, b, out, buf, simd: _blas_matmul(a, b, out, simd)
 
     def product(a, b, out, buf, simd):
-        if not _simd_ok(simd, a, a, out):  # b is read only by the packing, in any layout
+        if not _simd_ok(simd, a, a, out) or b.shape[0] == 0:  # b is read only by the packing, in any layout
             _blas_matmul(a, b, out, simd)
             return
         _packed_product(_first(a), _row_stride(a), 1, b, _first(out), _row_stride(out), out.shape[0], buf)
@@ -230,7 +230,7 @@ def _matmul_packed_tn(a, b, out, buf, simd):
         return lambda a, b, out, buf, simd: _blas_matmul_tn(a, b, out, simd)
 
     def product(a, b, out, buf, simd):
-        if not _simd_ok(simd, a, a, out):  # b is read only by the packing, in any layout
+        if not _simd_ok(simd, a, a, out) or b.shape[0] == 0:  # b is read only by the packing, in any layout
             _blas_matmul_tn(a, b, out, simd)
             return
         _packed_product(_first(a), 1, _row_stride(a), b, _first(out), _row_stride(out), out.shape[0], buf)
