@@ -22,7 +22,10 @@ class Config:
     #: float32 tile products of the attention kernels: "auto" (fastattn's micro-kernels where numba's
     #: target has AVX-512, else BLAS), "simd" or "blas" (see fastattn/cpu/_gemm.py)
     cpu_gemm: str = "auto"
-    cpu_proj_pool: str = "numpy"    #: whose threads run the projection GEMMs: "numpy" (its BLAS) or "numba"
+    #: whose threads run the projection GEMMs: "numpy" (its BLAS), "numba" (split over numba's threads, on
+    #: the tile products' micro-kernels where there are any) or "auto": "numba" where the tile products run on
+    #: the micro-kernels (see cpu_gemm), else "numpy"
+    cpu_proj_pool: str = "auto"
     cuda_threads: int = 128         #: threads per block of the element-wise CUDA kernels (delta, merge, ...)
     cuda_tiles: Optional[tuple] = None        #: (tm, tn, ny, nx) for every dense CUDA kernel; None: the tuned table
     cuda_max_head_dim: int = 256    #: the largest head dimension the CUDA kernels take

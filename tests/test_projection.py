@@ -256,3 +256,17 @@ def test_both_cpu_gemm_pools_give_the_same_gradients(embed, head_dim, products, 
     for a, c in zip(results["numpy"], results["numba"]):
         # each is a sum of at most 32 products: a few float32 units apart at most
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5 * np.abs(c).max())
+
+
+def test_the_auto_pool_follows_the_tile_products(monkeypatch):
+    """cpu_proj_pool = "auto" (the default) is numba's pool where the micro-kernels run, else NumPy's."""
+    from fastattn.cpu.projection import _pool
+
+    assert fastattn.config.cpu_proj_pool == "auto"
+    for products, pool in (("simd", "numba"), ("blas", "numpy")):
+        monkeypatch.setattr(fastattn.config, "cpu_gemm", products)
+        assert _pool(None) == pool
+        assert _pool("numpy") == "numpy" and _pool("numba") == "numba"  # a caller's choice stands
+    monkeypatch.setattr(fastattn.config, "cpu_proj_pool", "threads")
+    with pytest.raises(ValueError, match="cpu_proj_pool: expected 'auto', 'numpy' or 'numba', got 'threads'"):
+        _pool(None)

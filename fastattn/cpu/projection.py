@@ -1,5 +1,7 @@
 """CPU kernels of the projection family: one multithreaded GEMM each, with a fused epilogue.
 
+(Which threads run the GEMM: the last paragraph.)
+
 Activations travel in "head layout" ``[B, G, S, Dg]``: the QKV projection's
 outputs are ``[B, H, S, D]`` and the output projection's input may be
 ``[B, Hq, S, D]`` too (the layer passes attention's output as it comes); a
@@ -29,7 +31,10 @@ stays on numba's threads.  There each block runs on :mod:`._gemm`'s float32
 micro-kernels where numba's target has AVX-512 (the weight packed in blocks
 of 256 x 64 first: 376-412 GFLOP/s on the 2-core Zen 5 against 232-246 for
 single-threaded OpenBLAS there, and 248 for NumPy's multithreaded GEMM), else
-a single-threaded BLAS call.
+a single-threaded BLAS call.  That pool is then the faster one even right
+after a NumPy GEMM (the public projections measured 0.58-0.97x the bare
+``x @ W.T`` timed in turn with it), so the default pool, "auto", is numba's
+where the micro-kernels run and NumPy's elsewhere.
 """
 import numpy as np
 from numba import njit, prange
@@ -199,10 +204,21 @@ def _narrow(x, dtype):
     return out
 
 
+def _pool(pool):
+    """The pool a projection GEMM runs on: ``pool``, else :attr:`fastattn.config.cpu_proj_pool`, with
+    "auto" resolved ("numba" where the tile products run on the micro-kernels, else "numpy")."""
+    choice = pool or config.cpu_proj_pool
+    if choice not in ("auto", "numpy", "numba"):
+        raise ValueError(f"fastattn.config.cpu_proj_pool: expected 'auto', 'numpy' or 'numba', got {choice!r}")
+    if choice == "auto":
+        return "numba" if simd_gemm() else "numpy"
+    return choice
+
+
 def _matmul(a, b, pool):
     """a @ b on NumPy's BLAS (``pool="numpy"``) or split over numba's threads (``"numba"``; ``b`` C- or
     Fortran-contiguous, e.g. a weight's transpose); ``None``: :attr:`fastattn.config.cpu_proj_pool`."""
-    if (pool or config.cpu_proj_pool) == "numpy":
+    if _pool(pool) == "numpy":
         return np.matmul(a, b)
     out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
     with single_threaded_blas():
@@ -212,7 +228,7 @@ def _matmul(a, b, pool):
 
 def _weight_grad(dy, x2d, pool):
     """dy.T @ x2d (the weight gradient) on the chosen pool."""
-    if (pool or config.cpu_proj_pool) == "numpy":
+    if _pool(pool) == "numpy":
         return np.matmul(dy.T, x2d)
     dw = np.empty((dy.shape[1], x2d.shape[1]), dy.dtype)
     with single_threaded_blas():
