@@ -130,9 +130,14 @@ def takes_micro(simd, a, b, out):
     """Whether ``add_matmul``/``add_matmul_tn`` of these operands runs on the micro-kernels (else BLAS)."""
 
 
+def _all_float32(*arrays):
+    """At typing time: whether every array is float32 (the micro-kernels' one dtype)."""
+    return all(x.dtype == types.float32 for x in arrays)
+
+
 @overload(takes_micro, inline="always")
 def _takes_micro(simd, a, b, out):
-    if out.dtype != types.float32 or a.dtype != types.float32 or b.dtype != types.float32:
+    if not _all_float32(a, b, out):
         return lambda simd, a, b, out: False
     return lambda simd, a, b, out: _simd_ok(simd, a, b, out)
 
@@ -142,36 +147,8 @@ def add_matmul(a, b, out, scratch, simd):
     where BLAS computes it."""
 
 
-@overload(add_matmul, fastmath=FASTMATH)
-def _add_matmul(a, b, out, scratch, simd):
-    if out.dtype != types.float32:
-        return lambda a, b, out, scratch, simd: _blas_add_matmul(a, b, out, scratch, simd)
-
-    def product(a, b, out, scratch, simd):
-        if not _simd_ok(simd, a, b, out):
-            _blas_add_matmul(a, b, out, scratch, simd)
-            return
-        _product(_first(a), 0, _row_stride(a), 1, _first(b), 0, _row_stride(b), a.shape[1], _first(out), 0,
-                 _row_stride(out), out.shape[0], out.shape[1], 1)
-    return product
-
-
 def add_matmul_tn(a, b, out, scratch, simd):
     """``out += a.T @ b`` (2-d arrays with contiguous rows): ``a`` is read transposed, in place."""
-
-
-@overload(add_matmul_tn, fastmath=FASTMATH)
-def _add_matmul_tn(a, b, out, scratch, simd):
-    if out.dtype != types.float32:
-        return lambda a, b, out, scratch, simd: _blas_add_matmul_tn(a, b, out, scratch, simd)
-
-    def product(a, b, out, scratch, simd):
-        if not _simd_ok(simd, a, b, out):
-            _blas_add_matmul_tn(a, b, out, scratch, simd)
-            return
-        _product(_first(a), 0, 1, _row_stride(a), _first(b), 0, _row_stride(b), a.shape[0], _first(out), 0,
-                 _row_stride(out), out.shape[0], out.shape[1], 1)
-    return product
 
 
 #: rows of the shared dimension per packed block of ``B`` (:func:`matmul_packed`)
@@ -211,32 +188,6 @@ def _packed_product(pa, a_rs, a_cs, b, pc, ldc, m, buf):
             _product(pa, k0 * a_cs, a_rs, a_cs, pb, 0, width, kb, pc, j0, ldc, m, width, 1 if k0 > 0 else 0)
 
 
-@overload(matmul_packed, fastmath=FASTMATH)
-def _matmul_packed(a, b, out, buf, simd):
-    if out.dtype != types.float32 or a.dtype != types.float32 or b.dtype != types.float32:
-        return lambda a, b, out, buf, simd: _blas_matmul(a, b, out, simd)
-
-    def product(a, b, out, buf, simd):
-        if not _simd_ok(simd, a, a, out) or b.shape[0] == 0:  # b is read only by the packing, in any layout
-            _blas_matmul(a, b, out, simd)
-            return
-        _packed_product(_first(a), _row_stride(a), 1, b, _first(out), _row_stride(out), out.shape[0], buf)
-    return product
-
-
-@overload(matmul_packed_tn, fastmath=FASTMATH)
-def _matmul_packed_tn(a, b, out, buf, simd):
-    if out.dtype != types.float32 or a.dtype != types.float32 or b.dtype != types.float32:
-        return lambda a, b, out, buf, simd: _blas_matmul_tn(a, b, out, simd)
-
-    def product(a, b, out, buf, simd):
-        if not _simd_ok(simd, a, a, out) or b.shape[0] == 0:  # b is read only by the packing, in any layout
-            _blas_matmul_tn(a, b, out, simd)
-            return
-        _packed_product(_first(a), 1, _row_stride(a), b, _first(out), _row_stride(out), out.shape[0], buf)
-    return product
-
-
 # The BLAS paths take the same arguments as the products they stand in for (simd, panels unused).
 @njit(fastmath=FASTMATH, nogil=True)
 def _blas_add_matmul(a, b, out, scratch, simd):
@@ -263,6 +214,57 @@ def _blas_matmul(a, b, out, simd):
 @njit(fastmath=FASTMATH, nogil=True)
 def _blas_matmul_tn(a, b, out, simd):
     np.dot(np.ascontiguousarray(a).T, b, out)  # a block of columns: BLAS wants it contiguous
+
+
+def _steps_of(transposed):
+    """``A``'s element steps along a row and down a column, and its shared length, for ``A = a`` or
+    ``A = a.T`` (read in place)."""
+    if transposed:
+        return njit(inline="always")(lambda a: (1, _row_stride(a), a.shape[0]))
+    return njit(inline="always")(lambda a: (_row_stride(a), 1, a.shape[1]))
+
+
+def _adding(transposed, blas):
+    """The implementation of :func:`add_matmul` (``transposed``: :func:`add_matmul_tn`)."""
+    steps = _steps_of(transposed)
+
+    def typed(a, b, out, scratch, simd):
+        if not _all_float32(a, b, out):
+            return lambda a, b, out, scratch, simd: blas(a, b, out, scratch, simd)
+
+        def product(a, b, out, scratch, simd):
+            if not _simd_ok(simd, a, b, out):
+                blas(a, b, out, scratch, simd)
+                return
+            a_rs, a_cs, k = steps(a)
+            _product(_first(a), 0, a_rs, a_cs, _first(b), 0, _row_stride(b), k, _first(out), 0,
+                     _row_stride(out), out.shape[0], out.shape[1], 1)
+        return product
+    return typed
+
+
+def _packing(transposed, blas):
+    """The implementation of :func:`matmul_packed` (``transposed``: :func:`matmul_packed_tn`)."""
+    steps = _steps_of(transposed)
+
+    def typed(a, b, out, buf, simd):
+        if not _all_float32(a, b, out):
+            return lambda a, b, out, buf, simd: blas(a, b, out, simd)
+
+        def product(a, b, out, buf, simd):
+            if not _simd_ok(simd, a, a, out) or b.shape[0] == 0:  # b is read only by the packing, in any layout
+                blas(a, b, out, simd)
+                return
+            a_rs, a_cs, _ = steps(a)
+            _packed_product(_first(a), a_rs, a_cs, b, _first(out), _row_stride(out), out.shape[0], buf)
+        return product
+    return typed
+
+
+overload(add_matmul, fastmath=FASTMATH)(_adding(False, _blas_add_matmul))
+overload(add_matmul_tn, fastmath=FASTMATH)(_adding(True, _blas_add_matmul_tn))
+overload(matmul_packed, fastmath=FASTMATH)(_packing(False, _blas_matmul))
+overload(matmul_packed_tn, fastmath=FASTMATH)(_packing(True, _blas_matmul_tn))
 
 
 def pack_transposed(b, panels, simd):
@@ -298,7 +300,7 @@ def matmul_nt(a, b, panels, out, simd):
 
 @overload(matmul_nt, fastmath=FASTMATH)
 def _matmul_nt(a, b, panels, out, simd):
-    if out.dtype != types.float32 or a.dtype != types.float32 or b.dtype != types.float32:
+    if not _all_float32(a, b, out):
         return lambda a, b, panels, out, simd: _blas_matmul_nt(a, b, panels, out, simd)
 
     def product(a, b, panels, out, simd):
